@@ -23,8 +23,8 @@ import torch
 from PIL import Image, ImageOps
 
 # Pillow plugins we decode: real image formats only (no EPS/PSD/ICNS/…, a smaller attack surface).
-# MPO is how Pillow names the JPEGs that phones write with an extra preview image.
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# (Phones' multi-picture JPEGs open through the JPEG plugin, as format "MPO".)
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 64_000_000  # width × height before decoding; a 48-MP phone photo passes
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -125,7 +125,7 @@ def decode_image(
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.UnidentifiedImageError:
         raise UnsupportedImage(
-            f"not an image in a supported format ({', '.join(f for f in ALLOWED_FORMATS if f != 'MPO')})"
+            f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLarge(str(e)) from None
