@@ -78,11 +78,10 @@ class _LRNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: int, coefficient: float, beta: float, k: float) -> torch.Tensor:
-        d = channel_window_sum(x * x, size).mul_(coefficient).add_(k)
+        d = _denominator_base(x, size, coefficient, k)
         out = d.pow(-beta).mul_(x)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(x, d, out)
-            ctx.lrn = (size, coefficient, beta)
+        ctx.save_for_backward(x, d, out)
+        ctx.lrn = (size, coefficient, beta)
         return out
 
     @staticmethod
@@ -96,6 +95,11 @@ class _LRNFunction(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+def _denominator_base(x: torch.Tensor, size: int, coefficient: float, k: float) -> torch.Tensor:
+    """k + coefficient · W(x²), in one fresh buffer."""
+    return channel_window_sum(x * x, size).mul_(coefficient).add_(k)
+
+
 class LocalResponseNorm(nn.Module):
     def __init__(self, config: LRNConfig = PAPER_LRN):
         super().__init__()
@@ -103,7 +107,10 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
-        return _LRNFunction.apply(x, c.size, c.coefficient, c.beta, c.k)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _LRNFunction.apply(x, c.size, c.coefficient, c.beta, c.k)
+        # Inference: nothing to keep for backward, so the denominator buffer becomes the output.
+        return _denominator_base(x, c.size, c.coefficient, c.k).pow_(-c.beta).mul_(x)
 
     def extra_repr(self) -> str:
         c = self.config
