@@ -16,6 +16,12 @@ conv1 padding: 224 does not divide for an 11×11 stride-4 kernel. The default, "
 paper's own code (cuda-convnet) did: 1 + ceil((224 - 11) / 4) = 55 outputs, the last window reaching 3
 pixels past the right and bottom edge into zeros. "symmetric" pads 2 on every side (torchvision's
 choice); "none" expects Caffe's 227×227 crops. All three give 55×55 maps.
+
+LRN and the towers: in the paper's code (cuda-convnet: rnorm1a reads conv1a, rnorm1b reads conv1b) each
+GPU normalises over its own kernel maps only; Caffe's bvlc_alexnet normalises over all 96 (or 256) maps,
+so the windows of the 2 maps on either side of the tower boundary reach into the other tower.
+``lrn_across_towers`` says which: False (the paper's) or True (Caffe-trained weights). Both forms of the
+net honour it, so they stay the same function.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class AlexNetConfig:
     conv1_padding: str = "overhang"
     lrn: LRNConfig = field(default_factory=lambda: PAPER_LRN)
     dropout: float = 0.5
+    lrn_across_towers: bool = False  # True: LRN windows span both towers (Caffe); False: each its own (paper)
 
     def __post_init__(self):
         if self.conv1_padding not in CONV1_PADDING:
@@ -71,6 +78,7 @@ class AlexNetConfig:
             "conv1_padding": self.conv1_padding,
             "lrn": self.lrn.to_dict(),
             "dropout": self.dropout,
+            "lrn_across_towers": self.lrn_across_towers,
             "channels": list(self.channels),
         }
 
@@ -82,6 +90,7 @@ class AlexNetConfig:
             conv1_padding=str(d["conv1_padding"]),
             lrn=LRNConfig.from_dict(d["lrn"]),
             dropout=float(d.get("dropout", 0.5)),
+            lrn_across_towers=bool(d.get("lrn_across_towers", False)),
         )
 
     def grouped_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -145,9 +154,13 @@ class Tower(nn.Module):
     def device(self) -> torch.device:
         return self.conv1.weight.device
 
-    def conv1_to_pool2(self, image: torch.Tensor) -> torch.Tensor:
+    def relu_conv1(self, image: torch.Tensor) -> torch.Tensor:
         x = F.pad(image, self.conv1_padding) if any(self.conv1_padding) else image
-        x = _max_pool(self.lrn(F.relu(self.conv1(x))))
+        return F.relu(self.conv1(x))
+
+    def conv1_to_pool2(self, image: torch.Tensor) -> torch.Tensor:
+        """With LRN over this tower's own maps (the paper's); see AlexNet._lrn_across for Caffe's."""
+        x = _max_pool(self.lrn(self.relu_conv1(image)))
         return _max_pool(self.lrn(F.relu(self.conv2(x))))
 
     def conv3_to_pool5(self, both: torch.Tensor) -> torch.Tensor:
@@ -175,10 +188,11 @@ class AlexNet(nn.Module):
         conv1_padding: str = "overhang",
         lrn: LRNConfig = PAPER_LRN,
         dropout: float = 0.5,
+        lrn_across_towers: bool = False,
         devices: tuple[str | torch.device, str | torch.device] | None = None,
     ):
         super().__init__()
-        self.config = AlexNetConfig(num_classes, width, conv1_padding, lrn, dropout)
+        self.config = AlexNetConfig(num_classes, width, conv1_padding, lrn, dropout, lrn_across_towers)
         self.towers = nn.ModuleList(Tower(self.config, n) for n in _split(num_classes))
         for tower in self.towers:
             init_paper_(tower.layers())
@@ -193,6 +207,7 @@ class AlexNet(nn.Module):
             conv1_padding=config.conv1_padding,
             lrn=config.lrn,
             dropout=config.dropout,
+            lrn_across_towers=config.lrn_across_towers,
             devices=devices,
         )
 
@@ -215,9 +230,27 @@ class AlexNet(nn.Module):
         """Both towers' activations on one device, tower 0's first: a cross-GPU exchange."""
         return torch.cat([p.to(device, non_blocking=True) for p in parts], dim=1)
 
+    def _lrn_across(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Caffe's LRN over all maps, computed per tower: each tower borrows the few maps beside the
+        boundary that its windows reach (2 each way for n=5), an exchange the paper's net does not have."""
+        (a, b), (device_a, device_b) = parts, self.devices
+        size = self.config.lrn.size
+        below, above = size // 2, (size - 1) // 2  # the window of map c is [c - below, c + above]
+        a_ext = torch.cat([a, b[:, :above].to(device_a, non_blocking=True)], dim=1)
+        b_ext = torch.cat([a[:, a.shape[1] - below :].to(device_b, non_blocking=True), b], dim=1)
+        return [self.towers[0].lrn(a_ext)[:, : a.shape[1]], self.towers[1].lrn(b_ext)[:, below:]]
+
+    def _conv1_to_pool2(self, images: torch.Tensor) -> list[torch.Tensor]:
+        towers, devices = self.towers, self.devices
+        if not self.config.lrn_across_towers:
+            return [t.conv1_to_pool2(images.to(d, non_blocking=True)) for t, d in zip(towers, devices)]
+        x = [t.relu_conv1(images.to(d, non_blocking=True)) for t, d in zip(towers, devices)]
+        x = [F.relu(t.conv2(_max_pool(h))) for t, h in zip(towers, self._lrn_across(x))]
+        return [_max_pool(h) for h in self._lrn_across(x)]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         towers, devices = self.towers, self.devices
-        x = [t.conv1_to_pool2(images.to(d, non_blocking=True)) for t, d in zip(towers, devices)]
+        x = self._conv1_to_pool2(images)
         x = [t.conv3_to_pool5(self._both(x, d)) for t, d in zip(towers, devices)]
         x = [t.fc(t.fc6, self._both(x, d).flatten(1)) for t, d in zip(towers, devices)]
         x = [t.fc(t.fc7, self._both(x, d)) for t, d in zip(towers, devices)]
@@ -277,10 +310,17 @@ class GroupedAlexNet(nn.Module):
         self.conv1_padding = CONV1_PADDING[config.conv1_padding]
         init_paper_({name: getattr(self, name) for name in LAYER_NAMES})
 
+    def _lrn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.lrn_across_towers:
+            return self.lrn(x)
+        # Each tower's half on its own (the paper's): the halves as two batch items, a free view.
+        n, c, h, w = x.shape
+        return self.lrn(x.reshape(n * 2, c // 2, h, w)).view(n, c, h, w)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = F.pad(images, self.conv1_padding) if any(self.conv1_padding) else images
-        x = _max_pool(self.lrn(F.relu(self.conv1(x))))
-        x = _max_pool(self.lrn(F.relu(self.conv2(x))))
+        x = _max_pool(self._lrn(F.relu(self.conv1(x))))
+        x = _max_pool(self._lrn(F.relu(self.conv2(x))))
         x = F.relu(self.conv3(x))
         x = F.relu(self.conv4(x))
         x = _max_pool(F.relu(self.conv5(x)))
