@@ -1,0 +1,188 @@
+"""The FastAPI application: its state (model, batcher, decode threads, reload watcher) and lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from fastapi import FastAPI
+
+import model as model_package
+from model import ImageError
+
+from . import engine, problems, reload
+from .batcher import Batcher
+from .engine import LoadedModel
+from .logs import ObserveRequests
+from .metrics import ServiceMetrics
+from .routes import classify, health, info, metrics
+from .settings import Settings
+from .uploads import Upload
+
+log = logging.getLogger("service")
+
+UNTRAINED_WARNING = (
+    "NO CHECKPOINT at %s: serving a freshly initialised AlexNet whose predictions are NOISE "
+    '("trained": false in every response). Train one (python -m training train … --out checkpoints) or '
+    "point ALEXNET_CHECKPOINT at a checkpoint file; it is picked up without a restart."
+)
+
+
+class ServiceState:
+    """Everything a request needs, created in the lifespan and reached through ``app.state.service``."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.model: LoadedModel | None = None
+        self.ready = False
+        self.metrics = ServiceMetrics(queue_depth=self._queue_depth, model_info=self._model_info)
+        self.batcher: Batcher | None = None
+        self._decoder: ThreadPoolExecutor | None = None
+        self._watcher: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        devices = engine.resolve_devices(s.device)
+        path = s.checkpoint
+        if _missing(path):
+            log.warning(UNTRAINED_WARNING, path)
+            self.model = await loop.run_in_executor(None, engine.untrained, devices)
+            loaded = None
+        else:
+            loaded = reload.fingerprint(path)
+            self.model = await loop.run_in_executor(None, engine.load, path, devices)
+        log.info(
+            "serving %s on %s (trained=%s)",
+            path if loaded else "an untrained net",
+            ",".join(map(str, devices)),
+            self.model.identity.trained,
+            extra={"fields": {"sha256": self.model.identity.sha256, "devices": [str(d) for d in devices]}},
+        )
+        self.batcher = Batcher(
+            max_batch=s.max_batch,
+            max_wait_ms=s.max_wait_ms,
+            queue_size=s.queue_size,
+            threads=s.torch_threads,
+            metrics=self.metrics,
+        )
+        self.batcher.start()
+        self._decoder = ThreadPoolExecutor(s.decode_threads, "decode")
+        if s.reload_interval_s > 0:
+            self._watcher = loop.create_task(
+                reload.watch_checkpoint(
+                    path,
+                    s.reload_interval_s,
+                    loaded,
+                    load=functools.partial(engine.load, devices=devices),
+                    switch=self._switch,
+                    on_result=lambda result: self.metrics.reloads.inc(result),
+                ),
+                name="checkpoint-watcher",
+            )
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True)
+
+    def _switch(self, new: LoadedModel) -> None:
+        self.model = new  # requests already under way keep the model they started with
+
+    async def decode(self, model: LoadedModel, uploads: list[Upload]) -> torch.Tensor:
+        """Decode every upload in the decode threads → uint8 [n, 3, S, S] for this model's preprocessing."""
+        loop = asyncio.get_running_loop()
+        load = functools.partial(_decode, model, max_pixels=self.settings.max_pixels)
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self._decoder, load, upload.data) for upload in uploads), return_exceptions=True
+        )
+        for position, (upload, result) in enumerate(zip(uploads, results), 1):
+            if isinstance(result, ImageError):
+                name = upload.describe(position) if len(uploads) > 1 or upload.filename else "image"
+                raise problems.image_problem(result, name)
+            if isinstance(result, BaseException):
+                raise result
+        return torch.stack(results)
+
+    def _queue_depth(self) -> dict:
+        batcher = self.batcher
+        if batcher is None:
+            return {("admitted",): 0, ("waiting_inputs",): 0}
+        return {("admitted",): batcher.admitted, ("waiting_inputs",): batcher.waiting_rows}
+
+    def _model_info(self) -> dict:
+        if self.model is None:
+            return {}
+        identity = self.model.identity
+        return {(identity.checkpoint or "", identity.sha256 or "", str(identity.trained).lower()): 1}
+
+
+def _missing(path) -> bool:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # exists but unreadable: load_checkpoint says what is wrong
+    return False
+
+
+def _decode(model: LoadedModel, data: bytes, *, max_pixels: int) -> torch.Tensor:
+    try:
+        return model.preprocessor.load(data, max_pixels=max_pixels)
+    except ImageError:
+        raise
+    except Exception as e:  # a decoder failure the model package did not anticipate: still the input's fault
+        log.warning("unexpected decoder error", exc_info=True)
+        raise model_package.CorruptImage(f"cannot decode image: {type(e).__name__}: {e}") from None
+
+
+DESCRIPTION = """\
+ImageNet classification with the 2012 AlexNet (Krizhevsky, Sutskever & Hinton).
+
+`POST /classify` with one or more images (multipart field `file`, or a raw `image/*` body) answers the
+top-k ImageNet classes per image. Errors are RFC 9457 `application/problem+json` bodies.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.load()
+    state = ServiceState(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            await state.start()
+        except Exception as e:
+            log.error("cannot start the service: %s", e, extra={"fields": {"event": "startup_failed"}})
+            await state.stop()
+            raise
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(
+        title="AlexNet classification API",
+        version=model_package.__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    problems.install(app)
+    app.add_middleware(ObserveRequests, metrics=state.metrics)
+    for module in (classify, health, info, metrics):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,157 @@
+"""Dynamic batching: concurrent requests share one forward pass.
+
+    request ─admission()─▶ decode (thread pool) ─infer()─▶ asyncio queue ─▶ worker task ─▶ inference thread
+                 │                                                         gathers ≤ max_batch rows,
+                 └ 503 + Retry-After when queue_size requests are           waiting ≤ max_wait_ms for more
+                   already admitted
+
+The forward pass runs in one dedicated thread (torch's own intra-op threads parallelise it), so the event
+loop keeps accepting and the decode threads keep decoding while the network runs. While a forward pass is
+in flight new requests pile up in the queue, so batches grow with the load by themselves; ``max_wait_ms``
+only matters when the model is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .engine import LoadedModel, rows_per_image
+from .metrics import ServiceMetrics
+from .schemas import Crops
+
+log = logging.getLogger("service")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"queue full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class InferenceFailed(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class _Job:
+    model: LoadedModel
+    images: torch.Tensor  # uint8 [n, 3, S, S]
+    crops: Crops
+    future: asyncio.Future
+    rows: int
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(self, *, max_batch: int, max_wait_ms: float, queue_size: int, threads: int, metrics: ServiceMetrics):
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self.admitted = 0  # requests between admission() and their answer
+        self.waiting_rows = 0  # network inputs in the queue
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._seconds_per_request = 0.0  # running estimate, for Retry-After
+        # One thread owns every forward pass: torch's intra-op pool is sized once, and passes never overlap.
+        self._thread = ThreadPoolExecutor(1, "inference", initializer=torch.set_num_threads, initargs=(threads,))
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(InferenceFailed("the service is shutting down"))
+        self._thread.shutdown(wait=True)
+
+    @contextlib.contextmanager
+    def admission(self):
+        """Hold a place for one request from before its images are decoded until it is answered."""
+        if self.admitted >= self.queue_size:
+            self.metrics.rejected.inc()
+            estimate = self._seconds_per_request * self.admitted
+            raise QueueFull(retry_after=max(1, math.ceil(estimate)))
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+
+    async def infer(self, model: LoadedModel, images: torch.Tensor, crops: Crops) -> torch.Tensor:
+        """Softmax probabilities [n, classes] for uint8 images [n, 3, S, S], computed in some batch."""
+        future = asyncio.get_running_loop().create_future()
+        job = _Job(model, images, crops, future, rows=images.shape[0] * rows_per_image(crops))
+        self.waiting_rows += job.rows
+        self._queue.put_nowait(job)  # bounded by admission()
+        return await future
+
+    async def _run(self) -> None:
+        carried: _Job | None = None  # a job that did not fit the previous batch
+        while True:
+            first = carried or await self._queue.get()
+            carried = None
+            jobs, rows = [first], first.rows
+            deadline = first.enqueued + self.max_wait
+            while rows < self.max_batch:
+                try:
+                    job = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    try:
+                        job = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                if job.model is not first.model or rows + job.rows > self.max_batch:
+                    carried = job  # another model (a reload happened) or too big: starts the next batch
+                    break
+                jobs.append(job)
+                rows += job.rows
+            for job in jobs:
+                self.waiting_rows -= job.rows
+            await self._forward([job for job in jobs if not job.future.done()])
+
+    async def _forward(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        started = time.perf_counter()
+        for job in jobs:
+            self.metrics.queue_wait.observe(started - job.enqueued)
+        model = jobs[0].model
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._thread,
+                model.predict,
+                [job.images for job in jobs],
+                [job.crops for job in jobs],
+                self.max_batch,
+            )
+        except Exception as e:
+            log.exception("forward pass failed for %d request(s)", len(jobs))
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(InferenceFailed(f"forward pass failed: {type(e).__name__}: {e}"))
+            return
+        seconds = time.perf_counter() - started
+        self.metrics.forward_seconds.observe(seconds)
+        self.metrics.batch_rows.observe(sum(job.rows for job in jobs))
+        self.metrics.batch_requests.observe(len(jobs))
+        self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * seconds / len(jobs)
+        for job, output in zip(jobs, outputs):
+            if not job.future.done():
+                job.future.set_result(output)

@@ -1,0 +1,94 @@
+"""Structured logs: one JSON object per line (uvicorn's own messages included), and the access log.
+
+An access line looks like
+    {"time": "...", "level": "info", "logger": "service.access", "message": "POST /classify 200",
+     "method": "POST", "path": "/classify", "route": "/classify", "status": 200, "duration_ms": 41.2,
+     "client": "127.0.0.1", "query": "top_k=3"}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+
+from .metrics import ServiceMetrics
+
+access_log = logging.getLogger("service.access")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def configure(level: str) -> None:
+    """JSON lines on stderr for every logger, uvicorn's included (it is started with log_config=None)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
+class ObserveRequests:
+    """ASGI middleware: an access-log line and the request metrics for every HTTP request."""
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500  # if the app raises before answering, the server answers 500
+
+        async def send_and_observe(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_observe)
+        finally:
+            seconds = time.perf_counter() - started
+            route = scope.get("route")
+            # The route's template, not the raw path: unknown paths must not create a metric series each.
+            route_name = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.requests.inc(method, route_name, str(status))
+            self.metrics.latency.observe(seconds, method, route_name)
+            client = scope.get("client")
+            access_log.info(
+                "%s %s %d",
+                method,
+                scope["path"],
+                status,
+                extra={
+                    "fields": {
+                        "method": method,
+                        "path": scope["path"],
+                        "route": route_name,
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 2),
+                        "client": client[0] if client else None,
+                        "query": scope.get("query_string", b"").decode("latin-1")[:200],
+                    }
+                },
+            )

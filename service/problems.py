@@ -1,0 +1,83 @@
+"""Every error is an RFC 9457 problem+json body: ``{type, title, status, detail}``.
+
+``type`` is ``urn:alexnet:problem:<slug>`` for the errors this service defines (listed in the README) and
+``about:blank`` for plain HTTP errors (unknown path, wrong method), where the status says it all.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model import ImageError, ImageTooLarge, UnsupportedImage
+
+from .schemas import Problem
+
+log = logging.getLogger("service")
+
+MEDIA_TYPE = "application/problem+json"
+
+
+class ProblemError(Exception):
+    """Raise anywhere in a request to answer with this status and a problem+json body."""
+
+    def __init__(self, status: int, slug: str | None, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.slug = slug
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def problem_response(status: int, slug: str | None, detail: str, headers: dict[str, str] | None = None):
+    body = Problem(
+        type=f"urn:alexnet:problem:{slug}" if slug else "about:blank",
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+    )
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers, media_type=MEDIA_TYPE)
+
+
+def image_problem(error: ImageError, source: str) -> ProblemError:
+    """A model.ImageError for one uploaded image, as the status the model package chose for it."""
+    slug = (
+        "image-too-large"
+        if isinstance(error, ImageTooLarge)
+        else "unsupported-image"
+        if isinstance(error, UnsupportedImage)
+        else "invalid-image"
+    )
+    return ProblemError(error.status, slug, f"{source}: {error}")
+
+
+def install(app: FastAPI) -> None:
+    """Route FastAPI's own errors and anything unexpected to problem+json."""
+
+    @app.exception_handler(ProblemError)
+    async def _problem(request: Request, exc: ProblemError):
+        return problem_response(exc.status, exc.slug, exc.detail, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).description
+        return problem_response(exc.status_code, None, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("query", "body"))
+            problems.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+        return problem_response(422, "invalid-parameter", "; ".join(problems))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # A bug, not bad input. Logged with its traceback; the client still gets a well-formed answer.
+        log.exception("unhandled error while serving %s %s", request.method, request.url.path)
+        return problem_response(500, "internal-error", f"internal error ({type(exc).__name__}); it has been logged")

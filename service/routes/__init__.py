@@ -1,0 +1,1 @@
+"""One small router per concern: classify, health and readiness, model information, metrics."""

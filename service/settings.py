@@ -1,0 +1,106 @@
+"""Service settings: defaults here, overridden by ``ALEXNET_*`` environment variables, then by CLI flags.
+
+Every field below is documented in the README's "Serving" section with its variable and default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "ALEXNET_"
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names the variable and the problem."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 for every interface)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    checkpoint: Path = Field(
+        Path("checkpoints/best.safetensors"),
+        description="checkpoint to serve; training writes DIR/best.safetensors. Missing: an untrained net",
+    )
+    device: str = Field(
+        "auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, or cuda:0,cuda:1 (two towers)"
+    )
+    max_batch: int = Field(16, ge=1, le=4096, description="most network inputs (images × crops) in one forward")
+    max_wait_ms: float = Field(
+        2.0, ge=0, le=10_000, description="how long the first request of a batch waits for more to join"
+    )
+    queue_size: int = Field(64, ge=1, description="requests admitted and waiting for the model; more → 503")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body limit, counted while streaming")
+    max_pixels: int = Field(64_000_000, ge=1, description="width × height limit per image, read from its header")
+    max_files: int = Field(16, ge=1, description="file parts per multipart request")
+    threads: int = Field(0, ge=0, description="torch threads for inference; 0: one per CPU core")
+    decode_workers: int = Field(0, ge=0, description="threads decoding images; 0: one per CPU core")
+    reload_interval_s: float = Field(2.0, ge=0, description="checkpoint file poll interval; 0 turns hot reload off")
+    log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lowercase(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        parse_devices(value)  # raises ValueError with the reason
+        return value
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
+        """Defaults ← ``ALEXNET_<FIELD>`` variables ← ``overrides`` (CLI flags; None means not given)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        sources: dict[str, str] = {}
+        for name in cls.model_fields:
+            variable = ENV_PREFIX + name.upper()
+            if variable in environ:
+                values[name], sources[name] = environ[variable], variable
+        for name, value in overrides.items():
+            if value is not None:
+                values[name], sources[name] = value, "--" + name.replace("_", "-")
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            problems = [f"{sources.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}" for err in e.errors()]
+            raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+    @property
+    def cpu_count(self) -> int:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or self.cpu_count
+
+    @property
+    def decode_threads(self) -> int:
+        return self.decode_workers or self.cpu_count
+
+
+def parse_devices(spec: str) -> tuple[str, ...]:
+    """``"cpu"``/``"cuda:1"`` → one device; ``"cuda:0,cuda:1"`` → one per tower; ``"auto"`` is kept as is.
+
+    Only the syntax is checked here; whether the devices exist is checked when the model is placed.
+    """
+    parts = tuple(p.strip() for p in spec.split(",")) if spec else ()
+    if parts == ("auto",):
+        return parts
+    if not 1 <= len(parts) <= 2:
+        raise ValueError(f"expected one device or two separated by a comma, got {spec!r}")
+    for part in parts:
+        kind, _, index = part.partition(":")
+        if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()) or (kind == "cpu" and index):
+            raise ValueError(f"{part!r} is not a device (cpu, cuda, cuda:N or auto)")
+    return parts

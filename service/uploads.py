@@ -1,0 +1,142 @@
+"""Reading a classify request's images: the body limit counted while streaming, multipart parsed as it arrives.
+
+Counting bytes as they arrive (not trusting Content-Length) is what makes the limit hold for chunked
+uploads, which have no Content-Length. The multipart parser is python-multipart's streaming one, fed
+the same limited chunks, so too many file parts are refused as soon as the one too many begins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from .problems import ProblemError
+
+FILE_FIELD = "file"
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+@dataclass
+class Upload:
+    filename: str | None
+    data: bytes
+
+    def describe(self, position: int) -> str:
+        return f"file {position}" + (f" ({self.filename!r})" if self.filename else "")
+
+
+async def read_uploads(request: Request, *, max_body_bytes: int, max_files: int) -> list[Upload]:
+    """The images in a multipart form (every ``file`` part) or a raw ``image/*`` body."""
+    content_type, params = parse_options_header(request.headers.get("content-type"))
+    content_type = content_type.decode("latin-1")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise _too_large(max_body_bytes)  # no need to read what will be refused anyway
+
+    if content_type == "multipart/form-data":
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise ProblemError(400, "malformed-multipart", "multipart/form-data without a boundary parameter")
+        form = _Form(boundary, max_files)
+        try:
+            async for chunk in _limited(request, max_body_bytes):
+                form.parser.write(chunk)
+            form.parser.finalize()
+        except FormParserError as e:
+            raise ProblemError(400, "malformed-multipart", f"cannot parse the multipart body: {e}") from None
+        if not form.uploads:
+            raise ProblemError(422, "no-image", f"the form has no {FILE_FIELD!r} part: upload images as -F file=@…")
+        return form.uploads
+
+    if content_type.startswith(RAW_TYPES):
+        return [Upload(None, b"".join([chunk async for chunk in _limited(request, max_body_bytes)]))]
+
+    raise ProblemError(
+        415,
+        "unsupported-media-type",
+        f"Content-Type {content_type or '(none)'!r}: send multipart/form-data with {FILE_FIELD!r} parts, "
+        "or one image as the raw body with Content-Type image/*",
+    )
+
+
+def _too_large(limit: int) -> ProblemError:
+    return ProblemError(413, "body-too-large", f"the request body is larger than the limit of {limit:,} bytes")
+
+
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            if chunk:
+                yield chunk
+    except ClientDisconnect:
+        raise ProblemError(400, "incomplete-body", "the client disconnected before sending the whole body") from None
+
+
+@dataclass
+class _Part:
+    filename: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    chunks: list[bytes] = field(default_factory=list)
+
+
+class _Form:
+    """Collects ``file`` parts from python-multipart's callbacks; refuses other fields and the one file too many."""
+
+    def __init__(self, boundary: bytes, max_files: int):
+        self.max_files = max_files
+        self.uploads: list[Upload] = []
+        self._part = _Part()
+        self._field, self._value = b"", b""
+        self.parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._data,
+                "on_part_end": self._end,
+            },
+        )
+
+    def _begin(self):
+        self._part = _Part()
+
+    def _header_field(self, data: bytes, start: int, end: int):
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int):
+        self._value += data[start:end]
+
+    def _header_end(self):
+        self._part.headers[self._field.decode("latin-1").lower()] = self._value.decode("latin-1")
+        self._field, self._value = b"", b""
+
+    def _headers_finished(self):
+        disposition, params = parse_options_header(self._part.headers.get("content-disposition"))
+        name = params.get(b"name", b"").decode("utf-8", "replace")
+        if disposition != b"form-data" or name != FILE_FIELD:
+            raise ProblemError(
+                422,
+                "unexpected-field",
+                f"unexpected form field {name[:100]!r}: send each image as a part named {FILE_FIELD!r}",
+            )
+        if len(self.uploads) >= self.max_files:
+            raise ProblemError(413, "too-many-files", f"more than {self.max_files} files in one request")
+        filename = params.get(b"filename")
+        self._part.filename = None if filename is None else filename.decode("utf-8", "replace")[:255]
+
+    def _data(self, data: bytes, start: int, end: int):
+        self._part.chunks.append(data[start:end])
+
+    def _end(self):
+        self.uploads.append(Upload(self._part.filename, b"".join(self._part.chunks)))

@@ -1,0 +1,107 @@
+"""Settings, start-up failures and the metrics format: what happens before and around serving."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_service_support import REPO, ServiceProcess, write_checkpoint
+
+from service.engine import DeviceError, resolve_devices
+from service.metrics import Counter, Histogram, Registry
+from service.settings import Settings, SettingsError, parse_devices
+
+
+def test_settings_defaults_environment_and_flags():
+    defaults = Settings.load({})
+    assert (defaults.host, defaults.port, str(defaults.checkpoint)) == (
+        "127.0.0.1",
+        8000,
+        "checkpoints/best.safetensors",
+    )
+    environ = {"ALEXNET_PORT": "9000", "ALEXNET_MAX_BATCH": "8", "ALEXNET_LOG_LEVEL": "DEBUG", "OTHER": "x"}
+    from_env = Settings.load(environ)
+    assert (from_env.port, from_env.max_batch, from_env.log_level) == (9000, 8, "debug")
+    flags_win = Settings.load(environ, port="9100", max_batch=None)  # None: the flag was not given
+    assert (flags_win.port, flags_win.max_batch) == (9100, 8)
+
+
+@pytest.mark.parametrize(
+    "environ, named",
+    [
+        ({"ALEXNET_PORT": "http"}, "ALEXNET_PORT"),
+        ({"ALEXNET_MAX_BATCH": "0"}, "ALEXNET_MAX_BATCH"),
+        ({"ALEXNET_DEVICE": "gpu"}, "ALEXNET_DEVICE"),
+        ({"ALEXNET_LOG_LEVEL": "loud"}, "ALEXNET_LOG_LEVEL"),
+    ],
+)
+def test_bad_settings_name_their_variable(environ, named):
+    with pytest.raises(SettingsError, match=named):
+        Settings.load(environ)
+
+
+def test_device_specifications():
+    assert parse_devices("cpu") == ("cpu",)
+    assert parse_devices("cuda:0,cuda:1") == ("cuda:0", "cuda:1")
+    assert parse_devices("auto") == ("auto",)
+    for bad in ("", "cuda:x", "cpu:1", "a,b,c", "tpu"):
+        with pytest.raises(ValueError):
+            parse_devices(bad)
+    assert resolve_devices("cpu") == (torch.device("cpu"),)
+    assert resolve_devices("cpu,cpu") == (torch.device("cpu"), torch.device("cpu"))  # two towers, one device
+    if not torch.cuda.is_available():
+        assert resolve_devices("auto") == (torch.device("cpu"),)
+        with pytest.raises(DeviceError, match="no CUDA"):
+            resolve_devices("cuda:0,cuda:1")
+
+
+def test_bad_settings_exit_2_before_serving():
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--max-files", "none"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2 and "--max-files" in result.stderr
+
+
+def test_a_corrupt_checkpoint_is_a_startup_error(tmp_path):
+    """Never a half-working server: a clear error naming the file and a non-zero exit."""
+    good = write_checkpoint(tmp_path / "good.safetensors", seed=3, width=0.0625)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(good.read_bytes()[:-1000])  # truncated: a crash mid-copy
+    service = ServiceProcess(tmp_path / "log", "--checkpoint", str(corrupt), "--device", "cpu")
+    try:
+        code = service.process.wait(timeout=120)
+    finally:
+        service.stop()
+    log = service.log()
+    assert code == 3, log  # uvicorn's exit status for a failed start-up
+    assert "cannot start the service" in log and str(corrupt) in log and "truncated" in log
+
+
+def test_prometheus_text_format():
+    registry = Registry()
+    counter = registry.add(Counter("things_total", "things", ("kind",)))
+    histogram = registry.add(Histogram("size", "sizes", (1, 4)))
+    counter.inc('a "quoted"\nname')
+    counter.inc("b", amount=2)
+    for value in (0.5, 1, 3, 9):
+        histogram.observe(value)
+    assert registry.render().splitlines() == [
+        "# HELP things_total things",
+        "# TYPE things_total counter",
+        'things_total{kind="a \\"quoted\\"\\nname"} 1',
+        'things_total{kind="b"} 2',
+        "# HELP size sizes",
+        "# TYPE size histogram",
+        'size_bucket{le="1"} 2',
+        'size_bucket{le="4"} 3',
+        'size_bucket{le="+Inf"} 4',
+        "size_sum 13.5",
+        "size_count 4",
+    ]

@@ -1,0 +1,148 @@
+"""Helpers for the service tests (no tests here): a real server process, small checkpoints, direct answers.
+
+The server runs as ``python -m service`` in a subprocess on a free loopback port, exactly as users start
+it, and the tests talk HTTP to it with httpx.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from PIL import Image
+
+from model import AlexNet, Checkpoint, Preprocessing, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+PROBLEM_FIELDS = {"type", "title", "status", "detail"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    """``python -m service --host 127.0.0.1 --port P …`` with its stderr (the JSON log) in a file."""
+
+    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
+        environment.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"service not ready after {timeout} s:\n{self.log()}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def write_checkpoint(path: Path, *, seed: int, width: float = 0.125, mean_image: bool = False, **provenance):
+    """A small 1000-class net with He-initialised weights, so that its outputs depend clearly on the image
+    (the paper's N(0, 0.01²) init gives a nearly flat softmax whose top-k order is fragile)."""
+    generator = torch.Generator().manual_seed(seed)
+    net = AlexNet(num_classes=1000, width=width)
+    checkpoint = Checkpoint.from_model(net, provenance={"trained": True, **provenance})
+    for name, tensor in checkpoint.state_dict.items():
+        if name.endswith(".weight"):
+            fan_in = tensor[0].numel()
+            tensor.normal_(0.0, math.sqrt(2.0 / fan_in), generator=generator)
+        else:
+            tensor.normal_(0.0, 0.1, generator=generator)
+    if mean_image:
+        checkpoint.preprocessing = Preprocessing(mean="image")
+        checkpoint.mean_image = torch.rand(3, 256, 256, generator=generator) * 255
+    checkpoint.save(path)
+    return path
+
+
+class Direct:
+    """What the model package answers for image bytes, computed without the service."""
+
+    def __init__(self, path: Path):
+        self.checkpoint = load_checkpoint(path)
+        self.net = self.checkpoint.build_grouped("cpu").eval()
+        self.preprocessor = self.checkpoint.preprocessor()
+
+    @torch.inference_mode()
+    def probabilities(self, data: bytes, crops: str = "center") -> torch.Tensor:
+        x = self.preprocessor.from_bytes(data, crops)
+        if crops == "ten":
+            return self.net(x.flatten(0, 1)).softmax(dim=1).mean(dim=0)
+        return self.net(x).softmax(dim=1)[0]
+
+
+def assert_same_predictions(result: dict, expected: torch.Tensor, top_k: int = 5) -> None:
+    """The service's top-k for one image equals the direct probabilities (ranks, classes and scores)."""
+    predictions = result["predictions"]
+    assert [p["rank"] for p in predictions] == list(range(1, top_k + 1))
+    scores, indices = expected.topk(top_k)
+    assert [p["index"] for p in predictions] == indices.tolist()
+    for p, score in zip(predictions, scores.tolist()):
+        assert math.isclose(p["score"], score, rel_tol=1e-4, abs_tol=1e-6), (p, score)
+    assert [p["score"] for p in predictions] == sorted((p["score"] for p in predictions), reverse=True)
+
+
+def assert_problem(response: httpx.Response, status: int, slug: str | None = None) -> dict:
+    """An RFC 9457 problem+json answer with this status (and type, when given)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json", response.headers
+    body = response.json()
+    assert PROBLEM_FIELDS <= set(body), body
+    assert body["status"] == status and body["title"] and body["detail"]
+    if slug is not None:
+        assert body["type"] == f"urn:alexnet:problem:{slug}", body
+    return body
+
+
+def encode(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (0 if absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    sample = f"{name}{{{wanted}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
