@@ -62,7 +62,8 @@ FROM builder AS api-venv
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # torch first and alone: a plain resolver run would fetch PyPI's CUDA build. A torch wheel for this Python
-# in the `wheels` context wins over the index; the rest comes from PyPI.
+# in the `wheels` context wins over the index; the rest comes from PyPI. (DL3013: "$1" is a wheel file.)
+# hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,from=wheels,target=/wheels \
     set -- /wheels/torch-"${TORCH_VERSION}"*-cp311-*.whl; \
@@ -78,6 +79,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 FROM builder AS train-venv
 ARG TORCH_VERSION
 ARG TRAIN_TORCH_INDEX_URL=https://pypi.org/simple
+# hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,from=wheels,target=/wheels \
     set -- /wheels/torch-"${TORCH_VERSION}"*-cp311-*.whl; \
@@ -114,7 +116,7 @@ FROM runtime-base AS train
 COPY --from=train-venv /opt/venv /opt/venv
 COPY model/ /app/model/
 COPY training/ /app/training/
-USER alexnet
+USER 10001:10001
 ENTRYPOINT ["python", "-m", "training"]
 CMD ["--help"]
 
@@ -128,7 +130,7 @@ COPY docker/healthcheck.py /usr/local/bin/alexnet-healthcheck
 # Baked weights land in /checkpoints: a new named volume mounted there starts with a copy of them, and the
 # service hot-reloads when training replaces the file.
 COPY --from=weights --chown=alexnet:alexnet /weights/ /checkpoints/
-USER alexnet
+USER 10001:10001
 ENV ALEXNET_HOST=0.0.0.0 \
     ALEXNET_PORT=8000 \
     ALEXNET_CHECKPOINT=/checkpoints/best.safetensors
