@@ -97,7 +97,6 @@ PUBLISHED = (
     ),
 )
 PUBLISHED_BY_NAME = {p.name: p for p in PUBLISHED}
-DEFAULT_SOURCE = PUBLISHED[0]
 
 # Caffe's published figures for bvlc_alexnet (ILSVRC-2012 val, single centre crop): 57.1% / 80.2% accuracy.
 PUBLISHED_VAL_ERRORS = {"val_top1_error": 0.429, "val_top5_error": 0.198}
