@@ -120,6 +120,10 @@ def init_paper_(layers: dict[str, nn.Module]) -> None:
         nn.init.constant_(layer.bias, 1.0 if name in BIAS_ONE_LAYERS else 0.0)
 
 
+def _relu(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x, inplace=True)  # on a layer's fresh output: saves a buffer and a pass over memory
+
+
 def _max_pool(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, kernel_size=3, stride=2)  # overlapping pooling, paper §3.4
 
@@ -156,20 +160,20 @@ class Tower(nn.Module):
 
     def relu_conv1(self, image: torch.Tensor) -> torch.Tensor:
         x = F.pad(image, self.conv1_padding) if any(self.conv1_padding) else image
-        return F.relu(self.conv1(x))
+        return _relu(self.conv1(x))
 
     def conv1_to_pool2(self, image: torch.Tensor) -> torch.Tensor:
         """With LRN over this tower's own maps (the paper's); see AlexNet._lrn_across for Caffe's."""
         x = _max_pool(self.lrn(self.relu_conv1(image)))
-        return _max_pool(self.lrn(F.relu(self.conv2(x))))
+        return _max_pool(self.lrn(_relu(self.conv2(x))))
 
     def conv3_to_pool5(self, both: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv3(both))
-        x = F.relu(self.conv4(x))
-        return _max_pool(F.relu(self.conv5(x)))
+        x = _relu(self.conv3(both))
+        x = _relu(self.conv4(x))
+        return _max_pool(_relu(self.conv5(x)))
 
     def fc(self, layer: nn.Linear, both: torch.Tensor) -> torch.Tensor:
-        return self.dropout(F.relu(layer(both)))
+        return self.dropout(_relu(layer(both)))
 
 
 class AlexNet(nn.Module):
@@ -245,7 +249,7 @@ class AlexNet(nn.Module):
         if not self.config.lrn_across_towers:
             return [t.conv1_to_pool2(images.to(d, non_blocking=True)) for t, d in zip(towers, devices)]
         x = [t.relu_conv1(images.to(d, non_blocking=True)) for t, d in zip(towers, devices)]
-        x = [F.relu(t.conv2(_max_pool(h))) for t, h in zip(towers, self._lrn_across(x))]
+        x = [_relu(t.conv2(_max_pool(h))) for t, h in zip(towers, self._lrn_across(x))]
         return [_max_pool(h) for h in self._lrn_across(x)]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -319,13 +323,13 @@ class GroupedAlexNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = F.pad(images, self.conv1_padding) if any(self.conv1_padding) else images
-        x = _max_pool(self._lrn(F.relu(self.conv1(x))))
-        x = _max_pool(self._lrn(F.relu(self.conv2(x))))
-        x = F.relu(self.conv3(x))
-        x = F.relu(self.conv4(x))
-        x = _max_pool(F.relu(self.conv5(x)))
-        x = self.dropout(F.relu(self.fc6(x.flatten(1))))
-        x = self.dropout(F.relu(self.fc7(x)))
+        x = _max_pool(self._lrn(_relu(self.conv1(x))))
+        x = _max_pool(self._lrn(_relu(self.conv2(x))))
+        x = _relu(self.conv3(x))
+        x = _relu(self.conv4(x))
+        x = _max_pool(_relu(self.conv5(x)))
+        x = self.dropout(_relu(self.fc6(x.flatten(1))))
+        x = self.dropout(_relu(self.fc7(x)))
         return self.fc8(x)
 
     def to_towers(self, devices=None) -> AlexNet:

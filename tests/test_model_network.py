@@ -69,7 +69,7 @@ def test_overhang_padding_is_cuda_convnets_right_and_bottom_zeros():
     x = torch.randn(1, 3, 224, 224)
     expected = F.conv2d(F.pad(x, (0, 3, 0, 3)), net.conv1.weight, net.conv1.bias, stride=4)
     seen = {}
-    net.conv1.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    net.conv1.register_forward_hook(lambda m, i, o: seen.update(out=o.clone()))  # clone: ReLU is in place
     with torch.no_grad():
         net(x)
     torch.testing.assert_close(seen["out"], expected)
@@ -215,3 +215,23 @@ def test_lrn_conventions_and_gradient(size):
     # The paper's convention: coefficient α multiplies the sum itself.
     paper = LocalResponseNorm(LRNConfig(size=size, alpha=1e-3 / size, beta=0.75, k=1.0))
     torch.testing.assert_close(paper(x), reference(x))
+
+
+@pytest.mark.parametrize("across", [False, True])
+def test_towers_and_grouped_agree_when_lrn_matters(across):
+    """A strong LRN (α=0.01) makes the normalisation window's reach decisive: the paper normalises
+    within each tower, Caffe across both; both forms must compute the same one."""
+    torch.manual_seed(6)
+    strong = LRNConfig(alpha=1e-2)
+    net = AlexNet(num_classes=10, width=0.25, lrn=strong, lrn_across_towers=across).eval()
+    for name, p in net.named_parameters():  # weights that keep activations O(1) layer after layer
+        p.data.normal_(0, p[0].numel() ** -0.5 if name.endswith("weight") else 0.1)
+    x = torch.randn(2, 3, 224, 224) * 3
+    with torch.no_grad():
+        towers_logits = net(x)
+        grouped_logits = net.to_grouped().eval()(x)
+        other = AlexNet(num_classes=10, width=0.25, lrn=strong, lrn_across_towers=not across).eval()
+        other.load_grouped_state_dict(net.grouped_state_dict())
+        other_logits = other(x)
+    torch.testing.assert_close(towers_logits, grouped_logits, atol=1e-5, rtol=1e-5)
+    assert (towers_logits - other_logits).abs().max() > 1e-3  # the window's reach is visible in the logits
