@@ -18,8 +18,8 @@
 #   BAKE_WEIGHTS           1                     1: convert the published BVLC AlexNet weights into the api
 #                                                image at build time (needs network; without it the build
 #                                                says so and the image serves an untrained net); 0: don't
-#   WEIGHTS_SOURCE         ""                    URL for model.import_weights (caffemodel or ONNX);
-#                                                "" = its default (Caffe's bvlc_alexnet.caffemodel)
+#   WEIGHTS_SOURCE         Caffe's bvlc_alexnet.caffemodel URL (below); the ONNX model zoo's
+#                                                bvlcalexnet-12.onnx URL works too (README)
 # Optional build context `wheels` (`--build-context wheels=DIR`): a directory holding a torch wheel for
 # CPython 3.11 (torch-<TORCH_VERSION>*-cp311-*.whl) to install instead of downloading one; then neither
 # torch index is used. Without the context, the empty stage below stands in for it.
@@ -93,18 +93,17 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # the converter): a checksum mismatch or an unreadable file fails the build rather than ship it.
 FROM api-venv AS weights
 ARG BAKE_WEIGHTS=1
-ARG WEIGHTS_SOURCE=""
+ARG WEIGHTS_SOURCE=http://dl.caffe.berkeleyvision.org/bvlc_alexnet.caffemodel
 COPY model/ /app/model/
 RUN mkdir -p /weights; \
     if [ "$BAKE_WEIGHTS" != 1 ]; then \
         echo "BAKE_WEIGHTS=$BAKE_WEIGHTS: no weights baked in; the API will serve an untrained network"; exit 0; \
     fi; \
-    src="${WEIGHTS_SOURCE:-$(python -c 'from model.import_weights import DEFAULT_SOURCE; print(DEFAULT_SOURCE.url)')}"; \
     status=0; \
-    python -m model.import_weights "$src" --out /weights/best.safetensors --timeout 30 || status=$?; \
+    python -m model.import_weights "$WEIGHTS_SOURCE" --out /weights/best.safetensors --timeout 30 || status=$?; \
     case "$status" in \
         0) ;; \
-        3) echo "WARNING: could not download $src (no network?)."; \
+        3) echo "WARNING: could not download $WEIGHTS_SOURCE (no network?)."; \
            echo "WARNING: this image will serve an UNTRAINED network (\"trained\": false in every response)."; \
            echo "WARNING: rebuild with network access, or add weights later (README, Containers)." ;; \
         *) exit "$status" ;; \
