@@ -129,7 +129,7 @@ curl -fsS -m 2 "$api/readyz" | json 'd["status"], "trained:", d["model"]["traine
 step "POST a real photo to /classify; podman healthcheck run"
 before="$(curl -fsS -m 60 -F "file=@$photo" "$api/classify?top_k=3")"
 echo "$before" | json '"  model:", d["model"]["checkpoint"], "trained:", d["model"]["trained"], "sha256:", d["model"]["sha256"]'
-echo "$before" | json '"\n".join(f"  {p[\"rank\"]}. {p[\"label\"]} ({p[\"wnid\"]}) {p[\"score\"]:.4f}" for p in d["results"][0]["predictions"])'
+echo "$before" | json '"\n".join("  %d. %s (%s) %.4f" % (p["rank"], p["label"], p["wnid"], p["score"]) for p in d["results"][0]["predictions"])'
 old_sha="$(echo "$before" | json 'd["model"]["sha256"]')"
 podman healthcheck run "${PROJECT}_api_1" 2>/dev/null && echo "  HEALTHCHECK (alexnet-healthcheck): healthy"
 
@@ -174,7 +174,7 @@ curl -fsS -m 2 "$api/model" | json '"  now serving", d["model"]["checkpoint"], "
 step "POST the photo again: served by the new checkpoint"
 after="$(curl -fsS -m 60 -F "file=@$photo" "$api/classify?top_k=3")"
 echo "$after" | json '"  model:", d["model"]["checkpoint"], "trained:", d["model"]["trained"], "epoch:", d["model"]["epoch"], "sha256:", d["model"]["sha256"]'
-echo "$after" | json '"\n".join(f"  {p[\"rank\"]}. {p[\"label\"]} ({p[\"wnid\"]}) {p[\"score\"]:.4f}" for p in d["results"][0]["predictions"])'
+echo "$after" | json '"\n".join("  %d. %s (%s) %.4f" % (p["rank"], p["label"], p["wnid"], p["score"]) for p in d["results"][0]["predictions"])'
 echo "$after" | python3 -c '
 import json, sys
 d = json.load(sys.stdin)
