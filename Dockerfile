@@ -20,6 +20,8 @@
 #                                                says so and the image serves an untrained net); 0: don't
 #   WEIGHTS_SOURCE         Caffe's bvlc_alexnet.caffemodel URL (below); the ONNX model zoo's
 #                                                bvlcalexnet-12.onnx URL works too (README)
+#   WEIGHTS_ARGS           ""                    more model.import_weights flags, e.g. `--expected-sha256
+#                                                HEX` for a copy on a mirror under another file name
 # Optional build context `wheels` (`--build-context wheels=DIR`): a directory holding a torch wheel for
 # CPython 3.11 (torch-<TORCH_VERSION>*-cp311-*.whl) to install instead of downloading one; then neither
 # torch index is used. Without the context, the empty stage below stands in for it.
@@ -94,13 +96,16 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 FROM api-venv AS weights
 ARG BAKE_WEIGHTS=1
 ARG WEIGHTS_SOURCE=http://dl.caffe.berkeleyvision.org/bvlc_alexnet.caffemodel
+ARG WEIGHTS_ARGS=""
 COPY model/ /app/model/
+# WEIGHTS_ARGS is split into words on purpose (SC2086).
+# hadolint ignore=SC2086
 RUN mkdir -p /weights; \
     if [ "$BAKE_WEIGHTS" != 1 ]; then \
         echo "BAKE_WEIGHTS=$BAKE_WEIGHTS: no weights baked in; the API will serve an untrained network"; exit 0; \
     fi; \
     status=0; \
-    python -m model.import_weights "$WEIGHTS_SOURCE" --out /weights/best.safetensors --timeout 30 || status=$?; \
+    python -m model.import_weights "$WEIGHTS_SOURCE" $WEIGHTS_ARGS --out /weights/best.safetensors --timeout 30 || status=$?; \
     case "$status" in \
         0) ;; \
         3) echo "WARNING: could not download $WEIGHTS_SOURCE (no network?)."; \

@@ -131,6 +131,13 @@ before="$(curl -fsS -m 60 -F "file=@$photo" "$api/classify?top_k=3")"
 echo "$before" | json '"  model:", d["model"]["checkpoint"], "trained:", d["model"]["trained"], "sha256:", d["model"]["sha256"]'
 echo "$before" | json '"\n".join("  %d. %s (%s) %.4f" % (p["rank"], p["label"], p["wnid"], p["score"]) for p in d["results"][0]["predictions"])'
 old_sha="$(echo "$before" | json 'd["model"]["sha256"]')"
+# Weights baked into the image (BAKE_WEIGHTS=1 with network) must reach the new volume and be served.
+if podman run --rm --entrypoint test alexnet-api:latest -e /checkpoints/best.safetensors; then
+    echo "$before" | json 'd["model"]["trained"] and d["model"]["checkpoint"] == "best.safetensors" or sys.exit("baked weights not served")' >/dev/null
+    echo "  the image's baked-in weights were copied into the new volume and are served"
+else
+    echo "  no weights baked into the image (no network at build time, or BAKE_WEIGHTS=0): untrained net, as expected"
+fi
 podman healthcheck run "${PROJECT}_api_1" 2>/dev/null && echo "  HEALTHCHECK (alexnet-healthcheck): healthy"
 
 # --- 4. tiny dataset → prepare → 1 epoch of training on the CPU -----------------------------------------
