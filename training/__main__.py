@@ -1,0 +1,128 @@
+"""Command line: ``python -m training prepare|train|evaluate`` (``--help`` on each for its flags).
+
+    python -m training prepare /data/imagenet /data/imagenet-256 --workers 16
+    python -m training train /data/imagenet-256 --out runs/alexnet            # the paper's recipe
+    torchrun --nproc-per-node 2 -m training train /data/imagenet-256 --out runs/alexnet   # 2 replicas × 2 GPUs
+    python -m training train /data/imagenet-256 --out runs/alexnet --resume   # continue after a crash
+    python -m training evaluate runs/alexnet/best.safetensors /data/imagenet-256
+
+Exit status: 0 done, 2 bad input (message on stderr, nothing written is damaged), 1 other failures,
+130 interrupted (rerun the same command, with --resume for train, to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+
+from .data import TrainingError
+from .train import Hyperparameters, Options
+
+DEFAULTS = Hyperparameters()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("prepare", help="decode a dataset once into the fast prepared format")
+    p.add_argument("src", help="folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (or a flat val/)")
+    p.add_argument("dest", help="output folder (created; a rerun continues an interrupted preparation)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPU cores)")
+    p.add_argument("--val-labels", help="ground truth for a flat val/: lines '<file> <class index>' (default SRC/val.txt)")
+    p.add_argument("--name", help="dataset name recorded in checkpoints (default: the name of SRC)")
+    p.add_argument("--chunk", type=int, default=512, help="images between progress records (default 512)")
+
+    t = commands.add_parser("train", help="train the network (the paper's recipe by default)")
+    t.add_argument("data", help="a folder written by `prepare`")
+    t.add_argument("--out", required=True, help="run folder: state, checkpoints, metrics")
+    h = argparse.SUPPRESS  # only flags given on the command line override a resumed run's values
+    t.add_argument("--epochs", type=int, default=h, help=f"(default {DEFAULTS.epochs})")
+    t.add_argument("--batch-size", type=int, default=h, help=f"global batch size (default {DEFAULTS.batch_size})")
+    t.add_argument("--lr", type=float, default=h, help=f"initial learning rate (default {DEFAULTS.lr})")
+    t.add_argument("--momentum", type=float, default=h, help=f"(default {DEFAULTS.momentum})")
+    t.add_argument("--weight-decay", type=float, default=h, help=f"(default {DEFAULTS.weight_decay})")
+    t.add_argument("--patience", type=int, default=h,
+                   help=f"epochs without a better val top-1 error before lr ÷ 10 (default {DEFAULTS.patience})")  # fmt: skip
+    t.add_argument("--max-lr-drops", type=int, default=h, help=f"(default {DEFAULTS.max_lr_drops})")
+    t.add_argument("--width", type=float, default=h, help="scale every layer's width (default 1: the paper's net)")
+    t.add_argument("--dropout", type=float, default=h, help=f"(default {DEFAULTS.dropout})")
+    t.add_argument("--conv1-padding", choices=("overhang", "symmetric", "none"), default=h,
+                   help="overhang (cuda-convnet, 224 crops; default), symmetric (224), none (227 crops)")  # fmt: skip
+    t.add_argument("--lighting-std", type=float, default=h, help=f"σ of the PCA lighting α (default {DEFAULTS.lighting_std})")
+    t.add_argument("--init", choices=("width-scaled", "paper"), default=h,
+                   help="paper: N(0, 0.01²) weights, biases 1/0 as in §5; width-scaled (default): the same, with the "
+                   "std of conv2…fc8 ×1/√width so that a narrow net starts like the full one (identical at width 1)")  # fmt: skip
+    t.add_argument("--seed", type=int, default=h, help=f"(default {DEFAULTS.seed})")
+    t.add_argument("--amp", choices=("off", "bf16", "fp16"), default=h, help="mixed precision (default off, as the paper)")
+    t.add_argument("--channels-last", action="store_true", default=h, help="channels-last memory format")
+    t.add_argument("--devices", help="tower devices, e.g. cuda:0,cuda:1 (default: 2 GPUs, else 1 GPU for both, else cpu)")
+    t.add_argument("--workers", type=int, default=4, help="data loading threads (default 4)")
+    t.add_argument("--ten-crop", action="store_true", help="also evaluate with 10 patches every epoch (always at the end)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state")
+    t.add_argument("--save-every", type=int, default=0, help="also save the resume state every N steps (default: per epoch)")
+    t.add_argument("--eval-batch-size", type=int, default=128, help="(default 128)")
+
+    e = commands.add_parser("evaluate", help="top-1/top-5 error of a checkpoint on a prepared split")
+    e.add_argument("checkpoint", help="a .safetensors checkpoint")
+    e.add_argument("data", help="a folder written by `prepare`")
+    e.add_argument("--split", default="val", help="(default val)")
+    e.add_argument("--crops", choices=("center", "ten", "both"), default="both", help="(default both)")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    e.add_argument("--output", help="JSON result file (default: beside the checkpoint, <name>.eval-<split>.json)")
+    e.add_argument("--workers", type=int, default=2, help="data loading threads (default 2)")
+
+    for sub in (p, t, e):
+        sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "prepare":
+            from .prepare import prepare
+
+            if args.workers is not None and args.workers < 0 or args.chunk < 1:
+                raise TrainingError("--workers must be at least 0 and --chunk at least 1")
+            prepare(args.src, args.dest, workers=args.workers, val_labels=args.val_labels, name=args.name,
+                    chunk=args.chunk, show_progress=not args.no_progress)  # fmt: skip
+        elif args.command == "train":
+            from .train import train
+
+            given = {k: v for k, v in vars(args).items() if k in Hyperparameters.__dataclass_fields__}
+            options = Options(data=args.data, out=args.out, devices=args.devices, workers=args.workers,
+                              ten_crop=args.ten_crop, resume=args.resume, save_every=args.save_every,
+                              eval_batch_size=args.eval_batch_size, show_progress=not args.no_progress)  # fmt: skip
+            if options.workers < 0 or options.save_every < 0 or options.eval_batch_size < 1:
+                raise TrainingError("--workers and --save-every must be at least 0, --eval-batch-size at least 1")
+            train(given, options)
+        else:
+            from .evaluate import run_evaluate
+
+            crops = ("center", "ten") if args.crops == "both" else (args.crops,)
+            if args.batch_size < 1 or args.workers < 0:
+                raise TrainingError("--batch-size must be at least 1 and --workers at least 0")
+            run_evaluate(args.checkpoint, args.data, split=args.split, crops=crops, batch_size=args.batch_size,
+                         device=args.device, output=args.output, workers=args.workers,
+                         show_progress=not args.no_progress)  # fmt: skip
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"error: no space left on device{f' writing {e.filename}' if e.filename else ''}. Files already "
+                  "written are intact; free some space and rerun (train: with --resume) to continue.", file=sys.stderr)  # fmt: skip
+            return 2
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command (train: with --resume) to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

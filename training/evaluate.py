@@ -1,0 +1,199 @@
+"""Validation: loss, top-1 and top-5 error with the centre crop and with the paper's 10 patches.
+
+The network input is made by the checkpoint's own ``Preprocessor.from_uint8`` from the prepared uint8
+256×256 images: the very function the service runs on uploaded images, so evaluation measures what
+serving will do. ``python -m training evaluate CHECKPOINT DATA`` runs it on a saved checkpoint; training
+calls ``evaluate`` after every epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import CheckpointError, Preprocessor, atomic_write, load_checkpoint
+
+from .data import IMAGE_SIZE, PreparedDataset, PreparedSplit, TrainingError, prefetch
+from .progress import Progress
+
+CROPS = ("center", "ten")
+
+
+@torch.no_grad()
+def evaluate(
+    net: torch.nn.Module,
+    preprocessor: Preprocessor,
+    split: PreparedSplit,
+    *,
+    crops=("center",),
+    device="cpu",
+    batch_size: int = 128,
+    label_map: torch.Tensor | None = None,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 2,
+    autocast=contextlib.nullcontext,
+    show_progress: bool = True,
+) -> dict[str, dict]:
+    """{crops: {"loss", "top1_error", "top5_error", "images"}} over the split (this rank's share, summed
+    over all ranks when ``world`` > 1). ``label_map`` maps the split's class indices to the net's."""
+    device = torch.device(device)
+    was_training = net.training
+    net.eval()
+    indices = torch.arange(rank, len(split), world)  # every image exactly once over all ranks
+    batches = list(indices.split(batch_size))
+    sums = {crop: torch.zeros(4, dtype=torch.float64) for crop in crops}  # loss, top-1 wrong, top-5 wrong, n
+    bar = Progress(len(indices), "evaluate", enabled=show_progress and rank == 0)
+
+    def load(batch_indices):
+        images, labels = split.batch(batch_indices)
+        if device.type == "cuda":
+            images, labels = images.pin_memory(), labels.pin_memory()
+        return images, labels
+
+    for images, labels in prefetch(load, batches, workers):
+        images = images.to(device, non_blocking=True)
+        labels = (labels if label_map is None else label_map[labels]).to(device, non_blocking=True)
+        for crop in crops:
+            x = preprocessor.from_uint8(images, crop)  # THE shared preprocessing
+            log_probs = _log_probs(net, x, batch_size, autocast)
+            sums[crop] += _score(log_probs, labels)
+        bar.update(len(labels))
+    bar.close()
+
+    if world > 1:
+        import torch.distributed as dist
+
+        for crop in crops:
+            total = sums[crop].to(device)
+            dist.all_reduce(total)
+            sums[crop] = total.cpu()
+    net.train(was_training)
+    results = {}
+    for crop, (loss, wrong1, wrong5, n) in ((c, s.tolist()) for c, s in sums.items()):
+        results[crop] = {"loss": loss / n, "top1_error": wrong1 / n, "top5_error": wrong5 / n, "images": int(n)}
+    return results
+
+
+def _log_probs(net, x: torch.Tensor, max_rows: int, autocast) -> torch.Tensor:
+    """Centre crop [n, 3, h, w] → log-softmax [n, classes]; ten crops [n, 10, 3, h, w] → the log of the
+    softmax averaged over the 10 patches (the paper's test-time rule)."""
+    if x.dim() == 4:
+        with autocast():
+            return F.log_softmax(net(x).float(), dim=1)
+    n, patches = x.shape[:2]
+    flat = x.flatten(0, 1)
+    with autocast():
+        logits = torch.cat([net(part).float() for part in flat.split(max_rows)])
+    probs = logits.softmax(dim=1).view(n, patches, -1).mean(dim=1)
+    return probs.clamp_min(1e-30).log()
+
+
+def _score(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[summed loss, top-1 wrong, top-5 wrong, count] (top-5 = top-k with k = min(5, classes))."""
+    loss = F.nll_loss(log_probs, labels, reduction="sum")
+    top = log_probs.topk(min(5, log_probs.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    wrong1 = (~hits[:, 0]).sum()
+    wrong5 = (~hits.any(dim=1)).sum()
+    return torch.stack([loss.double(), wrong1.double(), wrong5.double(), torch.tensor(len(labels), device=loss.device).double()]).cpu()
+
+
+def label_map_for(dataset_classes, checkpoint_classes, what: str) -> torch.Tensor | None:
+    """Map the dataset's class indices to the checkpoint's, by wnid. None when they are identical."""
+    dataset_wnids = [c.wnid for c in dataset_classes]
+    checkpoint_index = {c.wnid: i for i, c in enumerate(checkpoint_classes)}
+    if dataset_wnids == list(checkpoint_index):
+        return None
+    unknown = [w for w in dataset_wnids if w not in checkpoint_index]
+    if unknown:
+        raise TrainingError(
+            f"{len(unknown)} classes of the data are not among the checkpoint's {len(checkpoint_classes)} "
+            f"classes ({what}), e.g. {unknown[:3]}"
+        )
+    return torch.tensor([checkpoint_index[w] for w in dataset_wnids])
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_evaluate(
+    checkpoint_path: str | Path,
+    data: str | Path,
+    *,
+    split: str = "val",
+    crops=CROPS,
+    batch_size: int = 128,
+    device: str | None = None,
+    output: str | Path | None = None,
+    workers: int = 2,
+    show_progress: bool = True,
+) -> dict:
+    """Evaluate a checkpoint file on a prepared split; print the result and write it as JSON."""
+    started = time.perf_counter()
+    try:
+        checkpoint = load_checkpoint(checkpoint_path)
+    except CheckpointError as e:
+        raise TrainingError(str(e)) from None
+    dataset = PreparedDataset(data)
+    images = dataset.split(split)
+    label_map = label_map_for(dataset.classes, checkpoint.classes, str(checkpoint_path))
+    preprocessor = checkpoint.preprocessor()
+    if preprocessor.config.resize != IMAGE_SIZE:
+        raise TrainingError(
+            f"{checkpoint_path} expects images resized to {preprocessor.config.resize} px; "
+            f"the prepared data is {IMAGE_SIZE} px"
+        )
+    try:
+        device = torch.device(device or default_device())
+        net = checkpoint.build_grouped(device)
+    except (RuntimeError, ValueError) as e:
+        raise TrainingError(f"cannot use device {device}: {e}") from None
+
+    results = evaluate(
+        net,
+        preprocessor,
+        images,
+        crops=crops,
+        device=device,
+        batch_size=batch_size,
+        label_map=label_map,
+        workers=workers,
+        show_progress=show_progress,
+    )
+    report = {
+        "checkpoint": str(checkpoint_path),
+        "checkpoint_sha256": checkpoint.sha256,
+        "data": str(data),
+        "dataset": dataset.name,
+        "split": split,
+        "images": len(images),
+        "classes": len(dataset.classes),
+        "checkpoint_classes": len(checkpoint.classes),
+        "results": results,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if output is None:
+        path = Path(checkpoint_path)
+        output = path.with_name(f"{path.stem}.eval-{split}.json")
+    atomic_write(output, (json.dumps(report, indent=1) + "\n").encode())
+    print(format_results(results, f"{checkpoint_path} on {dataset.name}/{split} ({len(images):,} images)"))
+    print(f"written to {output}", file=sys.stderr)
+    return report
+
+
+def format_results(results: dict[str, dict], title: str) -> str:
+    names = {"center": "centre crop", "ten": "10 patches"}
+    lines = [title, f"  {'':<12} {'top-1 err':>9} {'top-5 err':>9} {'loss':>8}"]
+    for crop, r in results.items():
+        loss = f"{r['loss']:.4f}" if math.isfinite(r["loss"]) else str(r["loss"])
+        lines.append(f"  {names.get(crop, crop):<12} {r['top1_error']:>9.2%} {r['top5_error']:>9.2%} {loss:>8}")
+    return "\n".join(lines)
