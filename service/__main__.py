@@ -7,6 +7,7 @@ Exit status: 0 after a clean shutdown, 2 for invalid settings, 3 when the model 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m service: {e}", file=sys.stderr)
         return 2
 
+    # Idle OpenMP threads sleep instead of spinning. The forward pass shares the cores with the decode
+    # threads and the event loop; spinning workers would steal their time, and a decode thread holding a
+    # core would stall the forward at every barrier. Set before torch loads OpenMP; the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn  # imported here: --help and settings errors answer without loading torch
 
     from .app import create_app

@@ -8,7 +8,8 @@
 The forward pass runs in one dedicated thread (torch's own intra-op threads parallelise it), so the event
 loop keeps accepting and the decode threads keep decoding while the network runs. While a forward pass is
 in flight new requests pile up in the queue, so batches grow with the load by themselves; ``max_wait_ms``
-only matters when the model is idle.
+only matters when the model is idle, and only while other admitted requests are still being decoded
+(a lone request never waits).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ class InferenceFailed(RuntimeError):
     pass
 
 
+class Ticket:
+    """A request's place in the service, from admission until its answer."""
+
+    queued = False
+
+
 @dataclass(eq=False)
 class _Job:
     model: LoadedModel
@@ -57,6 +64,7 @@ class Batcher:
         self.queue_size = queue_size
         self.metrics = metrics
         self.admitted = 0  # requests between admission() and their answer
+        self.arriving = 0  # admitted requests still decoding: worth waiting for when a batch is gathered
         self.waiting_rows = 0  # network inputs in the queue
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._seconds_per_request = 0.0  # running estimate, for Retry-After
@@ -85,16 +93,22 @@ class Batcher:
             self.metrics.rejected.inc()
             estimate = self._seconds_per_request * self.admitted
             raise QueueFull(retry_after=max(1, math.ceil(estimate)))
+        ticket = Ticket()
         self.admitted += 1
+        self.arriving += 1
         try:
-            yield
+            yield ticket
         finally:
             self.admitted -= 1
+            if not ticket.queued:  # decoding failed
+                self.arriving -= 1
 
-    async def infer(self, model: LoadedModel, images: torch.Tensor, crops: Crops) -> torch.Tensor:
+    async def infer(self, ticket: Ticket, model: LoadedModel, images: torch.Tensor, crops: Crops) -> torch.Tensor:
         """Softmax probabilities [n, classes] for uint8 images [n, 3, S, S], computed in some batch."""
         future = asyncio.get_running_loop().create_future()
         job = _Job(model, images, crops, future, rows=images.shape[0] * rows_per_image(crops))
+        ticket.queued = True
+        self.arriving -= 1
         self.waiting_rows += job.rows
         self._queue.put_nowait(job)  # bounded by admission()
         return await future
@@ -111,7 +125,7 @@ class Batcher:
                     job = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
+                    if remaining <= 0 or self.arriving == 0:  # the time is up, or no one is on the way
                         break
                     try:
                         job = await asyncio.wait_for(self._queue.get(), remaining)

@@ -71,11 +71,11 @@ async def classify(
     uploads = await read_uploads(request, max_body_bytes=settings.max_body_bytes, max_files=settings.max_files)
 
     try:
-        with state.batcher.admission():
+        with state.batcher.admission() as ticket:
             decode_started = time.perf_counter()
             images = await state.decode(model, uploads)
             infer_started = time.perf_counter()
-            probabilities = await state.batcher.infer(model, images, crops)
+            probabilities = await state.batcher.infer(ticket, model, images, crops)
             done = time.perf_counter()
     except QueueFull as e:
         raise ProblemError(

@@ -1,0 +1,308 @@
+"""Load test of the classification service against the bare model, in one run.
+
+    python bench/serve_load.py                      # full-size net, 1 and 16 clients, 20 s each
+    python bench/serve_load.py --duration 5 --clients 1,4,16 --checkpoint checkpoints/best.safetensors
+
+1. Model only, in this process, with the service's thread count: the forward pass's throughput at the
+   service's max batch, the batch-1 forward time, and the time to preprocess one photo (decode, resize,
+   crop: ``Preprocessor.from_bytes``).
+2. The service: ``python -m service`` in a subprocess; for each client count, that many httpx async
+   clients post real JPEGs (multipart, one image each) back to back for a fixed time after a warm-up.
+   Prints throughput, p50/p95/p99 latency and the count of each status and of connection errors.
+   Model-only figures are measured just before and after each load run and averaged. CPU time per image
+   (service process vs. forward pass alone) is reported too: unlike wall time, it hardly depends on
+   what else the machine is running.
+3. The targets, as ratios to step 1: at 16 clients, service throughput ≥ 70% of model-only throughput
+   with zero errors; at 1 client, p50 latency ≤ 1.3 × (batch-1 forward + preprocessing).
+
+Without --checkpoint the net is the paper's full-size AlexNet, freshly initialised (speed does not
+depend on what the weights have learned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+# The service's OpenMP setting (service/__main__.py), so that model-only and service figures compare alike.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from model import AlexNetConfig, Checkpoint, GroupedAlexNet, load_checkpoint  # noqa: E402
+
+DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "images"
+FALLBACK_IMAGES = REPO / "tests" / "fixtures" / "images"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: a fresh full-size net)")
+    p.add_argument("--images", type=Path, help=f"folder of JPEGs to post (default {DEFAULT_IMAGES})")
+    p.add_argument("--clients", default="1,16", help="comma-separated concurrent client counts")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of measured load per client count")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured load before each measurement")
+    p.add_argument("--model-seconds", type=float, default=10.0, help="seconds per model-only measurement")
+    p.add_argument("--max-batch", type=int, default=16, help="the service's ALEXNET_MAX_BATCH")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="the service's ALEXNET_MAX_WAIT_MS")
+    p.add_argument("--threads", type=int, default=0, help="torch threads, 0: one per core (ALEXNET_THREADS)")
+    p.add_argument("--decode-workers", type=int, default=0, help="the service's ALEXNET_DECODE_WORKERS")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    return p.parse_args()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def timed_loop(fn, seconds: float, min_runs: int = 3) -> list[float]:
+    times, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < min_runs:
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+class ModelOnly:
+    """The bare model in this process, with the service's thread count and max batch."""
+
+    def __init__(self, checkpoint_path: Path, photos: list[bytes], max_batch: int, threads: int):
+        torch.set_num_threads(threads)
+        checkpoint = load_checkpoint(checkpoint_path)
+        self.net = checkpoint.build_grouped("cpu").eval()
+        self.preprocessor = checkpoint.preprocessor()
+        self.photos, self.max_batch, self.threads = photos, max_batch, threads
+        inputs = torch.cat([self.preprocessor.from_bytes(d) for d in photos])
+        self.batch = inputs.repeat(max_batch // len(photos) + 1, 1, 1, 1)[:max_batch].contiguous()
+
+    @torch.inference_mode()
+    def measure(self, seconds: float) -> dict:
+        self.net(self.batch)  # warm-up
+        cpu_started = time.process_time()
+        batched = timed_loop(lambda: self.net(self.batch), seconds)
+        cpu_seconds = time.process_time() - cpu_started
+        single = timed_loop(lambda: self.net(self.batch[:1]), seconds / 2, min_runs=5)
+        preprocess = [
+            statistics.median(timed_loop(lambda d=d: self.preprocessor.from_bytes(d), 0.2)) for d in self.photos
+        ]
+        return {
+            "throughput_img_s": self.max_batch * len(batched) / sum(batched),
+            "cpu_ms_per_img": 1000 * cpu_seconds / (self.max_batch * len(batched)),
+            "forward_batch1_ms": 1000 * statistics.median(single),
+            "preprocess_ms": 1000 * statistics.median(preprocess),
+        }
+
+
+def mean_of(a: dict, b: dict) -> dict:
+    return {k: (a[k] + b[k]) / 2 for k in a}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    """One pre-encoded multipart body, so that the load generator spends its CPU on requests, not encoding."""
+    boundary = "alexnet-bench-boundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+    head += "Content-Type: image/jpeg\r\n\r\n"
+    body = head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process (Linux), to compare work per image independently of contention."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(
+    url: str, server_pid: int, bodies: list[tuple[bytes, str]], clients: int, warmup: float, duration: float
+) -> dict:
+    latencies: list[float] = []
+    server_timing: dict[str, list[float]] = {"total_ms": [], "preprocess_ms": [], "inference_ms": []}
+    statuses: Counter = Counter()
+    errors: Counter = Counter()
+    measuring = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def client(number: int, http: httpx.AsyncClient):
+        i = number
+        while not stop.is_set():
+            body, content_type = bodies[i % len(bodies)]
+            i += 1
+            started = time.perf_counter()
+            try:
+                response = await http.post("/classify", content=body, headers={"Content-Type": content_type})
+                status = response.status_code
+            except httpx.HTTPError as e:
+                if measuring.is_set() and not stop.is_set():
+                    errors[type(e).__name__] += 1
+                continue
+            if measuring.is_set() and not stop.is_set():
+                latencies.append(time.perf_counter() - started)
+                statuses[status] += 1
+                if status == 200:
+                    for key, value in response.json()["timing"].items():
+                        server_timing[key].append(value)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        tasks = [asyncio.create_task(client(n, http)) for n in range(clients)]
+        await asyncio.sleep(warmup)
+        measuring.set()
+        server_cpu, client_cpu = process_cpu_seconds(server_pid), time.process_time()
+        started = time.perf_counter()
+        await asyncio.sleep(duration)
+        stop.set()
+        elapsed = time.perf_counter() - started
+        server_cpu = process_cpu_seconds(server_pid) - server_cpu
+        client_cpu = time.process_time() - client_cpu
+        await asyncio.gather(*tasks)
+    ok = statuses.get(200, 0)
+    return {
+        "clients": clients,
+        "seconds": elapsed,
+        "requests": sum(statuses.values()),
+        "throughput_img_s": ok / elapsed,
+        "p50_ms": 1000 * percentile(latencies, 50) if latencies else None,
+        "p95_ms": 1000 * percentile(latencies, 95) if latencies else None,
+        "p99_ms": 1000 * percentile(latencies, 99) if latencies else None,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "connection_errors": dict(errors),
+        "errors": sum(v for k, v in statuses.items() if k != 200) + sum(errors.values()),
+        "server_p50_ms": {k: statistics.median(v) for k, v in server_timing.items() if v},
+        "server_cpu_ms_per_img": 1000 * server_cpu / max(ok, 1),
+        "client_cpu_ms_per_img": 1000 * client_cpu / max(ok, 1),
+    }
+
+
+def start_service(checkpoint: Path, args, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--checkpoint", str(checkpoint), "--device", "cpu", "--reload-interval-s", "0"]
+    command += ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    command += ["--threads", str(args.threads), "--decode-workers", str(args.decode_workers)]
+    command += ["--log-level", "warning"]  # an access-log line per request would cost CPU the bench measures
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"the service exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    sys.exit("the service did not become ready")
+
+
+def main():
+    args = parse_args()
+    threads = args.threads or len(os.sched_getaffinity(0))
+    images = args.images or (DEFAULT_IMAGES if DEFAULT_IMAGES.is_dir() else FALLBACK_IMAGES)
+    paths = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    photos = [p.read_bytes() for p in paths]
+    if not photos:
+        sys.exit(f"no JPEGs in {images}")
+    clients = [int(c) for c in args.clients.split(",")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            checkpoint = Path(tmp) / "fresh.safetensors"
+            net = GroupedAlexNet(AlexNetConfig())
+            Checkpoint.from_model(net, provenance={"trained": False, "source": "bench"}).save(checkpoint)
+            del net
+
+        print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} torch threads", flush=True)
+        model = ModelOnly(checkpoint, photos, args.max_batch, threads)
+        process, url = start_service(checkpoint, args, Path(tmp) / "service.log")
+        bodies = [multipart(p.name, d) for p, d in zip(paths, photos)]
+        runs = []
+        # Model-only figures are measured just before and just after each load run (the service idle) and
+        # averaged, so that a machine whose load drifts (other jobs) skews both sides alike.
+        try:
+            before = model.measure(args.model_seconds)
+            for n in clients:
+                print(f"service, {n} client(s) for {args.duration:.0f} s ...", flush=True)
+                run = asyncio.run(load(url, process.pid, bodies, n, args.warmup, args.duration))
+                after = model.measure(args.model_seconds)
+                run["model_only"] = mean_of(before, after)
+                before = after
+                runs.append(run)
+                m = run["model_only"]
+                print(
+                    f"  {run['throughput_img_s']:.1f} img/s  p50 {run['p50_ms']:.1f} ms  p95 {run['p95_ms']:.1f} ms"
+                    f"  p99 {run['p99_ms']:.1f} ms  statuses {run['statuses']}  connection errors"
+                    f" {run['connection_errors'] or 0}\n"
+                    f"  model only: batch {args.max_batch} {m['throughput_img_s']:.1f} img/s, batch-1 forward"
+                    f" {m['forward_batch1_ms']:.1f} ms, preprocessing {m['preprocess_ms']:.1f} ms\n"
+                    f"  CPU per image: model only {m['cpu_ms_per_img']:.1f} ms, service"
+                    f" {run['server_cpu_ms_per_img']:.1f} ms, load generator {run['client_cpu_ms_per_img']:.1f} ms\n"
+                    f"  inside the service (p50): {run['server_p50_ms']}",
+                    flush=True,
+                )
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+
+    print("\nresults (model-only figures measured around each run)")
+    print(
+        f"{'clients':>7} {'img/s':>7} {'model img/s':>11} {'ratio':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
+        f" {'fwd1+pre ms':>11} {'errors':>6} {'CPU ms/img model':>16} {'service':>7}"
+    )
+    targets = {}
+    for run in runs:
+        m = run["model_only"]
+        ratio = run["throughput_img_s"] / m["throughput_img_s"]
+        single_image_ms = m["forward_batch1_ms"] + m["preprocess_ms"]
+        print(
+            f"{run['clients']:>7} {run['throughput_img_s']:>7.1f} {m['throughput_img_s']:>11.1f} {ratio:>6.0%}"
+            f" {run['p50_ms']:>8.1f} {run['p95_ms']:>8.1f} {run['p99_ms']:>8.1f} {single_image_ms:>11.1f}"
+            f" {run['errors']:>6} {m['cpu_ms_per_img']:>16.1f} {run['server_cpu_ms_per_img']:>7.1f}"
+        )
+        if run["clients"] == 16:
+            targets["16_clients_throughput_ratio"] = ratio
+            met = ratio >= 0.70 and run["errors"] == 0
+            print(f"  target: >= 70% of model-only throughput, zero errors: {'met' if met else 'NOT met'}")
+        if run["clients"] == 1:
+            targets["1_client_p50_ratio"] = run["p50_ms"] / single_image_ms
+            met = run["p50_ms"] <= 1.3 * single_image_ms
+            print(
+                f"  target: p50 <= 1.3 x (batch-1 forward + preprocessing): {run['p50_ms'] / single_image_ms:.2f} x,"
+                f" {'met' if met else 'NOT met'}"
+            )
+    print(
+        "CPU ms/img: CPU time per image of the forward pass alone and of the whole service process; their ratio"
+        "\nis the throughput ratio a machine with no other load would allow if the service kept every core busy."
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"service": runs, "targets": targets}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
