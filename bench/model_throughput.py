@@ -1,0 +1,116 @@
+"""Forward throughput of the network on this machine, against nn.LocalResponseNorm and the fp32 roofline.
+
+    python bench/model_throughput.py [--batches 1 8 32] [--seconds 3] [--threads N]
+
+Prints img/s (best of --repeats timed windows, which shrugs off other processes' bursts) for
+    ours-grouped   GroupedAlexNet: conv2/4/5 as groups=2 convolutions, our LRN (what the service runs)
+    ours-towers    AlexNet: the two towers, both on the CPU (what training runs)
+    torch-lrn      GroupedAlexNet with nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2) swapped in
+    roofline       (GFLOP/s of a large fp32 torch.mm, measured in the same run) / (GFLOP per image)
+and the ratios the targets are stated in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import AlexNetConfig, GroupedAlexNet  # noqa: E402
+
+
+def forward_flops(config: AlexNetConfig = AlexNetConfig(), size: int = 224) -> float:
+    """Multiply-adds × 2 for one image, counted from the layer shapes (biases and pooling ignored)."""
+    macs = 0
+    maps = {"conv1": 55, "conv2": 27, "conv3": 13, "conv4": 13, "conv5": 13}
+    for name, shape in config.grouped_shapes().items():
+        if not name.endswith(".weight"):
+            continue
+        layer = name.split(".")[0]
+        per_output = 1
+        for d in shape[1:]:
+            per_output *= d
+        macs += shape[0] * per_output * maps.get(layer, 1) ** 2
+    return 2.0 * macs
+
+
+def images_per_second(net: nn.Module, batch: int, seconds: float, repeats: int) -> float:
+    x = torch.randn(batch, 3, 224, 224)
+    best = 0.0
+    with torch.inference_mode():
+        net(x)  # warm-up: oneDNN picks its kernels on the first call
+        for _ in range(repeats):
+            n, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds / repeats or n == 0:
+                net(x)
+                n += 1
+            best = max(best, n * batch / elapsed)
+    return best
+
+
+def matmul_gflops(seconds: float, repeats: int, n: int = 4096) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(repeats):
+        count, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds / repeats or count == 0:
+            torch.mm(a, b)
+            count += 1
+        best = max(best, 2.0 * n**3 * count / elapsed / 1e9)
+    return best
+
+
+def with_torch_lrn(net: GroupedAlexNet) -> GroupedAlexNet:
+    c = net.config.lrn
+    net.lrn = nn.LocalResponseNorm(c.size, alpha=c.coefficient * c.size, beta=c.beta, k=c.k)
+    return net
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows per measurement; the best is kept")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    ours = GroupedAlexNet().eval()
+    towers = ours.to_towers().eval()
+    baseline = with_torch_lrn(GroupedAlexNet().eval())
+    baseline.load_state_dict(ours.state_dict())
+    gflop = forward_flops() / 1e9
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__},"
+          f" {torch.get_num_threads()} threads")
+    print(f"forward cost: {gflop:.3f} GFLOP per 224×224 image")
+    peak = matmul_gflops(args.seconds, args.repeats)
+    roofline = peak / gflop
+    print(f"fp32 torch.mm 4096²: {peak:.1f} GFLOP/s → roofline {roofline:.1f} img/s")
+    print(f"{'batch':>5} {'ours-grouped':>13} {'ours-towers':>12} {'torch-lrn':>10} {'roofline':>9}"
+          f" {'grouped/roof':>13} {'grouped/torch-lrn':>18}")
+    results = {}
+    for batch in args.batches:
+        g = images_per_second(ours, batch, args.seconds, args.repeats)
+        t = images_per_second(towers, batch, args.seconds, args.repeats)
+        b = images_per_second(baseline, batch, args.seconds, args.repeats)
+        results[batch] = (g, t, b)
+        print(f"{batch:>5} {g:>13.1f} {t:>12.1f} {b:>10.1f} {roofline:>9.1f} {g / roofline:>12.0%} {g / b:>17.2f}×")
+    peak_after = matmul_gflops(args.seconds, args.repeats)
+    best_batch, (best, _, _) = max(results.items(), key=lambda kv: kv[1][0])
+    print(f"fp32 torch.mm again at the end: {peak_after:.1f} GFLOP/s (a large change means a noisy machine)")
+    print(f"best: {best:.1f} img/s at batch {best_batch} = {best / roofline:.0%} of the roofline")
+
+
+if __name__ == "__main__":
+    main()
