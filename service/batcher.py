@@ -1,15 +1,15 @@
 """Dynamic batching: concurrent requests share one forward pass.
 
-    request ─admission()─▶ decode (thread pool) ─infer()─▶ asyncio queue ─▶ worker task ─▶ inference thread
-                 │                                                         gathers ≤ max_batch rows,
-                 └ 503 + Retry-After when queue_size requests are           waiting ≤ max_wait_ms for more
-                   already admitted
+    request ─admission()─▶ read body ─▶ decode (thread pool) ─infer()─▶ asyncio queue ─▶ worker task
+                 │                                                   gathers ≤ max_batch rows, waiting
+                 └ 503 + Retry-After when queue_size requests       ≤ max_wait_ms for more ─▶ inference thread
+                   are already admitted
 
 The forward pass runs in one dedicated thread (torch's own intra-op threads parallelise it), so the event
 loop keeps accepting and the decode threads keep decoding while the network runs. While a forward pass is
 in flight new requests pile up in the queue, so batches grow with the load by themselves; ``max_wait_ms``
-only matters when the model is idle, and only while other admitted requests are still being decoded
-(a lone request never waits).
+only matters when the model is idle, and only while other admitted requests are still being read or
+decoded (a lone request never waits).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Batcher:
         self.queue_size = queue_size
         self.metrics = metrics
         self.admitted = 0  # requests between admission() and their answer
-        self.arriving = 0  # admitted requests still decoding: worth waiting for when a batch is gathered
+        self.arriving = 0  # admitted requests still being read or decoded: worth waiting for in a batch
         self.waiting_rows = 0  # network inputs in the queue
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._seconds_per_request = 0.0  # running estimate, for Retry-After
@@ -88,7 +88,7 @@ class Batcher:
 
     @contextlib.contextmanager
     def admission(self):
-        """Hold a place for one request from before its images are decoded until it is answered."""
+        """Hold a place for one request from before its body is read until it is answered."""
         if self.admitted >= self.queue_size:
             self.metrics.rejected.inc()
             estimate = self._seconds_per_request * self.admitted
@@ -100,7 +100,7 @@ class Batcher:
             yield ticket
         finally:
             self.admitted -= 1
-            if not ticket.queued:  # decoding failed
+            if not ticket.queued:  # a bad body or image: it never reached the queue
                 self.arriving -= 1
 
     async def infer(self, ticket: Ticket, model: LoadedModel, images: torch.Tensor, crops: Crops) -> torch.Tensor:

@@ -151,7 +151,7 @@ class ServiceMetrics:
         r.add(
             Gauge(
                 "alexnet_queue_depth",
-                "requests admitted (decoding, waiting or in a forward pass) and network inputs waiting",
+                "requests admitted (reading, decoding, waiting or in a forward pass) and network inputs waiting",
                 queue_depth,
                 ("kind",),
             )

@@ -37,7 +37,7 @@ class Settings(BaseModel):
     max_wait_ms: float = Field(
         2.0, ge=0, le=10_000, description="how long a batch waits for requests still being decoded to join it"
     )
-    queue_size: int = Field(64, ge=1, description="requests admitted and waiting for the model; more → 503")
+    queue_size: int = Field(64, ge=1, description="requests admitted at once (body to answer); more → 503")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body limit, counted while streaming")
     max_pixels: int = Field(64_000_000, ge=1, description="width × height limit per image, read from its header")
     max_files: int = Field(16, ge=1, description="file parts per multipart request")

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from .problems import ProblemError
@@ -48,6 +48,8 @@ async def read_uploads(request: Request, *, max_body_bytes: int, max_files: int)
             form.parser.finalize()
         except FormParserError as e:
             raise ProblemError(400, "malformed-multipart", f"cannot parse the multipart body: {e}") from None
+        if form.parser.state != MultipartState.END:  # a truncated body must not pass for one file fewer
+            raise ProblemError(400, "malformed-multipart", "the multipart body ends before its closing boundary")
         if not form.uploads:
             raise ProblemError(422, "no-image", f"the form has no {FILE_FIELD!r} part: upload images as -F file=@…")
         return form.uploads

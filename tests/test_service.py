@@ -328,7 +328,17 @@ def test_request_shapes_we_refuse(client, photos):
     broken = client.post(
         "/classify", content=b"--b\r\nno header end", headers={"Content-Type": "multipart/form-data; boundary=b"}
     )
-    assert broken.status_code in (400, 422) and broken.headers["content-type"] == "application/problem+json"
+    assert_problem(broken, 400, "malformed-multipart")
+    # Cut off after a complete first part: refused, not answered for one image fewer.
+    part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n' + data
+    truncated = client.post(
+        "/classify", content=part + b"\r\n" + part[:500], headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert "closing boundary" in assert_problem(truncated, 400, "malformed-multipart")["detail"]
+    complete = client.post(
+        "/classify", content=part + b"\r\n--b--\r\n", headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert complete.status_code == 200 and len(complete.json()["results"]) == 1
 
 
 def test_http_errors_are_problem_json(client):

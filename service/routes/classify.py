@@ -68,10 +68,10 @@ async def classify(
     if top_k > len(model.classes):
         raise ProblemError(422, "invalid-parameter", f"top_k: at most {len(model.classes)} (the number of classes)")
     settings = state.settings
-    uploads = await read_uploads(request, max_body_bytes=settings.max_body_bytes, max_files=settings.max_files)
-
     try:
+        # Admitted before the body is read: at most queue_size bodies are held in memory at once.
         with state.batcher.admission() as ticket:
+            uploads = await read_uploads(request, max_body_bytes=settings.max_body_bytes, max_files=settings.max_files)
             decode_started = time.perf_counter()
             images = await state.decode(model, uploads)
             infer_started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Settings, start-up failures and the metrics format: what happens before and around serving."""
+"""Settings, start-up failures, the engine's device layouts and the metrics format."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_service_support import REPO, ServiceProcess, write_checkpoint
 
+from service import engine
 from service.engine import DeviceError, resolve_devices
 from service.metrics import Counter, Histogram, Registry
 from service.settings import Settings, SettingsError, parse_devices
@@ -105,3 +106,26 @@ def test_prometheus_text_format():
         "size_sum 13.5",
         "size_count 4",
     ]
+
+
+def test_two_towers_answer_like_the_grouped_net(tmp_path, photos):
+    """ALEXNET_DEVICE=cuda:0,cuda:1 runs the paper's two towers; on CPU ("cpu,cpu") the same code path."""
+    path = write_checkpoint(tmp_path / "c.safetensors", seed=5, width=0.0625)
+    cpu = torch.device("cpu")
+    grouped, towers = engine.load(path, (cpu,)), engine.load(path, (cpu, cpu))
+    assert type(grouped.net).__name__ == "GroupedAlexNet" and type(towers.net).__name__ == "AlexNet"
+    assert not grouped.net.training and not towers.net.training
+    images = torch.stack([grouped.preprocessor.load(p.read_bytes()) for p in photos[:3]])
+    for crops in ("center", "ten"):
+        (a,), (b,) = grouped.predict([images], [crops], 4), towers.predict([images], [crops], 4)
+        assert a.shape == (3, 1000) and torch.allclose(a.sum(1), torch.ones(3))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert grouped.identity.sha256 == towers.identity.sha256 and grouped.identity.trained
+
+
+def test_predict_splits_batches_larger_than_max_batch(tmp_path, photos):
+    """One request may hold more network inputs than max_batch (16 ten-crop images): run in chunks."""
+    model = engine.load(write_checkpoint(tmp_path / "c.safetensors", seed=6, width=0.0625), (torch.device("cpu"),))
+    images = torch.stack([model.preprocessor.load(p.read_bytes()) for p in photos[:3]])
+    (chunked,), (whole,) = model.predict([images], ["ten"], 7), model.predict([images], ["ten"], 64)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
