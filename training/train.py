@@ -321,6 +321,8 @@ def train(given: dict, options: Options) -> dict:
     hp = resolve_hyperparameters(given, saved_info["hyperparameters"] if saved_info else None)
     check_hyperparameters(hp)
 
+    devices = resolve_devices(options.devices, dist)
+
     # Data.
     data = PreparedDataset(options.data)
     train_split, val_split = data.split("train"), data.split("val")
@@ -328,8 +330,7 @@ def train(given: dict, options: Options) -> dict:
         raise TrainingError(f"--resume: {options.data} is not the dataset this run was trained on ({saved_info['dataset']})")
     batches = ShardedBatches(len(train_split), hp.batch_size, hp.seed, dist.rank, dist.world)
 
-    # Devices, processes, model, optimizer.
-    devices = resolve_devices(options.devices, dist)
+    # Processes, model, optimizer.
     init_distributed(dist, devices)
     torch.manual_seed(derive_seed(hp.seed, "init"))
     model = AlexNet(len(data.classes), width=hp.width, dropout=hp.dropout, conv1_padding=hp.conv1_padding, devices=devices)
