@@ -44,6 +44,19 @@ def problem_response(status: int, slug: str | None, detail: str, headers: dict[s
     return JSONResponse(body.model_dump(), status_code=status, headers=headers, media_type=MEDIA_TYPE)
 
 
+def _problem_media_type(schema: dict) -> dict:
+    """FastAPI documents every response model as application/json; Problem bodies go out as problem+json."""
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            for response in operation.get("responses", {}).values():
+                content = response.get("content", {})
+                body = content.get("application/json", {})
+                if body.get("schema", {}).get("$ref", "").endswith("/Problem"):
+                    content.pop("application/json")
+                    content[MEDIA_TYPE] = body
+    return schema
+
+
 def image_problem(error: ImageError, source: str) -> ProblemError:
     """A model.ImageError for one uploaded image, as the status the model package chose for it."""
     slug = (
@@ -57,7 +70,15 @@ def image_problem(error: ImageError, source: str) -> ProblemError:
 
 
 def install(app: FastAPI) -> None:
-    """Route FastAPI's own errors and anything unexpected to problem+json."""
+    """Route FastAPI's own errors and anything unexpected to problem+json, and say so in the OpenAPI schema."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = _problem_media_type(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError):

@@ -369,6 +369,8 @@ def test_openapi_schema_and_docs(client):
     assert {"multipart/form-data", "image/*"} <= set(classify["requestBody"]["content"])
     assert {p["name"] for p in classify["parameters"]} == {"top_k", "crops"}
     assert {"200", "413", "415", "422", "503"} <= set(classify["responses"])
+    problem = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    assert classify["responses"]["413"]["content"] == {"application/problem+json": problem}
     assert set(schema["components"]["schemas"]["Prediction"]["properties"]) == {
         "rank",
         "index",

@@ -50,10 +50,7 @@ ERRORS = {
     response_model=ClassifyResponse,
     summary="Classify one or more images",
     openapi_extra={"requestBody": REQUEST_BODY},
-    responses={
-        status: {"model": Problem, "description": text, "content": {"application/problem+json": {}}}
-        for status, text in ERRORS.items()
-    },
+    responses={status: {"model": Problem, "description": text} for status, text in ERRORS.items()},
 )
 async def classify(
     request: Request,
