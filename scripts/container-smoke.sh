@@ -132,7 +132,7 @@ echo "$before" | json '"  model:", d["model"]["checkpoint"], "trained:", d["mode
 echo "$before" | json '"\n".join("  %d. %s (%s) %.4f" % (p["rank"], p["label"], p["wnid"], p["score"]) for p in d["results"][0]["predictions"])'
 old_sha="$(echo "$before" | json 'd["model"]["sha256"]')"
 # Weights baked into the image (BAKE_WEIGHTS=1 with network) must reach the new volume and be served.
-if podman run --rm --entrypoint test alexnet-api:latest -e /checkpoints/best.safetensors; then
+if podman run --rm --no-healthcheck --entrypoint test alexnet-api:latest -e /checkpoints/best.safetensors; then
     echo "$before" | json 'd["model"]["trained"] and d["model"]["checkpoint"] == "best.safetensors" or sys.exit("baked weights not served")' >/dev/null
     echo "  the image's baked-in weights were copied into the new volume and are served"
 else
