@@ -31,7 +31,7 @@ SHAPES = ("ellipse", "rectangle", "triangle", "bar")
 COLOURS = ((220, 40, 40), (40, 190, 60), (50, 70, 230), (230, 210, 40))
 
 
-def draw_example(rng: random.Random, kind: int, size=(72, 64)) -> Image.Image:
+def draw_example(rng: random.Random, kind: int, size=(72, 64), noise: float = 0.0) -> Image.Image:
     """A coloured shape on a grey background: class ``kind`` differs from the others in colour and shape."""
     width, height = size
     grey = rng.randint(60, 190)
@@ -49,10 +49,13 @@ def draw_example(rng: random.Random, kind: int, size=(72, 64)) -> Image.Image:
         draw.polygon([(x, y + s), (x + s, y + s), (x + s // 2, y)], fill=colour)
     else:
         draw.rectangle((4, y, width - 4, y + s // 3), fill=colour)
+    if noise:  # texture: no two neighbouring pixels equal, so max-pooling has no ties to break
+        texture = Image.frombytes("L", size, bytes(rng.getrandbits(8) for _ in range(width * height)))
+        image = Image.blend(image, texture.convert("RGB"), noise)
     return image
 
 
-def make_source(root: Path, *, classes=3, train=4, val=2, wnids=WNIDS, seed=0, fmt="JPEG") -> Path:
+def make_source(root: Path, *, classes=3, train=4, val=2, wnids=WNIDS, seed=0, fmt="JPEG", noise=0.0) -> Path:
     """An ImageNet-layout folder: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG."""
     rng = random.Random(seed)
     for split, count in (("train", train), ("val", val)):
@@ -60,7 +63,7 @@ def make_source(root: Path, *, classes=3, train=4, val=2, wnids=WNIDS, seed=0, f
             folder = root / split / wnid
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                draw_example(rng, kind).save(folder / f"{wnid}_{i}.{fmt}", quality=92)
+                draw_example(rng, kind, noise=noise).save(folder / f"{wnid}_{i}.{fmt}", quality=92)
     return root
 
 
@@ -73,6 +76,16 @@ def train_cli(data, out, *extra) -> int:
     args = ["train", str(data), "--out", str(out), "--width", "0.0625", "--batch-size", "4", "--epochs", "2",
             "--workers", "1", "--lr", "0.003", "--no-progress", *map(str, extra)]  # fmt: skip
     return main(args)
+
+
+@pytest.fixture
+def one_thread():
+    """Runs compared bit for bit must use the same number of threads (reductions split differently);
+    subprocesses get OMP_NUM_THREADS=1 to match."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def digest(path: Path) -> str:
@@ -408,3 +421,12 @@ def test_command_line_exit_status_and_message():
     assert result.stderr.strip().splitlines()[-1] == (
         "error: /nonexistent/prepared: no such directory (expected the output of `python -m training prepare`)"
     )
+
+
+@pytest.mark.parametrize("flags", [("--amp", "bf16", "--channels-last"), ("--amp", "fp16")], ids=["bf16-channels-last", "fp16"])
+def test_mixed_precision_and_channels_last_train(tiny, tmp_path, flags):
+    run = tmp_path / "run"
+    assert train_cli(tiny, run, "--epochs", "1", *flags) == 0
+    checkpoint = load_checkpoint(run / "last.safetensors")  # finite float32 weights (the loader checks)
+    assert checkpoint.training["amp"] == flags[1] and checkpoint.training["channels_last"] == ("--channels-last" in flags)
+    assert all(t.dtype == torch.float32 for t in checkpoint.state_dict.values())
