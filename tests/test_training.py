@@ -183,7 +183,7 @@ def test_prepare_resumes_where_it_was_interrupted(tiny, tmp_path, monkeypatch):
     assert len(calls) == 13 - 6 + 6  # train resumed after the 6 recorded images (2 chunks of 3), then val
     for name in ("train.u8", "val.u8", "train.json", "val.json", "stats.safetensors", "skipped.txt"):
         assert digest(dest / name) == digest(tiny / name), name  # identical to an uninterrupted run
-    assert not list(dest.glob(".*"))  # no partial or progress files left
+    assert [p.name for p in dest.glob(".*")] == [".lock"]  # no partial or progress files left
 
     calls.clear()
     before = tree_digest(dest)
@@ -349,7 +349,7 @@ def test_prepare_refuses_to_overwrite_or_to_start_without_disk_space(tiny, tmp_p
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     dest = tmp_path / "full"
     expect_error(capsys, ["prepare", str(other), str(dest), "--no-progress"], "not enough disk space", "0.00 GB are free")
-    assert not list(dest.iterdir())
+    assert [p.name for p in dest.iterdir()] == [".lock"]
 
 
 def test_data_from_another_format_version_is_refused(tiny, tmp_path, capsys):
@@ -430,3 +430,17 @@ def test_mixed_precision_and_channels_last_train(tiny, tmp_path, flags):
     checkpoint = load_checkpoint(run / "last.safetensors")  # finite float32 weights (the loader checks)
     assert checkpoint.training["amp"] == flags[1] and checkpoint.training["channels_last"] == ("--channels-last" in flags)
     assert all(t.dtype == torch.float32 for t in checkpoint.state_dict.values())
+
+
+def test_a_directory_in_use_by_another_job_is_refused(tiny, tmp_path, capsys):
+    from training.data import DirectoryLock
+
+    dest, run = tmp_path / "prepared", tmp_path / "run"
+    held = [DirectoryLock(dest, "`prepare`"), DirectoryLock(run, "training run")]  # as another process would
+    try:
+        expect_error(capsys, ["prepare", str(tiny.parent / "src"), str(dest), "--no-progress"], "in use by another `prepare`")
+        expect_error(capsys, ["train", str(tiny), "--out", str(run), "--batch-size", "4"], "in use by another training run")
+    finally:
+        for lock in held:
+            lock.release()
+    assert sorted(p.name for p in dest.iterdir()) == [".lock"] and sorted(p.name for p in run.iterdir()) == [".lock"]

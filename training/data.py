@@ -185,6 +185,29 @@ class PreparedDataset:
         return self._stats
 
 
+class DirectoryLock:
+    """An exclusive lock on a directory for as long as this object lives (flock on DIR/.lock): two jobs
+    writing the same files would ruin each other's work. Released by ``release()``, or when the process
+    exits. Where flock does not exist (Windows), nothing is locked."""
+
+    def __init__(self, directory: Path, what: str):
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / ".lock"
+        self._file = open(path, "a")
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise TrainingError(f"{directory} is in use by another {what} (it holds a lock on {path})") from None
+
+    def release(self) -> None:
+        self._file.close()  # closing the descriptor releases the flock
+
+
 # The order of the data: every rank computes the same permutation and takes its own part of each batch.
 
 

@@ -26,9 +26,11 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,11 +42,13 @@ from model import ImageClass, ImageError, atomic_path, atomic_write, imagenet_cl
 
 from .data import (
     FORMAT_NAME,
+    DirectoryLock,
     FORMAT_VERSION,
     IMAGE_BYTES,
     IMAGE_SIZE,
     SPLITS,
     TrainingError,
+    load_stats,
     save_stats,
     stats_from_sums,
 )
@@ -63,7 +67,7 @@ class Source:
     classes: tuple[ImageClass, ...]
     items: dict[str, list[tuple[str, int]]]  # split → [(path relative to root, class index)]
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """Identifies the list of images and labels: a rerun continues only on the same source."""
         digest = hashlib.sha256(json.dumps([[c.wnid for c in self.classes], self.items]).encode())
@@ -168,6 +172,7 @@ def scan_source(root: str | Path, val_labels: str | Path | None = None) -> Sourc
 
 def _init_worker() -> None:
     torch.set_num_threads(1)  # one image per process; also keeps forked OpenMP pools out of the way
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
 
 
 def _decode(task: tuple[str, bool]):
@@ -399,25 +404,7 @@ def _check_disk_space(dest: Path, source: Source) -> None:
         )
 
 
-def prepare(
-    src: str | Path,
-    dest: str | Path,
-    *,
-    workers: int | None = None,
-    val_labels: str | Path | None = None,
-    name: str | None = None,
-    chunk: int = DEFAULT_CHUNK,
-    show_progress: bool = True,
-) -> dict:
-    """Prepare SRC into DEST (see the module docstring); return the contents of DEST/dataset.json."""
-    started = time.perf_counter()
-    source = scan_source(src, val_labels)
-    dest = Path(dest)
-    if _check_destination(dest, source):
-        meta = json.loads((dest / "dataset.json").read_text())
-        print(f"{dest}: already prepared from this source; nothing to do", file=sys.stderr)
-        return meta
-    dest.mkdir(parents=True, exist_ok=True)
+def _prepare_locked(source: Source, dest: Path, workers, name, chunk, show_progress) -> dict:
     _check_disk_space(dest, source)
     counts = {s: len(v) for s, v in source.items.items()}
     print(
@@ -435,8 +422,6 @@ def prepare(
 
     skipped_lines = [f"{split}\t{s['file']}\t{s['error']}" for split in SPLITS for s in indexes[split]["skipped"]]
     atomic_write(dest / "skipped.txt", "".join(line + "\n" for line in skipped_lines).encode())
-    from .data import load_stats
-
     stats = load_stats(dest / "stats.safetensors")
     meta = {
         "format": FORMAT_NAME,
@@ -458,12 +443,38 @@ def prepare(
         },
     }
     atomic_write(dest / "dataset.json", (json.dumps(meta, indent=1) + "\n").encode())
+    return meta
+
+
+def prepare(
+    src: str | Path,
+    dest: str | Path,
+    *,
+    workers: int | None = None,
+    val_labels: str | Path | None = None,
+    name: str | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    show_progress: bool = True,
+) -> dict:
+    """Prepare SRC into DEST (see the module docstring); return the contents of DEST/dataset.json."""
+    started = time.perf_counter()
+    source = scan_source(src, val_labels)
+    dest = Path(dest)
+    if _check_destination(dest, source):
+        meta = json.loads((dest / "dataset.json").read_text())
+        print(f"{dest}: already prepared from this source; nothing to do", file=sys.stderr)
+        return meta
+    lock = DirectoryLock(dest, "`prepare`")  # creates DEST; held until dataset.json is written
+    try:
+        meta = _prepare_locked(source, dest, workers, name, chunk, show_progress)
+    finally:
+        lock.release()
 
     seconds = time.perf_counter() - started
     for split in SPLITS:
         s = meta["splits"][split]
         print(f"{split}: {s['images']:,} images, {s['skipped']} skipped", file=sys.stderr)
-    if skipped_lines:
+    if meta["splits"]["train"]["skipped"] + meta["splits"]["val"]["skipped"]:
         print(f"skipped images are listed in {dest / 'skipped.txt'}", file=sys.stderr)
     eig = ", ".join(f"{v:.4g}" for v in meta["stats"]["eigenvalues"])
     print(f"RGB covariance eigenvalues ([0,1] pixels): {eig}; done in {seconds:.1f} s", file=sys.stderr)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from model import AlexNet, Checkpoint, Preprocessing, Preprocessor, atomic_path, atomic_write, load_checkpoint
 
 from .augment import ALPHA_STD, TrainAugmentation
-from .data import PreparedDataset, ShardedBatches, TrainingError, derive_seed, epoch_order, prefetch
+from .data import DirectoryLock, PreparedDataset, ShardedBatches, TrainingError, derive_seed, epoch_order, prefetch
 from .evaluate import evaluate, format_results
 from .progress import Progress, format_duration
 
@@ -311,6 +311,7 @@ def train(given: dict, options: Options) -> dict:
             print(message, file=sys.stderr, flush=True)
 
     # Resume state (read by every process; on several machines DIR must be on a shared filesystem).
+    state_on_disk = _file_identity(state_path)  # to notice another job writing DIR meanwhile
     saved_info, saved_tensors = None, None
     if options.resume:
         if not state_path.exists():
@@ -409,8 +410,12 @@ def train(given: dict, options: Options) -> dict:
     def write_metrics() -> None:
         atomic_write(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history).encode())
 
+    lock = None
     if is_writer:
-        out.mkdir(parents=True, exist_ok=True)
+        lock = DirectoryLock(out, "training run")  # creates DIR; held until the end
+        if _file_identity(state_path) != state_on_disk:
+            lock.release()
+            raise TrainingError(f"{state_path} changed while this run was starting: is another run using {out}?")
         log(
             f"training AlexNet(width={hp.width:g}, {len(data.classes)} classes) on {data.name}: "
             f"{len(train_split):,} train / {len(val_split):,} val images, towers on {devices[0]} + {devices[1]}, "
@@ -539,7 +544,17 @@ def train(given: dict, options: Options) -> dict:
     summary = _final_evaluation(out, history, best, hp, options, dist, devices, val_split, autocast, log)
     if dist.world > 1:
         torch_distributed.destroy_process_group()
+    if lock is not None:
+        lock.release()  # (on an error, the lock goes with this frame or the process)
     return summary
+
+
+def _file_identity(path: Path):
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def check_finite(loss: float, epoch: int, step: int) -> None:
