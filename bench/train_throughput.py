@@ -42,10 +42,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model import AlexNet  # noqa: E402
-from training.augment import TrainAugmentation  # noqa: E402
-from training.data import PreparedDataset, epoch_order  # noqa: E402
-from training.prepare import prepare  # noqa: E402
+from model import AlexNet
+from training.augment import TrainAugmentation
+from training.data import PreparedDataset, epoch_order
+from training.prepare import prepare
 
 PHOTOS = [REPO.parent / "shared" / "data" / "images", REPO / "tests" / "fixtures" / "images"]
 
@@ -91,7 +91,7 @@ def bench_prepared(dataset: PreparedDataset, batch: int, seconds: float) -> floa
     def one_batch() -> int:
         step = state["step"]
         order = epoch_order(len(split), seed=0, epoch=step)  # a fresh random batch every time
-        images, labels = split.batch(order[:batch])
+        images, _ = split.batch(order[:batch])
         augment(images, augment.draw(batch, 0, 0, step), out=buffer)
         state["step"] += 1
         return batch
@@ -177,12 +177,17 @@ def main() -> None:
     print(f"\n(a) prepared + batched augmentation, 1 core, batch {args.batch}: {prepared_rate:10,.0f} img/s")
     print(f"(b) naive per-image Pillow pipeline, 1 core:             {naive_rate:10,.0f} img/s")
     print(f"(b') the same with Pillow's JPEG draft mode, 1 core:       {draft_rate:10,.0f} img/s")
-    print(f"    (a) / (b) = {prepared_rate / naive_rate:.1f}×  (target ≥ 10×);  (a) / (b') = {prepared_rate / draft_rate:.1f}×")
+    print(
+        f"    (a) / (b) = {prepared_rate / naive_rate:.1f}×  (target ≥ 10×);  "
+        f"(a) / (b') = {prepared_rate / draft_rate:.1f}×"
+    )
 
     if args.step_seconds > 0:
         step_rate = bench_step(("cpu", "cpu"), args.step_batch, args.step_seconds)
-        print(f"(c) training step, full net, towers on cpu+cpu, fp32, batch {args.step_batch}, {threads} threads: "
-              f"{step_rate:,.1f} img/s")  # fmt: skip
+        print(
+            f"(c) training step, full net, towers on cpu+cpu, fp32, batch {args.step_batch}, {threads} threads: "
+            f"{step_rate:,.1f} img/s"
+        )
         print(f"    one core of (a) feeds {prepared_rate / step_rate:,.0f}× what the CPU step consumes")
 
     if torch.cuda.is_available():
@@ -192,8 +197,10 @@ def main() -> None:
             configs += [(("cuda:0", "cuda:1"), "off"), (("cuda:0", "cuda:1"), "bf16")]
         for devices, amp in configs:
             rate = bench_step(devices, args.batch, args.gpu_seconds, amp)
-            print(f"(d) training step on {name}, towers on {'+'.join(devices)}, amp {amp}, batch {args.batch}: "
-                  f"{rate:,.0f} img/s")  # fmt: skip
+            print(
+                f"(d) training step on {name}, towers on {'+'.join(devices)}, amp {amp}, batch {args.batch}: "
+                f"{rate:,.0f} img/s"
+            )
     else:
         print("(d) no CUDA device: GPU training throughput not measured")
 

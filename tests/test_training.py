@@ -6,6 +6,7 @@ files. Nets are scaled down (width 1/16) and datasets hold a few tiny images per
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -73,19 +74,37 @@ def prepare_quietly(src, dest, **kwargs):
 
 def train_cli(data, out, *extra) -> int:
     """``python -m training train`` in this process, with a tiny fast configuration."""
-    args = ["train", str(data), "--out", str(out), "--width", "0.0625", "--batch-size", "4", "--epochs", "2",
-            "--workers", "1", "--lr", "0.003", "--no-progress", *map(str, extra)]  # fmt: skip
+    args = [
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--width",
+        "0.0625",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--workers",
+        "1",
+        "--lr",
+        "0.003",
+        "--no-progress",
+        *map(str, extra),
+    ]
     return main(args)
 
 
-@pytest.fixture
+@contextlib.contextmanager
 def one_thread():
     """Runs compared bit for bit must use the same number of threads (reductions split differently);
     subprocesses get OMP_NUM_THREADS=1 to match."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def digest(path: Path) -> str:
@@ -249,12 +268,23 @@ def test_prepare_train_evaluate_and_load(tiny, tmp_path, monkeypatch):
 def test_evaluate_maps_a_subset_of_the_checkpoint_classes(tiny, tmp_path):
     """A 1000-class checkpoint evaluated on 3 of its classes: labels are matched by wnid."""
     net = AlexNet(1000, width=0.0625)
-    checkpoint = Checkpoint.from_model(net, preprocessing=Preprocessing(mean="image"),
-                                       mean_image=PreparedDataset(tiny).stats.mean_image)  # fmt: skip
+    checkpoint = Checkpoint.from_model(
+        net, preprocessing=Preprocessing(mean="image"), mean_image=PreparedDataset(tiny).stats.mean_image
+    )
     checkpoint.save(tmp_path / "imagenet.safetensors")
     out = tmp_path / "eval.json"
-    code = main(["evaluate", str(tmp_path / "imagenet.safetensors"), str(tiny), "--crops", "center",
-                 "--output", str(out), "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            str(tmp_path / "imagenet.safetensors"),
+            str(tiny),
+            "--crops",
+            "center",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert result["checkpoint_classes"] == 1000 and result["classes"] == 3 and list(result["results"]) == ["center"]
@@ -348,7 +378,9 @@ def test_prepare_refuses_to_overwrite_or_to_start_without_disk_space(tiny, tmp_p
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     dest = tmp_path / "full"
-    expect_error(capsys, ["prepare", str(other), str(dest), "--no-progress"], "not enough disk space", "0.00 GB are free")
+    expect_error(
+        capsys, ["prepare", str(other), str(dest), "--no-progress"], "not enough disk space", "0.00 GB are free"
+    )
     assert [p.name for p in dest.iterdir()] == [".lock"]
 
 
@@ -362,8 +394,12 @@ def test_data_from_another_format_version_is_refused(tiny, tmp_path, capsys):
     before = tree_digest(old)
     expect_error(capsys, ["train", str(old), "--out", str(tmp_path / "run"), "--no-progress"], "format version 0")
     checkpoint = tmp_path / "c.safetensors"
-    Checkpoint.from_model(AlexNet(3, width=0.0625), classes=PreparedDataset(tiny).classes,
-                          preprocessing=Preprocessing(mean="image"), mean_image=torch.zeros(3, 256, 256)).save(checkpoint)  # fmt: skip
+    Checkpoint.from_model(
+        AlexNet(3, width=0.0625),
+        classes=PreparedDataset(tiny).classes,
+        preprocessing=Preprocessing(mean="image"),
+        mean_image=torch.zeros(3, 256, 256),
+    ).save(checkpoint)
     expect_error(capsys, ["evaluate", str(checkpoint), str(old), "--no-progress"], "format version 0", "prepare")
     expect_error(capsys, ["prepare", str(tiny.parent / "src"), str(old), "--no-progress"], "format version 0")
     assert tree_digest(old) == before
@@ -373,9 +409,18 @@ def test_data_from_another_format_version_is_refused(tiny, tmp_path, capsys):
 def test_evaluate_rejects_classes_the_checkpoint_does_not_know(tiny, tmp_path, capsys):
     classes = tuple(model.ImageClass(w, w) for w in ("n00000001", WNIDS[1], "n00000003"))
     checkpoint = tmp_path / "other-classes.safetensors"
-    Checkpoint.from_model(AlexNet(3, width=0.0625), classes=classes, preprocessing=Preprocessing(mean="image"),
-                          mean_image=torch.zeros(3, 256, 256)).save(checkpoint)  # fmt: skip
-    expect_error(capsys, ["evaluate", str(checkpoint), str(tiny), "--no-progress"], "not among the checkpoint's 3 classes", WNIDS[0])
+    Checkpoint.from_model(
+        AlexNet(3, width=0.0625),
+        classes=classes,
+        preprocessing=Preprocessing(mean="image"),
+        mean_image=torch.zeros(3, 256, 256),
+    ).save(checkpoint)
+    expect_error(
+        capsys,
+        ["evaluate", str(checkpoint), str(tiny), "--no-progress"],
+        "not among the checkpoint's 3 classes",
+        WNIDS[0],
+    )
     assert not (tmp_path / "other-classes.eval-val.json").exists()
     (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     expect_error(capsys, ["evaluate", str(tmp_path / "broken.safetensors"), str(tiny)], "broken.safetensors")
@@ -384,16 +429,27 @@ def test_evaluate_rejects_classes_the_checkpoint_does_not_know(tiny, tmp_path, c
 def test_train_rejects_bad_runs_without_touching_files(tiny, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     expect_error(capsys, ["train", str(tiny), "--out", str(run), "--resume"], "holds no resume state")
-    expect_error(capsys, ["train", str(tiny), "--out", str(run), "--batch-size", "64"], "larger than the training split")
+    expect_error(
+        capsys, ["train", str(tiny), "--out", str(run), "--batch-size", "64"], "larger than the training split"
+    )
     expect_error(capsys, ["train", str(tiny), "--out", str(run), "--devices", "cuda:5"], "GPU")
-    expect_error(capsys, ["train", str(tiny), "--out", str(run), "--lr", "-1", "--epochs", "0"], "--lr must be positive", "--epochs")
+    expect_error(
+        capsys,
+        ["train", str(tiny), "--out", str(run), "--lr", "-1", "--epochs", "0"],
+        "--lr must be positive",
+        "--epochs",
+    )
     expect_error(capsys, ["train", str(tmp_path / "nowhere"), "--out", str(run)], "no such directory")
     assert not run.exists()
 
     assert train_cli(tiny, run, "--epochs", "1") == 0
     before = tree_digest(run)
     expect_error(capsys, ["train", str(tiny), "--out", str(run)], "already holds a run", "--resume")
-    expect_error(capsys, ["train", str(tiny), "--out", str(run), "--resume", "--lr", "0.1"], "cannot change --lr 0.1 (run: 0.003)")
+    expect_error(
+        capsys,
+        ["train", str(tiny), "--out", str(run), "--resume", "--lr", "0.1"],
+        "cannot change --lr 0.1 (run: 0.003)",
+    )
     assert tree_digest(run) == before
 
     # A full disk while writing epoch 2: the error says so; epoch 1's files are intact.
@@ -403,8 +459,12 @@ def test_train_rejects_bad_runs_without_touching_files(tiny, tmp_path, capsys, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", no_space)
-    expect_error(capsys, ["train", str(tiny), "--out", str(run), "--resume", "--epochs", "2", "--no-progress"],
-                 "no space left on device", "--resume")  # fmt: skip
+    expect_error(
+        capsys,
+        ["train", str(tiny), "--out", str(run), "--resume", "--epochs", "2", "--no-progress"],
+        "no space left on device",
+        "--resume",
+    )
     assert tree_digest(run) == before  # no half-written file, no temporary left behind
     monkeypatch.undo()
     assert load_checkpoint(run / "last.safetensors").provenance["epoch"] == 1
@@ -414,8 +474,12 @@ def test_command_line_exit_status_and_message():
     """The real process: exit status 2 and one line on stderr, no traceback."""
     result = subprocess.run(
         [sys.executable, "-m", "training", "train", "/nonexistent/prepared", "--out", "/nonexistent/run"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
@@ -423,12 +487,16 @@ def test_command_line_exit_status_and_message():
     )
 
 
-@pytest.mark.parametrize("flags", [("--amp", "bf16", "--channels-last"), ("--amp", "fp16")], ids=["bf16-channels-last", "fp16"])
+@pytest.mark.parametrize(
+    "flags", [("--amp", "bf16", "--channels-last"), ("--amp", "fp16")], ids=["bf16-channels-last", "fp16"]
+)
 def test_mixed_precision_and_channels_last_train(tiny, tmp_path, flags):
     run = tmp_path / "run"
     assert train_cli(tiny, run, "--epochs", "1", *flags) == 0
     checkpoint = load_checkpoint(run / "last.safetensors")  # finite float32 weights (the loader checks)
-    assert checkpoint.training["amp"] == flags[1] and checkpoint.training["channels_last"] == ("--channels-last" in flags)
+    assert checkpoint.training["amp"] == flags[1] and checkpoint.training["channels_last"] == (
+        "--channels-last" in flags
+    )
     assert all(t.dtype == torch.float32 for t in checkpoint.state_dict.values())
 
 
@@ -438,8 +506,12 @@ def test_a_directory_in_use_by_another_job_is_refused(tiny, tmp_path, capsys):
     dest, run = tmp_path / "prepared", tmp_path / "run"
     held = [DirectoryLock(dest, "`prepare`"), DirectoryLock(run, "training run")]  # as another process would
     try:
-        expect_error(capsys, ["prepare", str(tiny.parent / "src"), str(dest), "--no-progress"], "in use by another `prepare`")
-        expect_error(capsys, ["train", str(tiny), "--out", str(run), "--batch-size", "4"], "in use by another training run")
+        expect_error(
+            capsys, ["prepare", str(tiny.parent / "src"), str(dest), "--no-progress"], "in use by another `prepare`"
+        )
+        expect_error(
+            capsys, ["train", str(tiny), "--out", str(run), "--batch-size", "4"], "in use by another training run"
+        )
     finally:
         for lock in held:
             lock.release()

@@ -66,9 +66,11 @@ def test_augmentation_agrees_with_the_shared_preprocessing():
     for patch, (top, left) in enumerate(positions):
         for flip in (False, True):
             params = AugmentParams(
-                top=torch.full((4,), top), left=torch.full((4,), left), flip=torch.full((4,), flip),
+                top=torch.full((4,), top),
+                left=torch.full((4,), left),
+                flip=torch.full((4,), flip),
                 alpha=torch.zeros(4, 3),
-            )  # fmt: skip
+            )
             out = augment(images, params)
             torch.testing.assert_close(out, ten[:, patch + 5 * flip], rtol=0, atol=0)
 

@@ -21,9 +21,9 @@ import sys
 import pytest
 import safetensors.torch
 import torch
+from test_training import REPO, make_source, one_thread, prepare_quietly, train_cli
 
 from model import AlexNet
-from test_training import REPO, make_source, one_thread, prepare_quietly, train_cli  # noqa: F401 (fixture)
 from training.data import derive_seed
 from training.train import scale_init_to_width_
 
@@ -38,19 +38,41 @@ def initial_weights(seed, num_classes, width):
     return net.grouped_state_dict()
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path, one_thread):
+def test_two_gloo_processes_equal_one_process(tmp_path):
     prepared = tmp_path / "prepared"
     prepare_quietly(make_source(tmp_path / "src", classes=3, train=4, val=3), prepared)
 
     single = tmp_path / "single"
-    assert train_cli(prepared, single, *ARGS) == 0
+    with one_thread():  # as each of the two processes (OMP_NUM_THREADS=1)
+        assert train_cli(prepared, single, *ARGS) == 0
 
     ddp = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "training", "train", str(prepared), "--out", str(ddp), "--width", "0.0625", "--batch-size", "4",
-               "--epochs", "2", "--workers", "1", "--no-progress", *ARGS]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "training",
+        "train",
+        str(prepared),
+        "--out",
+        str(ddp),
+        "--width",
+        "0.0625",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--workers",
+        "1",
+        "--no-progress",
+        *ARGS,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 process(es)" in result.stderr  # rank 0's log: it really ran as two processes
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 
-from model import load_checkpoint
 from test_training import make_source, prepare_quietly
+
+from model import load_checkpoint
 from training.__main__ import main
 
 
@@ -19,8 +20,27 @@ def test_a_scaled_down_net_learns_a_synthetic_task(tmp_path):
     prepared = tmp_path / "prepared"
     prepare_quietly(make_source(tmp_path / "src", classes=4, train=16, val=4), prepared)
     run = tmp_path / "run"
-    code = main(["train", str(prepared), "--out", str(run), "--width", "0.125", "--batch-size", "16",
-                 "--epochs", "14", "--lr", "0.006", "--workers", "1", "--seed", "0", "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            str(prepared),
+            "--out",
+            str(run),
+            "--width",
+            "0.125",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "14",
+            "--lr",
+            "0.006",
+            "--workers",
+            "1",
+            "--seed",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert code == 0
 
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -11,8 +11,7 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-
-from test_training import REPO, make_source, one_thread, prepare_quietly, train_cli  # noqa: F401 (fixture)
+from test_training import REPO, make_source, one_thread, prepare_quietly, train_cli
 
 # Dropout stays on (0.5): its masks must also come out the same after a resume.
 ARGS = ("--seed", "3", "--lr", "0.005")
@@ -28,21 +27,35 @@ def prepared(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(prepared, tmp_path_factory):
     run = tmp_path_factory.mktemp("uninterrupted") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the killed subprocess (OMP_NUM_THREADS=1): the same float reductions
-    try:
+    with one_thread():  # as the killed subprocess (OMP_NUM_THREADS=1): the same float reductions
         assert train_cli(prepared, run, *ARGS) == 0
-    finally:
-        torch.set_num_threads(before)
     return run
 
 
 def killed_run(prepared, run, kill_at_step: int, *extra) -> None:
     """``python -m training train`` in a subprocess that SIGKILLs itself after ``kill_at_step`` steps."""
-    command = [sys.executable, "-m", "training", "train", str(prepared), "--out", str(run), "--width", "0.0625",
-               "--batch-size", "4", "--epochs", "2", "--workers", "1", "--no-progress", *ARGS, *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "training",
+        "train",
+        str(prepared),
+        "--out",
+        str(run),
+        "--width",
+        "0.0625",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--workers",
+        "1",
+        "--no-progress",
+        *ARGS,
+        *extra,
+    ]
     env = {**os.environ, "TRAINING_TEST_KILL_AT_STEP": str(kill_at_step), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == -signal.SIGKILL, result.stderr
 
 
@@ -66,14 +79,15 @@ def metrics_without_timing(run):
     ],
     ids=["from-epoch-end", "from-mid-epoch"],
 )
-def test_resume_after_sigkill_equals_uninterrupted_training(prepared, uninterrupted, tmp_path, extra, saved_at, one_thread):
+def test_resume_after_sigkill_equals_uninterrupted_training(prepared, uninterrupted, tmp_path, extra, saved_at):
     run = tmp_path / "run"
     killed_run(prepared, run, 5, *extra)  # steps 1–3 are epoch 1, steps 4–5 epoch 2
     info, _ = state_of(run)
     assert (info["epoch"], info["step"]) == saved_at
     assert [m["epoch"] for m in metrics_without_timing(run)] == [1]
 
-    assert train_cli(prepared, run, *ARGS, "--resume") == 0
+    with one_thread():
+        assert train_cli(prepared, run, *ARGS, "--resume") == 0
 
     expected, resumed = state_of(uninterrupted)[1], state_of(run)[1]
     assert expected.keys() == resumed.keys() and any(k.startswith("optimizer.") for k in expected)

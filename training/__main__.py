@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (or a flat val/)")
     p.add_argument("dest", help="output folder (created; a rerun continues an interrupted preparation)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPU cores)")
-    p.add_argument("--val-labels", help="ground truth for a flat val/: lines '<file> <class index>' (default SRC/val.txt)")
+    p.add_argument(
+        "--val-labels", help="ground truth for a flat val/: lines '<file> <class index>' (default SRC/val.txt)"
+    )
     p.add_argument("--name", help="dataset name recorded in checkpoints (default: the name of SRC)")
     p.add_argument("--chunk", type=int, default=512, help="images between progress records (default 512)")
 
@@ -43,25 +45,47 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=h, help=f"initial learning rate (default {DEFAULTS.lr})")
     t.add_argument("--momentum", type=float, default=h, help=f"(default {DEFAULTS.momentum})")
     t.add_argument("--weight-decay", type=float, default=h, help=f"(default {DEFAULTS.weight_decay})")
-    t.add_argument("--patience", type=int, default=h,
-                   help=f"epochs without a better val top-1 error before lr ÷ 10 (default {DEFAULTS.patience})")  # fmt: skip
+    t.add_argument(
+        "--patience",
+        type=int,
+        default=h,
+        help=f"epochs without a better val top-1 error before lr ÷ 10 (default {DEFAULTS.patience})",
+    )
     t.add_argument("--max-lr-drops", type=int, default=h, help=f"(default {DEFAULTS.max_lr_drops})")
     t.add_argument("--width", type=float, default=h, help="scale every layer's width (default 1: the paper's net)")
     t.add_argument("--dropout", type=float, default=h, help=f"(default {DEFAULTS.dropout})")
-    t.add_argument("--conv1-padding", choices=("overhang", "symmetric", "none"), default=h,
-                   help="overhang (cuda-convnet, 224 crops; default), symmetric (224), none (227 crops)")  # fmt: skip
-    t.add_argument("--lighting-std", type=float, default=h, help=f"σ of the PCA lighting α (default {DEFAULTS.lighting_std})")
-    t.add_argument("--init", choices=("width-scaled", "paper"), default=h,
-                   help="paper: N(0, 0.01²) weights, biases 1/0 as in §5; width-scaled (default): the same, with the "
-                   "std of conv2…fc8 ×1/√width so that a narrow net starts like the full one (identical at width 1)")  # fmt: skip
+    t.add_argument(
+        "--conv1-padding",
+        choices=("overhang", "symmetric", "none"),
+        default=h,
+        help="overhang (cuda-convnet, 224 crops; default), symmetric (224), none (227 crops)",
+    )
+    t.add_argument(
+        "--lighting-std", type=float, default=h, help=f"σ of the PCA lighting α (default {DEFAULTS.lighting_std})"
+    )
+    t.add_argument(
+        "--init",
+        choices=("width-scaled", "paper"),
+        default=h,
+        help="paper: N(0, 0.01²) weights, biases 1/0 as in §5; width-scaled (default): the same, with the "
+        "std of conv2…fc8 ×1/√width so that a narrow net starts like the full one (identical at width 1)",
+    )
     t.add_argument("--seed", type=int, default=h, help=f"(default {DEFAULTS.seed})")
-    t.add_argument("--amp", choices=("off", "bf16", "fp16"), default=h, help="mixed precision (default off, as the paper)")
+    t.add_argument(
+        "--amp", choices=("off", "bf16", "fp16"), default=h, help="mixed precision (default off, as the paper)"
+    )
     t.add_argument("--channels-last", action="store_true", default=h, help="channels-last memory format")
-    t.add_argument("--devices", help="tower devices, e.g. cuda:0,cuda:1 (default: 2 GPUs, else 1 GPU for both, else cpu)")
+    t.add_argument(
+        "--devices", help="tower devices, e.g. cuda:0,cuda:1 (default: 2 GPUs, else 1 GPU for both, else cpu)"
+    )
     t.add_argument("--workers", type=int, default=4, help="data loading threads (default 4)")
-    t.add_argument("--ten-crop", action="store_true", help="also evaluate with 10 patches every epoch (always at the end)")
+    t.add_argument(
+        "--ten-crop", action="store_true", help="also evaluate with 10 patches every epoch (always at the end)"
+    )
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state")
-    t.add_argument("--save-every", type=int, default=0, help="also save the resume state every N steps (default: per epoch)")
+    t.add_argument(
+        "--save-every", type=int, default=0, help="also save the resume state every N steps (default: per epoch)"
+    )
     t.add_argument("--eval-batch-size", type=int, default=128, help="(default 128)")
 
     e = commands.add_parser("evaluate", help="top-1/top-5 error of a checkpoint on a prepared split")
@@ -87,15 +111,30 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.workers is not None and args.workers < 0 or args.chunk < 1:
                 raise TrainingError("--workers must be at least 0 and --chunk at least 1")
-            prepare(args.src, args.dest, workers=args.workers, val_labels=args.val_labels, name=args.name,
-                    chunk=args.chunk, show_progress=not args.no_progress)  # fmt: skip
+            prepare(
+                args.src,
+                args.dest,
+                workers=args.workers,
+                val_labels=args.val_labels,
+                name=args.name,
+                chunk=args.chunk,
+                show_progress=not args.no_progress,
+            )
         elif args.command == "train":
             from .train import train
 
             given = {k: v for k, v in vars(args).items() if k in Hyperparameters.__dataclass_fields__}
-            options = Options(data=args.data, out=args.out, devices=args.devices, workers=args.workers,
-                              ten_crop=args.ten_crop, resume=args.resume, save_every=args.save_every,
-                              eval_batch_size=args.eval_batch_size, show_progress=not args.no_progress)  # fmt: skip
+            options = Options(
+                data=args.data,
+                out=args.out,
+                devices=args.devices,
+                workers=args.workers,
+                ten_crop=args.ten_crop,
+                resume=args.resume,
+                save_every=args.save_every,
+                eval_batch_size=args.eval_batch_size,
+                show_progress=not args.no_progress,
+            )
             if options.workers < 0 or options.save_every < 0 or options.eval_batch_size < 1:
                 raise TrainingError("--workers and --save-every must be at least 0, --eval-batch-size at least 1")
             train(given, options)
@@ -105,16 +144,27 @@ def main(argv: list[str] | None = None) -> int:
             crops = ("center", "ten") if args.crops == "both" else (args.crops,)
             if args.batch_size < 1 or args.workers < 0:
                 raise TrainingError("--batch-size must be at least 1 and --workers at least 0")
-            run_evaluate(args.checkpoint, args.data, split=args.split, crops=crops, batch_size=args.batch_size,
-                         device=args.device, output=args.output, workers=args.workers,
-                         show_progress=not args.no_progress)  # fmt: skip
+            run_evaluate(
+                args.checkpoint,
+                args.data,
+                split=args.split,
+                crops=crops,
+                batch_size=args.batch_size,
+                device=args.device,
+                output=args.output,
+                workers=args.workers,
+                show_progress=not args.no_progress,
+            )
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            print(f"error: no space left on device{f' writing {e.filename}' if e.filename else ''}. Files already "
-                  "written are intact; free some space and rerun (train: with --resume) to continue.", file=sys.stderr)  # fmt: skip
+            print(
+                f"error: no space left on device{f' writing {e.filename}' if e.filename else ''}. Files already "
+                "written are intact; free some space and rerun (train: with --resume) to continue.",
+                file=sys.stderr,
+            )
             return 2
         print(f"error: {e}", file=sys.stderr)
         return 1

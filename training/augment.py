@@ -39,7 +39,7 @@ class AugmentParams:
     flip: torch.Tensor  # bool [n]
     alpha: torch.Tensor  # float32 [n, 3]
 
-    def __getitem__(self, part: slice) -> "AugmentParams":
+    def __getitem__(self, part: slice) -> AugmentParams:
         return AugmentParams(self.top[part], self.left[part], self.flip[part], self.alpha[part])
 
     def __len__(self) -> int:
@@ -115,7 +115,7 @@ def _crop_gather(images, mean, params: AugmentParams, crop: int, out: torch.Tens
 
 def _gather(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """x [n, C, H, W], rows [n, h], cols [n, w] → x[i, :, rows[i]][:, :, cols[i]] for every i: [n, C, h, w]."""
-    n, channels, height, width = x.shape
+    n, channels, _, width = x.shape
     h, w = rows.shape[1], cols.shape[1]
     x = x.gather(2, rows[:, None, :, None].expand(n, channels, h, width))
     return x.gather(3, cols[:, None, None, :].expand(n, channels, h, w))

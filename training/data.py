@@ -128,7 +128,8 @@ class PreparedSplit:
         if size != count * IMAGE_BYTES:
             found = "missing" if size is None else f"{size:,} bytes"
             raise TrainingError(
-                f"{data_path}: expected {count:,} images = {count * IMAGE_BYTES:,} bytes, found {found}; rerun `prepare`"
+                f"{data_path}: expected {count:,} images = {count * IMAGE_BYTES:,} bytes, found {found}; "
+                "rerun `prepare`"
             )
         flat = torch.from_file(str(data_path), shared=False, size=count * IMAGE_BYTES, dtype=torch.uint8)
         self.images = flat.view(count, 3, IMAGE_SIZE, IMAGE_SIZE)

@@ -103,7 +103,9 @@ def _score(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     hits = top == labels[:, None]
     wrong1 = (~hits[:, 0]).sum()
     wrong5 = (~hits.any(dim=1)).sum()
-    return torch.stack([loss.double(), wrong1.double(), wrong5.double(), torch.tensor(len(labels), device=loss.device).double()]).cpu()
+    return torch.stack(
+        [loss.double(), wrong1.double(), wrong5.double(), torch.tensor(len(labels), device=loss.device).double()]
+    ).cpu()
 
 
 def label_map_for(dataset_classes, checkpoint_classes, what: str) -> torch.Tensor | None:

@@ -30,8 +30,8 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cached_property
-from datetime import datetime, timezone
 from pathlib import Path
 
 import safetensors
@@ -42,11 +42,11 @@ from model import ImageClass, ImageError, atomic_path, atomic_write, imagenet_cl
 
 from .data import (
     FORMAT_NAME,
-    DirectoryLock,
     FORMAT_VERSION,
     IMAGE_BYTES,
     IMAGE_SIZE,
     SPLITS,
+    DirectoryLock,
     TrainingError,
     load_stats,
     save_stats,
@@ -130,7 +130,9 @@ def _flat_val(root: Path, labels_path: Path | None, num_classes: int) -> list[tu
     if missing:
         raise TrainingError(f"{labels_path} lists {len(missing)} files that are not in {folder}, e.g. {missing[:3]}")
     if unlabelled:
-        raise TrainingError(f"{len(unlabelled)} images in {folder} have no line in {labels_path}, e.g. {unlabelled[:3]}")
+        raise TrainingError(
+            f"{len(unlabelled)} images in {folder} have no line in {labels_path}, e.g. {unlabelled[:3]}"
+        )
     return [(f"val/{name}", labels[name]) for name in sorted(labels)]
 
 
@@ -232,7 +234,7 @@ class _Progress:
         self.sum_outer = torch.zeros(3, 3, dtype=torch.int64)
 
     @classmethod
-    def load(cls, path: Path, fingerprint: str) -> "_Progress | None":
+    def load(cls, path: Path, fingerprint: str) -> _Progress | None:
         """The saved record, or None when there is none or it belongs to another source or version."""
         if not path.exists():
             return None
@@ -341,7 +343,9 @@ def _decode_into(source, items, partial, record, pool, chunk, with_stats, split,
                 out.write(data)
                 record.written += 1
                 if with_stats:
-                    record.sum_image += torch.frombuffer(bytearray(data), dtype=torch.uint8).view(record.sum_image.shape)
+                    record.sum_image += torch.frombuffer(bytearray(data), dtype=torch.uint8).view(
+                        record.sum_image.shape
+                    )
                     record.sum_rgb += torch.tensor(sums[0])
                     record.sum_outer += torch.tensor(sums[1])
             else:
@@ -384,9 +388,13 @@ def _check_destination(dest: Path, source: Source) -> bool:
             )
         return True
     ours = {"train.u8", "val.u8", "train.json", "val.json", "stats.safetensors", "skipped.txt"}
-    foreign = [p.name for p in dest.iterdir() if p.name not in ours and not p.name.startswith(".")] if dest.exists() else []
+    foreign = (
+        [p.name for p in dest.iterdir() if p.name not in ours and not p.name.startswith(".")] if dest.exists() else []
+    )
     if foreign:
-        raise TrainingError(f"{dest}: not empty and not a prepared dataset (holds {sorted(foreign)[:3]}); choose another DEST")
+        raise TrainingError(
+            f"{dest}: not empty and not a prepared dataset (holds {sorted(foreign)[:3]}); choose another DEST"
+        )
     return False
 
 
@@ -429,7 +437,7 @@ def _prepare_locked(source: Source, dest: Path, workers, name, chunk, show_progr
         "name": name or source.root.resolve().name,
         "source": str(source.root.resolve()),
         "fingerprint": source.fingerprint,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "image_size": IMAGE_SIZE,
         "preprocessing": "model.load_image: EXIF orientation, RGB, shorter side 256 (bilinear), centre 256×256",
         "classes": [{"wnid": c.wnid, "name": c.name} for c in source.classes],

@@ -53,7 +53,9 @@ class Progress:
         fraction = self.done / self.total if self.total else 1.0
         figures = " ".join(f"{k}={v}" for k, v in self.figures.items())
         timing = f"{rate:,.1f} {self.unit}/s"
-        timing += f" elapsed {format_duration(time.perf_counter() - self.start)}" if final else f" ETA {format_duration(eta)}"
+        timing += (
+            f" elapsed {format_duration(time.perf_counter() - self.start)}" if final else f" ETA {format_duration(eta)}"
+        )
         if self.interactive:
             width = 24
             filled = int(width * fraction)

@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors
@@ -72,9 +72,19 @@ class Hyperparameters:
 
 # Changing these in the middle of a run would make it a different run; --resume refuses.
 FIXED_ON_RESUME = (
-    "batch_size", "lr", "momentum", "weight_decay", "lr_drop_factor", "width", "dropout",
-    "conv1_padding", "lighting_std", "seed", "amp", "init",
-)  # fmt: skip
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "lr_drop_factor",
+    "width",
+    "dropout",
+    "conv1_padding",
+    "lighting_std",
+    "seed",
+    "amp",
+    "init",
+)
 
 
 @dataclass
@@ -115,8 +125,12 @@ class PlateauSchedule:
         return False
 
     def state_dict(self) -> dict:
-        return {"lr": self.lr, "best": self.best, "epochs_without_improvement": self.epochs_without_improvement,
-                "drops": self.drops}  # fmt: skip
+        return {
+            "lr": self.lr,
+            "best": self.best,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "drops": self.drops,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.lr, self.best = float(state["lr"]), float(state["best"])
@@ -134,7 +148,7 @@ class Distributed:
     local_world: int = 1
 
     @classmethod
-    def from_environment(cls) -> "Distributed":
+    def from_environment(cls) -> Distributed:
         """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE; a plain run is rank 0 of 1."""
         env = os.environ
         return cls(
@@ -236,7 +250,9 @@ def read_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if meta.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path}: not a training state file")
     if meta.get("format_version") != str(STATE_VERSION):
-        raise TrainingError(f"{path}: state format version {meta.get('format_version')}; this code reads {STATE_VERSION}")
+        raise TrainingError(
+            f"{path}: state format version {meta.get('format_version')}; this code reads {STATE_VERSION}"
+        )
     return json.loads(meta["state"]), tensors
 
 
@@ -318,7 +334,9 @@ def train(given: dict, options: Options) -> dict:
             raise TrainingError(f"--resume: {out} holds no resume state ({state_path.name}); nothing to continue")
         saved_info, saved_tensors = read_state(state_path)
     elif state_path.exists():
-        raise TrainingError(f"{out} already holds a run ({state_path.name}); pass --resume to continue it, or use another --out")
+        raise TrainingError(
+            f"{out} already holds a run ({state_path.name}); pass --resume to continue it, or use another --out"
+        )
     hp = resolve_hyperparameters(given, saved_info["hyperparameters"] if saved_info else None)
     check_hyperparameters(hp)
 
@@ -328,13 +346,17 @@ def train(given: dict, options: Options) -> dict:
     data = PreparedDataset(options.data)
     train_split, val_split = data.split("train"), data.split("val")
     if saved_info and saved_info["dataset_fingerprint"] != data.fingerprint:
-        raise TrainingError(f"--resume: {options.data} is not the dataset this run was trained on ({saved_info['dataset']})")
+        raise TrainingError(
+            f"--resume: {options.data} is not the dataset this run was trained on ({saved_info['dataset']})"
+        )
     batches = ShardedBatches(len(train_split), hp.batch_size, hp.seed, dist.rank, dist.world)
 
     # Processes, model, optimizer.
     init_distributed(dist, devices)
     torch.manual_seed(derive_seed(hp.seed, "init"))
-    model = AlexNet(len(data.classes), width=hp.width, dropout=hp.dropout, conv1_padding=hp.conv1_padding, devices=devices)
+    model = AlexNet(
+        len(data.classes), width=hp.width, dropout=hp.dropout, conv1_padding=hp.conv1_padding, devices=devices
+    )
     if hp.init == "width-scaled":
         scale_init_to_width_(model)
     if hp.channels_last:
@@ -366,8 +388,14 @@ def train(given: dict, options: Options) -> dict:
     augment = TrainAugmentation(stats, crop=model.config.input_size, alpha_std=hp.lighting_std, device=devices[0])
     preprocessing = Preprocessing(mean="image", crop=model.config.input_size)
     preprocessor = Preprocessor(preprocessing, stats.mean_image)
-    record = {**dataclasses.asdict(hp), "devices": [str(d) for d in devices], "processes": dist.world,
-              "steps_per_epoch": batches.steps_per_epoch, "optimizer": "SGD", "lighting": "paper PCA, λ for [0,1] pixels"}  # fmt: skip
+    record = {
+        **dataclasses.asdict(hp),
+        "devices": [str(d) for d in devices],
+        "processes": dist.world,
+        "steps_per_epoch": batches.steps_per_epoch,
+        "optimizer": "SGD",
+        "lighting": "paper PCA, λ for [0,1] pixels",
+    }
 
     def checkpoint(epoch: int, val: dict) -> Checkpoint:
         return Checkpoint.from_model(
@@ -382,8 +410,14 @@ def train(given: dict, options: Options) -> dict:
                 "val_top1_error": val["center"]["top1_error"],
                 "val_top5_error": val["center"]["top5_error"],
                 "val_loss": val["center"]["loss"],
-                **({"val_ten_crop_top1_error": val["ten"]["top1_error"],
-                    "val_ten_crop_top5_error": val["ten"]["top5_error"]} if "ten" in val else {}),  # fmt: skip
+                **(
+                    {
+                        "val_ten_crop_top1_error": val["ten"]["top1_error"],
+                        "val_ten_crop_top5_error": val["ten"]["top5_error"],
+                    }
+                    if "ten" in val
+                    else {}
+                ),
                 "dataset": data.name,
                 "dataset_size": len(train_split),
                 "dataset_fingerprint": data.fingerprint,
@@ -419,9 +453,10 @@ def train(given: dict, options: Options) -> dict:
         log(
             f"training AlexNet(width={hp.width:g}, {len(data.classes)} classes) on {data.name}: "
             f"{len(train_split):,} train / {len(val_split):,} val images, towers on {devices[0]} + {devices[1]}, "
-            f"{dist.world} process(es), batch {hp.batch_size}, lr {schedule.lr:g}, epochs {start_epoch + 1}..{hp.epochs}"
+            f"{dist.world} process(es), batch {hp.batch_size}, lr {schedule.lr:g}, "
+            f"epochs {start_epoch + 1}..{hp.epochs}"
         )
-    kill_at_step = int(os.environ.get("TRAINING_TEST_KILL_AT_STEP", 0))  # testing only: simulates a crash
+    kill_at_step = int(os.environ.get("TRAINING_TEST_KILL_AT_STEP", "0"))  # testing only: simulates a crash
     steps_run = 0
     cpu_buffer = torch.empty(0)
 
@@ -440,11 +475,14 @@ def train(given: dict, options: Options) -> dict:
             seconds_before = running["seconds"]
         started = time.perf_counter()
         steps = range(first_step, batches.steps_per_epoch)
-        bar = Progress(batches.steps_per_epoch * hp.batch_size, f"epoch {epoch + 1}/{hp.epochs}",
-                       enabled=is_writer and options.show_progress)  # fmt: skip
+        bar = Progress(
+            batches.steps_per_epoch * hp.batch_size,
+            f"epoch {epoch + 1}/{hp.epochs}",
+            enabled=is_writer and options.show_progress,
+        )
         bar.done = first_step * hp.batch_size
 
-        def load(step):
+        def load(step, order=order):
             images, labels = train_split.batch(batches.local_indices(order, step))
             if devices[0].type == "cuda":
                 images, labels = images.pin_memory(), labels.pin_memory()
@@ -478,12 +516,14 @@ def train(given: dict, options: Options) -> dict:
 
             with torch.no_grad():
                 wrong = (logits.argmax(1) != labels).sum()
-                totals += torch.stack([loss.detach().double() * len(labels), wrong.double(),
-                                       torch.tensor(len(labels), dtype=torch.float64, device=totals.device)])  # fmt: skip
+                totals[0] += loss.detach().double() * len(labels)
+                totals[1] += wrong
+                totals[2] += len(labels)
             bar.update(hp.batch_size)
-            if step % 20 == 0:
-                check_finite(loss.item(), epoch, step)
-                bar.figures.update(loss=f"{loss.item():.4f}", lr=f"{schedule.lr:g}")
+            if step % 20 == 0:  # (reading the loss waits for the device: not every step)
+                value = loss.item()
+                check_finite(value, epoch, step)
+                bar.figures.update(loss=f"{value:.4f}", lr=f"{schedule.lr:g}")
             steps_run += 1
             if kill_at_step and steps_run == kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -502,9 +542,19 @@ def train(given: dict, options: Options) -> dict:
 
         # --- evaluate, adjust the learning rate, write ---
         crops = ("center", "ten") if options.ten_crop else ("center",)
-        val = evaluate(model, preprocessor, val_split, crops=crops, device=devices[0], batch_size=options.eval_batch_size,
-                       rank=dist.rank, world=dist.world, workers=min(options.workers, 2), autocast=autocast,
-                       show_progress=is_writer and options.show_progress)  # fmt: skip
+        val = evaluate(
+            model,
+            preprocessor,
+            val_split,
+            crops=crops,
+            device=devices[0],
+            batch_size=options.eval_batch_size,
+            rank=dist.rank,
+            world=dist.world,
+            workers=min(options.workers, 2),
+            autocast=autocast,
+            show_progress=is_writer and options.show_progress,
+        )
         lr_used = schedule.lr
         dropped = schedule.step(val["center"]["top1_error"])
         improved = val["center"]["top1_error"] < best["val_top1_error"]
@@ -518,7 +568,11 @@ def train(given: dict, options: Options) -> dict:
             "val_loss": val["center"]["loss"],
             "val_top1_error": val["center"]["top1_error"],
             "val_top5_error": val["center"]["top5_error"],
-            **({f"val_ten_crop_{k}": val["ten"][k] for k in ("loss", "top1_error", "top5_error")} if "ten" in val else {}),
+            **(
+                {f"val_ten_crop_{k}": val["ten"][k] for k in ("loss", "top1_error", "top5_error")}
+                if "ten" in val
+                else {}
+            ),
             "images_per_second": train_images / train_seconds if train_seconds > 0 else None,
             "seconds": train_seconds,
             "best": improved,
@@ -585,10 +639,19 @@ def _final_evaluation(out, history, best, hp, options, dist, devices, val_split,
     if summary is None:
         best_checkpoint = load_checkpoint(out / "best.safetensors")
         net = best_checkpoint.build(devices)
-        val = evaluate(net, best_checkpoint.preprocessor(), val_split, crops=("center", "ten"), device=devices[0],
-                       batch_size=options.eval_batch_size, rank=dist.rank, world=dist.world,
-                       workers=min(options.workers, 2), autocast=autocast,
-                       show_progress=dist.rank == 0 and options.show_progress)  # fmt: skip
+        val = evaluate(
+            net,
+            best_checkpoint.preprocessor(),
+            val_split,
+            crops=("center", "ten"),
+            device=devices[0],
+            batch_size=options.eval_batch_size,
+            rank=dist.rank,
+            world=dist.world,
+            workers=min(options.workers, 2),
+            autocast=autocast,
+            show_progress=dist.rank == 0 and options.show_progress,
+        )
         summary = {
             "epochs": len(history),
             "best_epoch": best["epoch"],
@@ -605,6 +668,13 @@ def _final_evaluation(out, history, best, hp, options, dist, devices, val_split,
             )
             best_checkpoint.save(out / "best.safetensors")
             atomic_write(summary_path, (json.dumps(summary, indent=1) + "\n").encode())
-    log(format_results(summary["val"], f"best epoch {summary['best_epoch']} of {summary['epochs']} ({out / 'best.safetensors'}):"))
-    log(f"trained {summary['epochs']} epochs in {format_duration(summary['train_seconds'])}, {summary['lr_drops']} lr drops")
+    log(
+        format_results(
+            summary["val"], f"best epoch {summary['best_epoch']} of {summary['epochs']} ({out / 'best.safetensors'}):"
+        )
+    )
+    log(
+        f"trained {summary['epochs']} epochs in {format_duration(summary['train_seconds'])}, "
+        f"{summary['lr_drops']} lr drops"
+    )
     return summary
