@@ -488,16 +488,19 @@ def test_command_line_exit_status_and_message():
 
 
 @pytest.mark.parametrize(
-    "flags", [("--amp", "bf16", "--channels-last"), ("--amp", "fp16")], ids=["bf16-channels-last", "fp16"]
+    "flags",
+    [("--amp", "bf16", "--channels-last"), ("--amp", "fp16"), ("--conv1-padding", "none")],
+    ids=["bf16-channels-last", "fp16", "caffe-227-crops"],
 )
-def test_mixed_precision_and_channels_last_train(tiny, tmp_path, flags):
+def test_precision_memory_format_and_crop_variants_train(tiny, tmp_path, flags):
     run = tmp_path / "run"
     assert train_cli(tiny, run, "--epochs", "1", *flags) == 0
     checkpoint = load_checkpoint(run / "last.safetensors")  # finite float32 weights (the loader checks)
-    assert checkpoint.training["amp"] == flags[1] and checkpoint.training["channels_last"] == (
-        "--channels-last" in flags
-    )
     assert all(t.dtype == torch.float32 for t in checkpoint.state_dict.values())
+    assert checkpoint.training[flags[0].lstrip("-").replace("-", "_")] == flags[1]
+    assert checkpoint.training["channels_last"] == ("--channels-last" in flags)
+    crop = 227 if "none" in flags else 224
+    assert checkpoint.preprocessing.crop == checkpoint.config.input_size == crop
 
 
 def test_a_directory_in_use_by_another_job_is_refused(tiny, tmp_path, capsys):
