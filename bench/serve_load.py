@@ -59,7 +59,7 @@ def parse_args():
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured load before each measurement")
     p.add_argument("--model-seconds", type=float, default=10.0, help="seconds per model-only measurement")
     p.add_argument("--max-batch", type=int, default=16, help="the service's ALEXNET_MAX_BATCH")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="the service's ALEXNET_MAX_WAIT_MS")
+    p.add_argument("--max-wait-ms", type=float, default=20.0, help="the service's ALEXNET_MAX_WAIT_MS")
     p.add_argument("--threads", type=int, default=0, help="torch threads, 0: one per core (ALEXNET_THREADS)")
     p.add_argument("--decode-workers", type=int, default=0, help="the service's ALEXNET_DECODE_WORKERS")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -129,6 +129,22 @@ def multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
+def batch_counters(metrics: str) -> dict[str, float]:
+    """Network inputs, forward passes and forward seconds so far, from the service's /metrics."""
+    wanted = ("alexnet_batch_size_sum", "alexnet_batch_size_count", "alexnet_forward_duration_seconds_sum")
+    values = dict.fromkeys(wanted, 0.0)
+    for line in metrics.splitlines():
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
+    return values
+
+
+async def scrape(url: str) -> str:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:  # its own connection, not a client's
+        return (await http.get("/metrics")).text
+
+
 def process_cpu_seconds(pid: int) -> float:
     """user + system CPU time of a process (Linux), to compare work per image independently of contention."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -171,12 +187,15 @@ async def load(
         await asyncio.sleep(warmup)
         measuring.set()
         server_cpu, client_cpu = process_cpu_seconds(server_pid), time.process_time()
+        counters = batch_counters(await scrape(url))
         started = time.perf_counter()
         await asyncio.sleep(duration)
         stop.set()
         elapsed = time.perf_counter() - started
         server_cpu = process_cpu_seconds(server_pid) - server_cpu
         client_cpu = time.process_time() - client_cpu
+        after = batch_counters(await scrape(url))
+        inputs, passes, forward_seconds = (after[k] - counters[k] for k in counters)
         await asyncio.gather(*tasks)
     ok = statuses.get(200, 0)
     return {
@@ -190,7 +209,9 @@ async def load(
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "connection_errors": dict(errors),
         "errors": sum(v for k, v in statuses.items() if k != 200) + sum(errors.values()),
-        "server_p50_ms": {k: statistics.median(v) for k, v in server_timing.items() if v},
+        "server_p50_ms": {k: round(statistics.median(v), 1) for k, v in server_timing.items() if v},
+        "mean_batch": inputs / max(passes, 1),
+        "forward_img_s_in_service": inputs / forward_seconds if forward_seconds else None,
         "server_cpu_ms_per_img": 1000 * server_cpu / max(ok, 1),
         "client_cpu_ms_per_img": 1000 * client_cpu / max(ok, 1),
     }
@@ -222,6 +243,7 @@ def start_service(checkpoint: Path, args, log_path: Path) -> tuple[subprocess.Po
 
 def main():
     args = parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that `finally` stops the service
     threads = args.threads or len(os.sched_getaffinity(0))
     images = args.images or (DEFAULT_IMAGES if DEFAULT_IMAGES.is_dir() else FALLBACK_IMAGES)
     paths = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
@@ -263,7 +285,8 @@ def main():
                     f" {m['forward_batch1_ms']:.1f} ms, preprocessing {m['preprocess_ms']:.1f} ms\n"
                     f"  CPU per image: model only {m['cpu_ms_per_img']:.1f} ms, service"
                     f" {run['server_cpu_ms_per_img']:.1f} ms, load generator {run['client_cpu_ms_per_img']:.1f} ms\n"
-                    f"  inside the service (p50): {run['server_p50_ms']}",
+                    f"  inside the service (p50): {run['server_p50_ms']}; mean batch {run['mean_batch']:.1f},"
+                    f" forward passes alone {run['forward_img_s_in_service'] or 0:.1f} img/s",
                     flush=True,
                 )
         finally:

@@ -28,8 +28,9 @@ log = logging.getLogger("service")
 
 UNTRAINED_WARNING = (
     "NO CHECKPOINT at %s: serving a freshly initialised AlexNet whose predictions are NOISE "
-    '("trained": false in every response). Train one (python -m training train … --out checkpoints) or '
-    "point ALEXNET_CHECKPOINT at a checkpoint file; it is picked up without a restart."
+    '("trained": false in every response). Train one (python -m training train … --out checkpoints), import '
+    "the published weights (python -m model.import_weights … --out %s; see the README), or point "
+    "ALEXNET_CHECKPOINT at a checkpoint file. A checkpoint appearing there is picked up without a restart."
 )
 
 
@@ -51,7 +52,7 @@ class ServiceState:
         devices = engine.resolve_devices(s.device)
         path = s.checkpoint
         if _missing(path):
-            log.warning(UNTRAINED_WARNING, path)
+            log.warning(UNTRAINED_WARNING, path, path)
             self.model = await loop.run_in_executor(None, engine.untrained, devices)
             loaded = None
         else:

@@ -7,9 +7,11 @@
 
 The forward pass runs in one dedicated thread (torch's own intra-op threads parallelise it), so the event
 loop keeps accepting and the decode threads keep decoding while the network runs. While a forward pass is
-in flight new requests pile up in the queue, so batches grow with the load by themselves; ``max_wait_ms``
-only matters when the model is idle, and only while other admitted requests are still being read or
-decoded (a lone request never waits).
+in flight new requests pile up in the queue, so batches grow with the load by themselves. Left alone,
+though, a closed loop of N clients settles into two groups of N/2 taking turns (one group's requests
+come back while the other's forward pass runs); so a batch holding fewer requests than were in the
+service at once during the last cycle waits up to ``max_wait_ms`` for the others to join. A lone client
+never waits.
 """
 
 from __future__ import annotations
@@ -41,12 +43,6 @@ class InferenceFailed(RuntimeError):
     pass
 
 
-class Ticket:
-    """A request's place in the service, from admission until its answer."""
-
-    queued = False
-
-
 @dataclass(eq=False)
 class _Job:
     model: LoadedModel
@@ -64,7 +60,7 @@ class Batcher:
         self.queue_size = queue_size
         self.metrics = metrics
         self.admitted = 0  # requests between admission() and their answer
-        self.arriving = 0  # admitted requests still being read or decoded: worth waiting for in a batch
+        self._recent_peak = 0  # most requests admitted at once since the last batch was gathered
         self.waiting_rows = 0  # network inputs in the queue
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._seconds_per_request = 0.0  # running estimate, for Retry-After
@@ -93,22 +89,17 @@ class Batcher:
             self.metrics.rejected.inc()
             estimate = self._seconds_per_request * self.admitted
             raise QueueFull(retry_after=max(1, math.ceil(estimate)))
-        ticket = Ticket()
         self.admitted += 1
-        self.arriving += 1
+        self._recent_peak = max(self._recent_peak, self.admitted)
         try:
-            yield ticket
+            yield
         finally:
             self.admitted -= 1
-            if not ticket.queued:  # a bad body or image: it never reached the queue
-                self.arriving -= 1
 
-    async def infer(self, ticket: Ticket, model: LoadedModel, images: torch.Tensor, crops: Crops) -> torch.Tensor:
+    async def infer(self, model: LoadedModel, images: torch.Tensor, crops: Crops) -> torch.Tensor:
         """Softmax probabilities [n, classes] for uint8 images [n, 3, S, S], computed in some batch."""
         future = asyncio.get_running_loop().create_future()
         job = _Job(model, images, crops, future, rows=images.shape[0] * rows_per_image(crops))
-        ticket.queued = True
-        self.arriving -= 1
         self.waiting_rows += job.rows
         self._queue.put_nowait(job)  # bounded by admission()
         return await future
@@ -119,13 +110,16 @@ class Batcher:
             first = carried or await self._queue.get()
             carried = None
             jobs, rows = [first], first.rows
-            deadline = first.enqueued + self.max_wait
+            # As many requests as were in the service at once during the last cycle are likely on their way
+            # (clients whose answers just went out send their next request): worth a short wait.
+            expected, self._recent_peak = self._recent_peak, self.admitted
+            deadline = time.perf_counter() + self.max_wait
             while rows < self.max_batch:
                 try:
                     job = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - time.perf_counter()
-                    if remaining <= 0 or self.arriving == 0:  # the time is up, or no one is on the way
+                    if remaining <= 0 or len(jobs) >= expected:
                         break
                     try:
                         job = await asyncio.wait_for(self._queue.get(), remaining)

@@ -35,7 +35,11 @@ class Settings(BaseModel):
     )
     max_batch: int = Field(16, ge=1, le=4096, description="most network inputs (images × crops) in one forward")
     max_wait_ms: float = Field(
-        2.0, ge=0, le=10_000, description="how long a batch waits for requests still being decoded to join it"
+        20.0,
+        ge=0,
+        le=10_000,
+        description="how long a batch may wait for more requests when recent load says "
+        "they are coming (a lone client never waits)",
     )
     queue_size: int = Field(64, ge=1, description="requests admitted at once (body to answer); more → 503")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body limit, counted while streaming")

@@ -67,12 +67,12 @@ async def classify(
     settings = state.settings
     try:
         # Admitted before the body is read: at most queue_size bodies are held in memory at once.
-        with state.batcher.admission() as ticket:
+        with state.batcher.admission():
             uploads = await read_uploads(request, max_body_bytes=settings.max_body_bytes, max_files=settings.max_files)
             decode_started = time.perf_counter()
             images = await state.decode(model, uploads)
             infer_started = time.perf_counter()
-            probabilities = await state.batcher.infer(ticket, model, images, crops)
+            probabilities = await state.batcher.infer(model, images, crops)
             done = time.perf_counter()
     except QueueFull as e:
         raise ProblemError(
