@@ -388,6 +388,9 @@ def _check_destination(dest: Path, source: Source) -> bool:
             )
         return True
     ours = {"train.u8", "val.u8", "train.json", "val.json", "stats.safetensors", "skipped.txt"}
+    ours.add("lost+found")  # DEST may be the root of a fresh filesystem
+    if dest.exists() and not dest.is_dir():
+        raise TrainingError(f"{dest}: exists and is not a directory; choose another DEST")
     foreign = (
         [p.name for p in dest.iterdir() if p.name not in ours and not p.name.startswith(".")] if dest.exists() else []
     )
