@@ -20,7 +20,7 @@ from .batcher import Batcher
 from .engine import LoadedModel
 from .logs import ObserveRequests
 from .metrics import ServiceMetrics
-from .routes import classify, health, info, metrics
+from .routes import classify, health, info, metrics, page
 from .settings import Settings
 from .uploads import Upload
 
@@ -102,8 +102,11 @@ class ServiceState:
     def _switch(self, new: LoadedModel) -> None:
         self.model = new  # requests already under way keep the model they started with
 
-    async def decode(self, model: LoadedModel, uploads: list[Upload]) -> torch.Tensor:
-        """Decode every upload in the decode threads → uint8 [n, 3, S, S] for this model's preprocessing."""
+    async def decode(self, model: LoadedModel, uploads: list[Upload]) -> list[torch.Tensor]:
+        """Decode every upload in the decode threads → uint8 [3, S, S] each, for this model's preprocessing.
+
+        No tensor work happens on the event loop: a torch op here would wake OpenMP threads and stall
+        every connection while they come."""
         loop = asyncio.get_running_loop()
         load = functools.partial(_decode, model, max_pixels=self.settings.max_pixels)
         results = await asyncio.gather(
@@ -115,7 +118,7 @@ class ServiceState:
                 raise problems.image_problem(result, name)
             if isinstance(result, BaseException):
                 raise result
-        return torch.stack(results)
+        return results
 
     def _queue_depth(self) -> dict:
         batcher = self.batcher
@@ -184,6 +187,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = state
     problems.install(app)
     app.add_middleware(ObserveRequests, metrics=state.metrics)
-    for module in (classify, health, info, metrics):
+    for module in (classify, health, info, metrics, page):
         app.include_router(module.router)
     return app

@@ -46,7 +46,7 @@ class InferenceFailed(RuntimeError):
 @dataclass(eq=False)
 class _Job:
     model: LoadedModel
-    images: torch.Tensor  # uint8 [n, 3, S, S]
+    images: list[torch.Tensor]  # n uint8 [3, S, S]
     crops: Crops
     future: asyncio.Future
     rows: int
@@ -96,10 +96,10 @@ class Batcher:
         finally:
             self.admitted -= 1
 
-    async def infer(self, model: LoadedModel, images: torch.Tensor, crops: Crops) -> torch.Tensor:
-        """Softmax probabilities [n, classes] for uint8 images [n, 3, S, S], computed in some batch."""
+    async def infer(self, model: LoadedModel, images: list[torch.Tensor], crops: Crops) -> torch.Tensor:
+        """Softmax probabilities [n, classes] for n uint8 images [3, S, S], computed in some batch."""
         future = asyncio.get_running_loop().create_future()
-        job = _Job(model, images, crops, future, rows=images.shape[0] * rows_per_image(crops))
+        job = _Job(model, images, crops, future, rows=len(images) * rows_per_image(crops))
         self.waiting_rows += job.rows
         self._queue.put_nowait(job)  # bounded by admission()
         return await future
@@ -132,6 +132,15 @@ class Batcher:
                 rows += job.rows
             for job in jobs:
                 self.waiting_rows -= job.rows
+            if log.isEnabledFor(logging.DEBUG):
+                waited = 1000 * (time.perf_counter() - deadline + self.max_wait)
+                log.debug(
+                    "batch: %d requests (%d inputs), %d expected, gathered in %.1f ms",
+                    len(jobs),
+                    rows,
+                    expected,
+                    waited,
+                )
             await self._forward([job for job in jobs if not job.future.done()])
 
     async def _forward(self, jobs: list[_Job]) -> None:

@@ -65,22 +65,29 @@ class LoadedModel:
         return self.devices[0]
 
     @torch.inference_mode()
-    def predict(self, images: list[torch.Tensor], crops: list[Crops], max_batch: int) -> list[torch.Tensor]:
-        """Softmax probabilities [n, classes] for each uint8 batch [n, 3, S, S] in ``images``.
+    def predict(self, requests: list[list[torch.Tensor]], crops: list[Crops], max_batch: int) -> list[torch.Tensor]:
+        """Softmax probabilities [n, classes] for each request's n uint8 images [3, S, S].
 
         All requests' network inputs are concatenated and run in chunks of at most ``max_batch`` rows.
         Ten-crop requests contribute 10 rows per image, averaged after the softmax (the paper's 10-patch
-        prediction).
+        prediction). Everything tensor-sized happens here, in the caller's (inference) thread.
         """
-        inputs = []
-        for batch, crop in zip(images, crops):
-            x = self.preprocessor.from_uint8(batch.to(self.input_device, non_blocking=True), crop)
-            inputs.append(x.flatten(0, 1) if crop == "ten" else x)
-        x = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
+        counts = [len(images) for images in requests]
+        images = torch.stack([image for request in requests for image in request])
+        images = images.to(self.input_device, non_blocking=True)
+        if all(crop == "center" for crop in crops):
+            x = self.preprocessor.from_uint8(images, "center")
+        else:
+            parts, start = [], 0
+            for n, crop in zip(counts, crops):
+                part = self.preprocessor.from_uint8(images[start : start + n], crop)
+                parts.append(part.flatten(0, 1) if crop == "ten" else part)
+                start += n
+            x = torch.cat(parts)
         probabilities = torch.cat([self.net(chunk).float().softmax(dim=1) for chunk in x.split(max_batch)]).cpu()
         out, start = [], 0
-        for batch, crop in zip(images, crops):
-            n, rows = batch.shape[0], batch.shape[0] * rows_per_image(crop)
+        for n, crop in zip(counts, crops):
+            rows = n * rows_per_image(crop)
             p = probabilities[start : start + rows]
             out.append(p.view(n, TEN_CROPS, -1).mean(dim=1) if crop == "ten" else p)
             start += rows
@@ -90,7 +97,7 @@ class LoadedModel:
         """Decode an image and run one forward pass, so that the first request pays for no lazy set-up
         (Pillow's format plugins, torch's kernels, CUDA's context)."""
         image = self.preprocessor.load(_WARM_UP_PNG)
-        self.predict([image.unsqueeze(0)], ["center"], max_batch=1)
+        self.predict([[image]], ["center"], max_batch=1)
         for device in self.devices:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

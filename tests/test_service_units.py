@@ -119,7 +119,7 @@ def test_two_towers_answer_like_the_grouped_net(tmp_path, photos):
     grouped, towers = engine.load(path, (cpu,)), engine.load(path, (cpu, cpu))
     assert type(grouped.net).__name__ == "GroupedAlexNet" and type(towers.net).__name__ == "AlexNet"
     assert not grouped.net.training and not towers.net.training
-    images = torch.stack([grouped.preprocessor.load(p.read_bytes()) for p in photos[:3]])
+    images = [grouped.preprocessor.load(p.read_bytes()) for p in photos[:3]]
     for crops in ("center", "ten"):
         (a,), (b,) = grouped.predict([images], [crops], 4), towers.predict([images], [crops], 4)
         assert a.shape == (3, 1000) and torch.allclose(a.sum(1), torch.ones(3))
@@ -130,9 +130,16 @@ def test_two_towers_answer_like_the_grouped_net(tmp_path, photos):
 def test_predict_splits_batches_larger_than_max_batch(tmp_path, photos):
     """One request may hold more network inputs than max_batch (16 ten-crop images): run in chunks."""
     model = engine.load(write_checkpoint(tmp_path / "c.safetensors", seed=6, width=0.0625), (torch.device("cpu"),))
-    images = torch.stack([model.preprocessor.load(p.read_bytes()) for p in photos[:3]])
+    images = [model.preprocessor.load(p.read_bytes()) for p in photos[:3]]
     (chunked,), (whole,) = model.predict([images], ["ten"], 7), model.predict([images], ["ten"], 64)
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
+    # Requests of both kinds in one batch: each gets what it would get alone.
+    mixed = model.predict([images[:1], images[1:], images[:2]], ["center", "ten", "center"], 16)
+    alone = [
+        model.predict([r], [c], 16)[0] for r, c in ((images[:1], "center"), (images[1:], "ten"), (images[:2], "center"))
+    ]
+    for a, b in zip(mixed, alone):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_sigterm_lets_requests_in_flight_finish(tmp_path, photos):

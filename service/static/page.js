@@ -1,0 +1,311 @@
+// The try-it page: images in (drop, pick, paste), one POST /classify per image, the top-5 as bars.
+// No framework and no dependency; it uses the HTTP API exactly as documented at /docs.
+"use strict";
+
+const TOP_K = 5;
+const PARALLEL = 3; // requests in flight at once: the server batches them, the page stays responsive
+const MAX_RETRIES = 3; // for 503 answers that carry Retry-After (queue full, model loading)
+
+const el = {
+  drop: document.getElementById("drop"),
+  input: document.getElementById("file-input"),
+  crops: document.getElementById("crops"),
+  clear: document.getElementById("clear"),
+  results: document.getElementById("results"),
+  announce: document.getElementById("announce"),
+  model: document.getElementById("model"),
+  untrained: document.getElementById("untrained"),
+  template: document.getElementById("card-template"),
+};
+
+const items = []; // {file, name, card, url, state}
+const queue = [];
+let running = 0;
+let pasted = 0;
+
+// Model shown in the header ------------------------------------------------------------------------------
+
+function modelName(model) {
+  return model.checkpoint || "untrained net (no checkpoint)";
+}
+
+function modelDetails(model) {
+  const parts = [];
+  if (model.epoch != null) parts.push(`epoch ${model.epoch}`);
+  if (model.val_top1_error != null) parts.push(`val top-1 error ${percent(model.val_top1_error)}`);
+  if (model.val_top5_error != null) parts.push(`top-5 ${percent(model.val_top5_error)}`);
+  return parts.join(" · ");
+}
+
+function pill(trained) {
+  const span = document.createElement("span");
+  span.className = trained ? "pill" : "pill untrained";
+  span.textContent = trained ? "trained" : "untrained: labels are noise";
+  return span;
+}
+
+function showModel(model) {
+  const name = document.createElement("span");
+  name.className = "model-name";
+  name.textContent = modelName(model);
+  const details = document.createElement("span");
+  details.className = "model-details";
+  details.textContent = modelDetails(model);
+  el.model.replaceChildren(name, pill(model.trained), details);
+  el.model.title = model.sha256 ? `sha256 ${model.sha256}` : "";
+  el.untrained.hidden = model.trained;
+}
+
+function showModelText(text) {
+  const span = document.createElement("span");
+  span.className = "model-name";
+  span.textContent = text;
+  el.model.replaceChildren(span);
+}
+
+async function loadModel(attempt = 0) {
+  try {
+    const response = await fetch("model", { headers: { Accept: "application/json" } });
+    if (response.ok) {
+      showModel((await response.json()).model);
+      return;
+    }
+    if (response.status === 503 && attempt < 60) {
+      showModelText("model loading…");
+      setTimeout(() => loadModel(attempt + 1), 1000);
+      return;
+    }
+    showModelText(`model unavailable (${await problemText(response)})`);
+  } catch (error) {
+    showModelText("cannot reach the server");
+  }
+}
+
+// Adding images ----------------------------------------------------------------------------------------------
+
+function addFiles(files) {
+  const added = [];
+  for (const file of files) {
+    let name = file.name;
+    if (!name || name === "image.png") name = `pasted image ${++pasted}`;
+    const url = URL.createObjectURL(file); // the preview: the file itself, never uploaded for it
+    const item = { file, name, url, card: newCard(name, url), state: "pending" };
+    items.push(item);
+    added.push(item);
+  }
+  if (!added.length) return;
+  const fragment = document.createDocumentFragment();
+  for (const item of added) fragment.append(item.card);
+  el.results.prepend(fragment); // the newest images first, in the order given
+  el.clear.disabled = false;
+  el.announce.textContent = added.length === 1 ? `Classifying ${added[0].name}…` : `Classifying ${added.length} images…`;
+  for (const item of added) enqueue(item);
+}
+
+function newCard(name, url) {
+  const card = el.template.content.firstElementChild.cloneNode(true);
+  card.querySelector(".filename").textContent = name;
+  card.querySelector(".filename").title = name;
+  const img = card.querySelector("img");
+  img.alt = `Preview of ${name}`;
+  img.addEventListener("error", () => {
+    img.replaceWith(document.createTextNode("no preview in this browser"));
+  });
+  img.src = url;
+  return card;
+}
+
+// Classifying ------------------------------------------------------------------------------------------------
+
+function enqueue(item) {
+  setPending(item);
+  queue.push(item);
+  pump();
+}
+
+function pump() {
+  while (running < PARALLEL && queue.length) {
+    const item = queue.shift();
+    running += 1;
+    classify(item).finally(() => {
+      running -= 1;
+      pump();
+    });
+  }
+}
+
+async function classify(item, attempt = 0) {
+  const crops = el.crops.value;
+  const form = new FormData();
+  form.append("file", item.file, item.name);
+  const started = performance.now();
+  let response;
+  try {
+    response = await fetch(`classify?top_k=${TOP_K}&crops=${encodeURIComponent(crops)}`, {
+      method: "POST",
+      body: form,
+      headers: { Accept: "application/json" },
+    });
+  } catch (error) {
+    return showError(item, "Network error", `cannot reach the server (${error.message})`);
+  }
+  const roundTrip = performance.now() - started;
+  if (!item.card.isConnected) return; // cleared meanwhile
+
+  const retryAfter = Number(response.headers.get("Retry-After"));
+  if (response.status === 503 && retryAfter > 0 && attempt < MAX_RETRIES) {
+    setPending(item, `server busy, retrying in ${retryAfter} s…`);
+    await new Promise((resolve) => setTimeout(resolve, retryAfter * 1000));
+    return classify(item, attempt + 1);
+  }
+  if (!response.ok) {
+    const body = await response.json().catch(() => null);
+    const title = (body && body.title) || `HTTP ${response.status}`;
+    const detail = (body && body.detail) || response.statusText || "the server gave no reason";
+    return showError(item, title, detail);
+  }
+  showResult(item, await response.json(), roundTrip);
+}
+
+function setPending(item, text = "classifying…") {
+  item.state = "pending";
+  item.card.dataset.state = "pending";
+  item.card.setAttribute("aria-busy", "true");
+  item.card.querySelector(".status").textContent = text;
+}
+
+function showResult(item, body, roundTrip) {
+  const card = item.card;
+  const result = body.results[0];
+  const bars = result.predictions.map((p) => {
+    const li = document.createElement("li");
+    li.dataset.wnid = p.wnid;
+    li.dataset.index = p.index;
+    li.dataset.score = p.score;
+    li.title = p.wnid;
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = p.label;
+    const value = document.createElement("span");
+    value.className = "value";
+    value.textContent = percent(p.score);
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.setAttribute("aria-hidden", "true");
+    const fill = document.createElement("span");
+    fill.className = "fill";
+    fill.style.width = `${Math.min(100, p.score * 100)}%`;
+    bar.append(fill);
+    li.append(label, value, bar);
+    return li;
+  });
+  card.querySelector(".bars").replaceChildren(...bars);
+
+  const model = body.model;
+  const meta = card.querySelector(".meta");
+  const parts = [
+    `${milliseconds(body.timing.total_ms)} on the server, ${milliseconds(roundTrip)} round trip`,
+    body.crops === "ten" ? "10 patches" : "centre crop",
+    `answered by ${modelName(model)}${model.epoch != null ? ` (epoch ${model.epoch})` : ""}`,
+  ];
+  meta.replaceChildren(document.createTextNode(parts.join(" · ")));
+  if (!model.trained) meta.append(pill(false));
+  meta.title = model.sha256 ? `sha256 ${model.sha256}` : "";
+  showModel(model); // the model that answered last (the server may have hot-reloaded a new checkpoint)
+
+  item.state = "done";
+  card.dataset.state = "done";
+  card.removeAttribute("aria-busy");
+  const top = result.predictions[0];
+  el.announce.textContent = `${item.name}: ${top.label}, ${percent(top.score)}` + (model.trained ? "" : " (untrained model)");
+}
+
+function showError(item, title, detail) {
+  const status = item.card.querySelector(".status");
+  const strong = document.createElement("strong");
+  strong.className = "title";
+  strong.textContent = title;
+  const span = document.createElement("span");
+  span.className = "detail";
+  span.textContent = detail;
+  status.replaceChildren(strong, document.createTextNode(": "), span);
+  item.card.querySelector(".bars").replaceChildren();
+  item.card.querySelector(".meta").replaceChildren();
+  item.state = "error";
+  item.card.dataset.state = "error";
+  item.card.removeAttribute("aria-busy");
+  el.announce.textContent = `${item.name}: ${title}: ${detail}`;
+}
+
+async function problemText(response) {
+  const body = await response.json().catch(() => null);
+  return (body && body.detail) || `HTTP ${response.status}`;
+}
+
+function percent(fraction) {
+  const value = fraction * 100;
+  return value > 0 && value < 0.05 ? "<0.1%" : `${value.toFixed(1)}%`;
+}
+
+function milliseconds(ms) {
+  return ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${Math.round(ms)} ms`;
+}
+
+// Wiring -----------------------------------------------------------------------------------------------------
+
+el.drop.addEventListener("click", () => el.input.click());
+el.input.addEventListener("change", () => {
+  addFiles([...el.input.files]);
+  el.input.value = ""; // choosing the same file again still fires "change"
+});
+
+// Files dropped anywhere on the page count (a miss would make the browser navigate away to the file).
+let dragDepth = 0;
+const hasFiles = (event) => event.dataTransfer && [...event.dataTransfer.types].includes("Files");
+window.addEventListener("dragenter", (event) => {
+  if (!hasFiles(event)) return;
+  event.preventDefault();
+  dragDepth += 1;
+  el.drop.classList.add("dragging");
+});
+window.addEventListener("dragover", (event) => {
+  if (!hasFiles(event)) return;
+  event.preventDefault();
+  event.dataTransfer.dropEffect = "copy";
+});
+window.addEventListener("dragleave", () => {
+  dragDepth = Math.max(0, dragDepth - 1);
+  if (!dragDepth) el.drop.classList.remove("dragging");
+});
+window.addEventListener("drop", (event) => {
+  dragDepth = 0;
+  el.drop.classList.remove("dragging");
+  if (!event.dataTransfer || !event.dataTransfer.files.length) return;
+  event.preventDefault();
+  addFiles([...event.dataTransfer.files]);
+});
+
+// Pasting an image (a screenshot, a copied picture) anywhere but in a text field.
+document.addEventListener("paste", (event) => {
+  const files = [...((event.clipboardData && event.clipboardData.files) || [])].filter((f) => f.type.startsWith("image/"));
+  if (!files.length) return;
+  event.preventDefault();
+  addFiles(files);
+});
+
+// Another crop mode: classify what is on the page again.
+el.crops.addEventListener("change", () => {
+  for (const item of items) if (item.state !== "pending") enqueue(item);
+});
+
+el.clear.addEventListener("click", () => {
+  queue.length = 0;
+  for (const item of items) URL.revokeObjectURL(item.url);
+  items.length = 0;
+  el.results.replaceChildren();
+  el.clear.disabled = true;
+  el.announce.textContent = "Results cleared";
+  el.drop.focus();
+});
+
+loadModel();
