@@ -147,30 +147,32 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path, photos):
     service = ServiceProcess(
         tmp_path / "log", "--checkpoint", str(tmp_path / "absent.safetensors"), "--threads", "1", "--device", "cpu"
     )  # no checkpoint: the full-size untrained net, slow enough on CPU to be caught mid-work
-    service.wait_ready()
-    data, statuses = photos[0].read_bytes(), []
+    try:
+        service.wait_ready()
+        data, statuses = photos[0].read_bytes(), []
 
-    def post():
-        try:
-            response = httpx.post(
-                service.url + "/classify", params={"crops": "ten"}, files={"file": ("a.jpg", data)}, timeout=120
-            )
-            statuses.append(response.status_code)
-        except httpx.HTTPError as e:
-            statuses.append(repr(e))
+        def post():
+            try:
+                response = httpx.post(
+                    service.url + "/classify", params={"crops": "ten"}, files={"file": ("a.jpg", data)}, timeout=120
+                )
+                statuses.append(response.status_code)
+            except httpx.HTTPError as e:
+                statuses.append(repr(e))
 
-    clients = [threading.Thread(target=post) for _ in range(4)]
-    for client in clients:
-        client.start()
-    deadline, admitted = time.monotonic() + 30, 0
-    while admitted < 4 and time.monotonic() < deadline:  # all four admitted (their forward passes take seconds)
-        admitted = metric_value(httpx.get(service.url + "/metrics").text, "alexnet_queue_depth", kind="admitted")
-        time.sleep(0.02)
-    service.process.send_signal(signal.SIGTERM)
-    code = service.process.wait(60)
-    for client in clients:
-        client.join()
+        clients = [threading.Thread(target=post) for _ in range(4)]
+        for client in clients:
+            client.start()
+        deadline, admitted = time.monotonic() + 30, 0
+        while admitted < 4 and time.monotonic() < deadline:  # all four admitted (their forward passes take s)
+            admitted = metric_value(httpx.get(service.url + "/metrics").text, "alexnet_queue_depth", kind="admitted")
+            time.sleep(0.02)
+        service.process.send_signal(signal.SIGTERM)
+        code = service.process.wait(60)
+        for client in clients:
+            client.join()
+    finally:
+        service.stop()
     assert admitted == 4, "the requests should have been in flight when SIGTERM arrived"
     assert statuses == [200] * 4, service.log()
     assert code == 0, service.log()
-    service.stop()
