@@ -53,6 +53,11 @@ class _Job:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+def _report_exit(worker: asyncio.Task) -> None:
+    if not worker.cancelled() and worker.exception() is not None:
+        log.critical("the batching worker stopped; requests can no longer be served", exc_info=worker.exception())
+
+
 class Batcher:
     def __init__(self, *, max_batch: int, max_wait_ms: float, queue_size: int, threads: int, metrics: ServiceMetrics):
         self.max_batch = max_batch
@@ -70,6 +75,12 @@ class Batcher:
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        self._worker.add_done_callback(_report_exit)
+
+    @property
+    def running(self) -> bool:
+        """False if the worker died (a bug): /readyz then says so, instead of queueing requests forever."""
+        return self._worker is not None and not self._worker.done()
 
     async def close(self) -> None:
         if self._worker is not None:

@@ -60,7 +60,7 @@ async def classify(
     started = time.perf_counter()
     state = request.app.state.service
     model: LoadedModel | None = state.model  # this request uses this model throughout, even across a reload
-    if model is None or not state.ready:
+    if model is None or not state.ready or not state.batcher.running:
         raise ProblemError(503, "not-ready", "the model is not loaded yet", {"Retry-After": "1"})
     if top_k > len(model.classes):
         raise ProblemError(422, "invalid-parameter", f"top_k: at most {len(model.classes)} (the number of classes)")

@@ -25,4 +25,6 @@ async def readyz(request: Request) -> Ready:
     state = request.app.state.service
     if not state.ready or state.model is None:
         raise ProblemError(503, "not-ready", "the model is not loaded (starting or shutting down)")
+    if not state.batcher.running:
+        raise ProblemError(503, "not-ready", "the batching worker has stopped (see the log)")
     return Ready(model=state.model.identity)
