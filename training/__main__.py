@@ -1,10 +1,11 @@
-"""Command line: ``python -m training prepare|train|evaluate`` (``--help`` on each for its flags).
+"""Command line: ``python -m training prepare|train|evaluate|plot`` (``--help`` on each for its flags).
 
     python -m training prepare /data/imagenet /data/imagenet-256 --workers 16
     python -m training train /data/imagenet-256 --out runs/alexnet            # the paper's recipe
     torchrun --nproc-per-node 2 -m training train /data/imagenet-256 --out runs/alexnet   # 2 replicas × 2 GPUs
     python -m training train /data/imagenet-256 --out runs/alexnet --resume   # continue after a crash
     python -m training evaluate runs/alexnet/best.safetensors /data/imagenet-256
+    python -m training plot runs/alexnet                                      # → runs/alexnet/curves.png
 
 Exit status: 0 done, 2 bad input (message on stderr, nothing written is damaged), 1 other failures,
 130 interrupted (rerun the same command, with --resume for train, to continue).
@@ -100,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
 
     for sub in (p, t, e):
         sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    c = commands.add_parser("plot", help="draw a run's training curves (its metrics.jsonl) as a PNG")
+    c.add_argument("run", help="a run folder (the --out of train)")
+    c.add_argument("--output", help="PNG file to write (default RUN/curves.png)")
     return parser
 
 
@@ -138,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             if options.workers < 0 or options.save_every < 0 or options.eval_batch_size < 1:
                 raise TrainingError("--workers and --save-every must be at least 0, --eval-batch-size at least 1")
             train(given, options)
+        elif args.command == "plot":
+            from .plot import plot_run
+
+            print(plot_run(args.run, args.output))
         else:
             from .evaluate import run_evaluate
 

@@ -15,6 +15,7 @@ Files in DIR (only rank 0 writes, each file atomically):
     last.safetensors   servable checkpoint (model package format) after every epoch
     best.safetensors   the same, for the epoch with the lowest centre-crop validation top-1 error
     metrics.jsonl      one JSON line per epoch
+    curves.png         its plot (losses, errors, learning-rate drops), when matplotlib is installed
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from model import AlexNet, Checkpoint, Preprocessing, Preprocessor, atomic_path,
 from .augment import ALPHA_STD, TrainAugmentation
 from .data import DirectoryLock, PreparedDataset, ShardedBatches, TrainingError, derive_seed, epoch_order, prefetch
 from .evaluate import evaluate, format_results
+from .plot import write_curves
 from .progress import Progress, format_duration
 
 STATE_FORMAT = "alexnet-train-state"
@@ -444,6 +446,14 @@ def train(given: dict, options: Options) -> dict:
     def write_metrics() -> None:
         atomic_write(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history).encode())
 
+    curves_notes: set[str] = set()
+
+    def draw_curves() -> None:
+        note = write_curves(out, history)  # never raises: a missing picture is no reason to stop training
+        if note is not None and note not in curves_notes:
+            curves_notes.add(note)  # said once per run, not every epoch
+            log(note)
+
     lock = None
     if is_writer:
         lock = DirectoryLock(out, "training run")  # creates DIR; held until the end
@@ -586,6 +596,7 @@ def train(given: dict, options: Options) -> dict:
                 artifact.save(out / "best.safetensors")
             save_state(state_path, model, optimizer, scaler, state_info(epoch + 1, 0, None))
             write_metrics()
+            draw_curves()
             log(
                 f"epoch {epoch + 1}/{hp.epochs}: train loss {metrics['train_loss']:.4f}, "
                 f"val loss {metrics['val_loss']:.4f}, top-1 {metrics['val_top1_error']:.2%}, "

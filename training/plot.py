@@ -1,0 +1,201 @@
+"""``python -m training plot RUN_DIR``: a run's training curves, from RUN_DIR/metrics.jsonl, as a PNG.
+
+Three panels over epochs: loss (train, validation), top-1 error (train, validation centre crop and
+10 patches) and top-5 error (validation centre crop and 10 patches); a dotted line marks each division
+of the learning rate, and a star the best epoch. The training job redraws RUN_DIR/curves.png after
+every epoch.
+
+matplotlib is an optional dependency (``pip install -e '.[train]'``): without it ``plot`` says so and
+exits 2, and training goes on without the picture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from model import atomic_path
+
+from .data import TrainingError
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+INSTALL_HINT = "pip install matplotlib (or pip install -e '.[train]')"
+
+# (panel title, [(record key, legend, style)]): training grey, validation blue, 10 patches teal and dashed.
+TRAIN, VAL, TEN = "#7a8491", "#2f6fde", "#0f9d8a"
+LR_DROP = "#c2410c"
+PANELS = [
+    (
+        "loss",
+        [
+            ("train_loss", "train", {"color": TRAIN}),
+            ("val_loss", "val, centre crop", {"color": VAL}),
+            ("val_ten_crop_loss", "val, 10 patches", {"color": TEN, "linestyle": "--"}),
+        ],
+    ),
+    (
+        "top-1 error",
+        [
+            ("train_top1_error", "train (augmented crops)", {"color": TRAIN}),
+            ("val_top1_error", "val, centre crop", {"color": VAL}),
+            ("val_ten_crop_top1_error", "val, 10 patches", {"color": TEN, "linestyle": "--"}),
+        ],
+    ),
+    (
+        "top-5 error",
+        [
+            ("val_top5_error", "val, centre crop", {"color": VAL}),
+            ("val_ten_crop_top5_error", "val, 10 patches", {"color": TEN, "linestyle": "--"}),
+        ],
+    ),
+]
+PLOTTED = [key for _, series in PANELS for key, _, _ in series] + ["lr"]
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl, checked: one JSON object per line with an epoch and numeric values."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise TrainingError(
+            f"{path} does not exist: no epoch of this run has finished yet, or this is not a run folder"
+        ) from None
+    except IsADirectoryError:
+        raise TrainingError(f"{path} is a directory, not a metrics file") from None
+    except UnicodeDecodeError:
+        raise TrainingError(f"{path} is not a text file (one JSON object per line expected)") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TrainingError(f"{path}, line {number}: not JSON ({e.msg}); the file is damaged") from None
+        if not isinstance(record, dict) or not _is_number(record.get("epoch")):
+            raise TrainingError(f"{path}, line {number}: not a metrics record (a JSON object with an 'epoch')")
+        for key in PLOTTED:
+            if record.get(key) is not None and not _is_number(record[key]):
+                raise TrainingError(f"{path}, line {number}: {key} is {record[key]!r}, not a number")
+        records.append(record)
+    if not records:
+        raise TrainingError(f"{path} is empty: no epoch of this run has finished yet")
+    return records
+
+
+def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Draw RUN_DIR/metrics.jsonl into ``output`` (default RUN_DIR/curves.png); return the PNG's path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TrainingError(f"{run_dir}: no such directory (expected a run folder, the --out of train)")
+    records = read_metrics(run_dir / METRICS_FILE)
+    return plot_metrics(records, Path(output) if output else run_dir / CURVES_FILE, title=run_dir.resolve().name)
+
+
+def plot_metrics(records: list[dict], output: Path, *, title: str = "") -> Path:
+    """Draw the curves of ``records`` (metrics.jsonl's lines) into the PNG ``output``, atomically."""
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot, no global backend or state
+        from matplotlib.ticker import MaxNLocator, PercentFormatter
+    except ImportError:
+        raise TrainingError(f"drawing the curves needs matplotlib: {INSTALL_HINT}") from None
+
+    epochs = [r["epoch"] for r in records]
+    marker = "o" if len(records) <= 40 else None
+    figure = Figure(figsize=(14, 4.4), dpi=100, layout="constrained")
+    axes = figure.subplots(1, len(PANELS), sharex=True)
+    for ax, (name, series) in zip(axes, PANELS):
+        for key, legend, style in series:
+            values = [_value(r, key) for r in records]
+            if all(math.isnan(v) for v in values):
+                continue  # e.g. no 10-patch evaluation during this run
+            ax.plot(epochs, values, label=legend, marker=marker, markersize=3.5, linewidth=1.6, **style)
+        ax.set_title(name, loc="left", fontsize=11, fontweight="bold")
+        ax.set_xlabel("epoch")
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # whole epochs on the axis, even for one
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        low, high = ax.get_ylim()
+        if low < 0:  # losses and errors are never negative (a single point gets a symmetric margin)
+            ax.set_ylim(0, max(high, 0.05))
+        if name != "loss":
+            ax.yaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=0))
+        ax.grid(True, color="#e3e6ea", linewidth=0.8)
+        ax.spines[["top", "right"]].set_visible(False)
+        for position, lr in lr_drops(records):
+            ax.axvline(position, color=LR_DROP, linestyle=":", linewidth=1.4)
+            if name == "loss":
+                ax.annotate(
+                    f"lr → {lr:g}" if lr is not None else "lr ÷",
+                    xy=(position, 1),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(3, -3),
+                    textcoords="offset points",
+                    va="top",
+                    fontsize=8,
+                    color=LR_DROP,
+                )
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, frameon=False)
+
+    best = _best(records)
+    if best is not None:
+        axes[1].plot(
+            [best["epoch"]], [best["val_top1_error"]], marker="*", markersize=13, color="#e0a100", linestyle="none"
+        )
+    figure.suptitle(_headline(records, best, title), x=0.01, ha="left", fontsize=12)
+
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        figure.savefig(tmp, format="png")
+    return output
+
+
+def lr_drops(records: list[dict]) -> list[tuple[float, float | None]]:
+    """Where the learning rate was divided: (epoch + 0.5, the new lr or None when the run has not gone on)."""
+    drops = []
+    for i, record in enumerate(records):
+        following = records[i + 1] if i + 1 < len(records) else None
+        lr, next_lr = record.get("lr"), following.get("lr") if following else None
+        dropped = record.get("lr_dropped_after") or (lr is not None and next_lr is not None and next_lr < lr)
+        if dropped:
+            drops.append((record["epoch"] + 0.5, next_lr))
+    return drops
+
+
+def write_curves(run_dir: Path, records: list[dict]) -> str | None:
+    """For the training loop: redraw RUN_DIR/curves.png. A picture must never stop training, so any
+    problem comes back as a one-line note (None when the PNG was written)."""
+    try:
+        plot_metrics(records, run_dir / CURVES_FILE, title=run_dir.resolve().name)
+    except TrainingError as e:  # matplotlib missing
+        return f"note: no {CURVES_FILE}: {e}"
+    except Exception as e:  # noqa: BLE001 — a bug or a full disk in plotting is reported, never raised
+        return f"note: could not draw {CURVES_FILE}: {type(e).__name__}: {e}"
+    return None
+
+
+def _headline(records: list[dict], best: dict | None, title: str) -> str:
+    parts = [title] if title else []
+    parts.append(f"{len(records)} epoch{'s' if len(records) != 1 else ''}")
+    if records[0].get("lr") is not None:
+        parts.append(f"lr {records[0]['lr']:g}")
+    if best is not None:
+        parts.append(f"best val top-1 error {best['val_top1_error']:.1%} (epoch {best['epoch']:g})")
+    return " · ".join(parts)
+
+
+def _best(records: list[dict]) -> dict | None:
+    scored = [r for r in records if r.get("val_top1_error") is not None and math.isfinite(r["val_top1_error"])]
+    return min(scored, key=lambda r: r["val_top1_error"]) if scored else None
+
+
+def _value(record: dict, key: str) -> float:
+    value = record.get(key)
+    return float("nan") if value is None else float(value)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
