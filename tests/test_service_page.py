@@ -1,0 +1,299 @@
+"""The try-it page at GET /, driven in headless Chromium (Debian's package) by Playwright, against a real
+server: what the page shows equals what the JSON API answers for the same bytes.
+
+Skipped, with the reason, where Playwright or /usr/bin/chromium is missing (``.ci/run`` installs both).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from test_service_support import ServiceProcess, assert_problem, write_checkpoint
+
+STATIC = Path(__file__).resolve().parents[1] / "service" / "static"
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # CI runs as root
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def chromium_path() -> str | None:
+    for candidate in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("page") / "small.safetensors"
+    return write_checkpoint(path, seed=3, epoch=12, val_top1_error=0.58, val_top5_error=0.34)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    service = ServiceProcess(
+        checkpoint.with_suffix(".log"),
+        "--checkpoint", str(checkpoint),
+        "--device", "cpu",
+        "--threads", "1",
+        "--decode-workers", "1",
+        "--reload-interval-s", "0.2",  # the last test swaps in an untrained checkpoint
+    )  # fmt: skip
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        assert service.stop() == 0, service.log()
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[dev]', as make test does)")
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh tab on the page; any JavaScript error or console error (a CSP violation, say) fails the test."""
+    context = browser.new_context(viewport={"width": 1200, "height": 860})
+    tab = context.new_page()
+    tab.set_default_timeout(20_000)
+    # Playwright turns file-chooser interception on asynchronously when the first listener arrives; one
+    # registered now is in force before any key press (else Enter may open a real, invisible dialog).
+    tab.on("filechooser", lambda chooser: None)
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(f"page error: {error}"))
+    tab.on("console", lambda message: _is_error(message) and errors.append(f"console: {message.text}"))
+    tab.goto(server.url + "/")
+    tab.wait_for_function("() => !document.querySelector('#model').textContent.includes('connecting')")
+    yield tab
+    context.close()
+    assert not errors, errors
+
+
+def _is_error(message) -> bool:
+    # Chromium logs every 4xx answer to fetch as "Failed to load resource"; the error tests expect those.
+    return message.type == "error" and not message.text.startswith("Failed to load resource")
+
+
+# What the page shows ------------------------------------------------------------------------------------
+
+CARDS_JS = """cards => cards.map(card => ({
+    name: card.querySelector('.filename').textContent,
+    state: card.dataset.state,
+    bars: [...card.querySelectorAll('.bars li')].map(li => ({
+        label: li.querySelector('.label').textContent,
+        value: li.querySelector('.value').textContent,
+        wnid: li.dataset.wnid,
+        score: Number(li.dataset.score),
+        width: li.querySelector('.fill').style.width,
+    })),
+    title: card.querySelector('.status .title')?.textContent ?? null,
+    detail: card.querySelector('.status .detail')?.textContent ?? null,
+    meta: card.querySelector('.meta').textContent,
+}))"""
+
+
+def settled_cards(page, count: int) -> list[dict]:
+    """Wait until ``count`` cards have an answer (bars or an error); return them in page order."""
+    page.wait_for_function(
+        "n => document.querySelectorAll('.card[data-state=done], .card[data-state=error]').length === n", arg=count
+    )
+    return page.eval_on_selector_all(".card", CARDS_JS)
+
+
+def api_answer(api, name: str, data: bytes, content_type: str = "image/jpeg", **params) -> httpx.Response:
+    return api.post("/classify", params={"top_k": 5, **params}, files={"file": (name, data, content_type)})
+
+
+def assert_shows_api_answer(card: dict, api, name: str, data: bytes, **params) -> None:
+    """The card's five bars are the API's top-5 for the same bytes: labels, classes and percentages."""
+    response = api_answer(api, name, data, **params)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["results"][0]["predictions"]
+    assert card["state"] == "done", card
+    assert [b["label"] for b in card["bars"]] == [p["label"] for p in predictions]
+    assert [b["wnid"] for b in card["bars"]] == [p["wnid"] for p in predictions]
+    for bar, prediction in zip(card["bars"], predictions):
+        # The same bytes through the same net; a request batched with others may differ in the last digits.
+        assert bar["score"] == pytest.approx(prediction["score"], rel=1e-3, abs=1e-6), (bar, prediction)
+        if bar["value"] == "<0.1%":
+            assert 0 < 100 * bar["score"] < 0.05, bar
+        else:
+            assert abs(float(bar["value"].rstrip("%")) - 100 * bar["score"]) <= 0.05 + 1e-9, bar
+        assert float(bar["width"].rstrip("%")) == pytest.approx(100 * bar["score"], rel=1e-4, abs=1e-4), bar
+
+
+def as_png(path: Path) -> bytes:
+    buffer = io.BytesIO()
+    with Image.open(path) as image:
+        image.convert("RGB").resize((320, 240)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# Tests --------------------------------------------------------------------------------------------------
+
+
+def test_page_and_its_files_come_from_the_app(api):
+    response = api.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    for name, media_type in [("page.js", "text/javascript"), ("page.css", "text/css"), ("favicon.svg", "image/svg")]:
+        asset = api.get(f"/static/{name}")
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(media_type)
+        assert asset.content == (STATIC / name).read_bytes()
+    assert_problem(api.get("/static/..%2Fapp.py"), 404)
+    assert_problem(api.get("/static/index.htm"), 404)
+    # No CDN, no remote font or script: every URL in the page's files is relative.
+    for path in STATIC.glob("*.*"):
+        text = path.read_text()
+        if path.suffix == ".svg":
+            text = text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+        assert not re.search(r"https?:|//[a-z0-9.-]+\.[a-z]{2,}/|@import", text), path.name
+    assert "/" not in api.get("/openapi.json").json()["paths"]  # the page is not part of the API
+
+
+def test_chosen_photos_show_the_apis_top5(page, api, photos, checkpoint, tmp_path):
+    chosen = [photos[4], photos[8]]  # tabby, banana
+    page.set_input_files("#file-input", [str(p) for p in chosen])
+    cards = settled_cards(page, 2)
+    assert [c["name"] for c in cards] == [p.name for p in chosen]
+    for card, path in zip(cards, chosen):
+        assert_shows_api_answer(card, api, path.name, path.read_bytes())
+        assert f"answered by {checkpoint.name} (epoch 12)" in card["meta"] and " ms on the server" in card["meta"]
+    assert page.locator(".card .bars li").first.is_visible()
+    assert page.locator("#untrained").is_hidden()
+    header = page.locator("#model").inner_text()
+    assert checkpoint.name in header and "trained" in header and "epoch 12" in header
+    assert page.locator("#announce").get_attribute("aria-live") == "polite"
+    assert page.locator("#announce").text_content().startswith(f"{chosen[1].name}: ") or page.locator(
+        "#announce"
+    ).text_content().startswith(f"{chosen[0].name}: ")
+
+    # 10 patches: the page classifies what it shows again, and still agrees with the API.
+    page.select_option("#crops", "ten")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.card')].every(c => c.textContent.includes('10 patches'))"
+    )
+    for card, path in zip(settled_cards(page, 2), chosen):
+        assert_shows_api_answer(card, api, path.name, path.read_bytes(), crops="ten")
+
+    shot = tmp_path / "page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    with Image.open(shot) as image:
+        assert image.format == "PNG" and image.width == 1200 and image.height >= 400
+    print(f"screenshot: {shot}")
+
+
+def test_keyboard_drop_and_paste(page, api, photos):
+    # Keyboard: Tab reaches the drop zone first, with a visible focus ring; Enter opens the file chooser.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "drop"
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") == "solid"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    assert chooser.value.is_multiple()
+    chooser.value.set_files(str(photos[0]))
+    (card,) = settled_cards(page, 1)
+    assert_shows_api_answer(card, api, photos[0].name, photos[0].read_bytes())
+
+    # A file dropped on the page, and an image pasted from the clipboard (named by the page).
+    dropped, pasted = photos[2].read_bytes(), as_png(photos[6])
+    page.evaluate(
+        """([name, b64, type]) => {
+            const data = new DataTransfer();
+            data.items.add(new File([Uint8Array.from(atob(b64), c => c.charCodeAt(0))], name, {type}));
+            for (const kind of ['dragenter', 'dragover', 'drop'])
+                document.getElementById('drop').dispatchEvent(
+                    new DragEvent(kind, {bubbles: true, cancelable: true, dataTransfer: data}));
+        }""",
+        [photos[2].name, base64.b64encode(dropped).decode(), "image/jpeg"],
+    )
+    settled_cards(page, 2)
+    page.evaluate(
+        """([b64]) => {
+            const data = new DataTransfer();
+            data.items.add(new File([Uint8Array.from(atob(b64), c => c.charCodeAt(0))], 'image.png',
+                                    {type: 'image/png'}));
+            document.dispatchEvent(new ClipboardEvent('paste', {bubbles: true, cancelable: true, clipboardData: data}));
+        }""",
+        [base64.b64encode(pasted).decode()],
+    )
+    newest, middle, oldest = settled_cards(page, 3)  # newest first
+    assert newest["name"] == "pasted image 1" and middle["name"] == photos[2].name
+    assert_shows_api_answer(newest, api, "pasted.png", pasted)
+    assert_shows_api_answer(middle, api, photos[2].name, dropped)
+    assert oldest == card
+    assert page.locator("#announce").text_content().startswith("pasted image 1: ")
+
+    page.click("#clear")
+    assert page.locator(".card").count() == 0 and page.evaluate("document.activeElement.id") == "drop"
+
+
+def test_api_errors_are_shown_in_words(page, api, photos, tmp_path):
+    truncated = photos[5].read_bytes()[:600]
+    files = [
+        {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image at all"},
+        {"name": "cut.jpg", "mimeType": "image/jpeg", "buffer": truncated},
+    ]
+    page.set_input_files("#file-input", files)
+    cards = {card["name"]: card for card in settled_cards(page, 2)}
+    for file in files:
+        response = api_answer(api, file["name"], file["buffer"], file["mimeType"])
+        problem = assert_problem(response, response.status_code)
+        assert 400 <= response.status_code < 500
+        card = cards[file["name"]]
+        assert card["state"] == "error" and card["bars"] == []
+        assert (card["title"], card["detail"]) == (problem["title"], problem["detail"])
+    assert page.locator(".card .status .detail").first.is_visible()
+    page.screenshot(path=str(tmp_path / "errors.png"))
+
+
+def test_an_untrained_model_is_flagged(page, api, server, checkpoint, photos, tmp_path):
+    """The server hot-reloads an untrained checkpoint: the page warns, in the header and on each answer."""
+    write_checkpoint(checkpoint, seed=4, trained=False)
+    deadline = time.monotonic() + 30
+    while api.get("/model").json()["model"]["trained"]:
+        assert time.monotonic() < deadline, "the server did not pick up the new checkpoint"
+        time.sleep(0.1)
+    page.reload()
+    page.wait_for_selector("#untrained", state="visible")
+    assert "Untrained model" in page.locator("#untrained").inner_text()
+    assert "untrained" in page.locator("#model .pill").inner_text()
+    page.set_input_files("#file-input", str(photos[1]))
+    (card,) = settled_cards(page, 1)
+    assert_shows_api_answer(card, api, photos[1].name, photos[1].read_bytes())
+    assert "untrained: labels are noise" in card["meta"]
+    page.screenshot(path=str(tmp_path / "untrained.png"))
