@@ -1,0 +1,195 @@
+"""The hostile-input corpus (tests/corpus/make_corpus.py) against a real server, with the default limits.
+
+Every entry must get a 200 with labels or the 4xx problem+json the manifest names; never a 5xx. The server
+must still be serving afterwards, and its memory must not grow when the corpus is sent again (RSS of the
+server process from /proc/PID/status)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from test_service_support import ServiceProcess, assert_problem, write_checkpoint
+
+from model import decode_image
+
+CORPUS_SCRIPT = Path(__file__).parent / "corpus" / "make_corpus.py"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("corpus")
+    made = subprocess.run(
+        [sys.executable, str(CORPUS_SCRIPT), str(out)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert made.returncode == 0, made.stderr
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("corpus-server")
+    checkpoint = write_checkpoint(directory / "small.safetensors", seed=21, width=0.0625)
+    # Every limit at its default.
+    service = ServiceProcess(
+        directory / "service.log",
+        "--checkpoint", str(checkpoint),
+        "--device", "cpu",
+        "--threads", "1",
+        "--decode-workers", "2",
+        "--reload-interval-s", "0",
+    )  # fmt: skip
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        assert service.stop() == 0, service.log()
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (peak resident) of a process, in KiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def request_for(entry: dict, data: bytes) -> dict:
+    """httpx.request keyword arguments that send a corpus entry as the manifest says."""
+    if entry["send"] == "multipart":
+        return {"files": {"file": (entry["name"], data, entry["content_type"])}}
+    return {"content": data, "headers": {"Content-Type": entry["content_type"]}}  # raw body, or a whole form
+
+
+def check_answer(entry: dict, response: httpx.Response) -> str | None:
+    """None if the answer is what the manifest expects, else what is wrong."""
+    status, expect = response.status_code, entry["expect"]
+    if status >= 500:
+        return f"{status} (server error): {response.text[:300]}"
+    if status == 200:
+        if expect not in ("ok", "any"):
+            return f"200, expected {expect}"
+        results = response.json()["results"]
+        if not results or not all(len(r["predictions"]) == 5 and r["predictions"][0]["label"] for r in results):
+            return f"200 without labels: {response.text[:300]}"
+        return None
+    try:
+        assert_problem(response, status)
+    except AssertionError as e:
+        return f"{status} but not problem+json: {e}"
+    if expect == "ok" or (expect != "any" and status != expect) or not 400 <= status < 500:
+        return f"{status} ({response.json()['detail'][:200]}), expected {expect}"
+    return None
+
+
+def test_every_corpus_entry_is_answered_and_memory_stays_bounded(corpus, server):
+    directory, entries = corpus
+    payloads = [(entry, (directory / entry["name"]).read_bytes()) for entry in entries]
+    pid = server.process.pid
+
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        # One at a time: each entry's own answer.
+        wrong = {}
+        for entry, data in payloads:
+            problem = check_answer(entry, client.post("/classify", **request_for(entry, data)))
+            if problem:
+                wrong[entry["name"]] = problem
+            assert client.get("/readyz").status_code == 200, f"not ready after {entry['name']}"
+        assert not wrong, json.dumps(wrong, indent=1)
+
+        # Then the whole corpus four times more, 8 requests at a time: the same answers, and no growth once
+        # the allocator has its working set (each decode thread gets its own malloc arena: the first
+        # concurrent passes raise the RSS a step, a leak would keep raising it).
+        async def concurrent_pass():
+            limit = asyncio.Semaphore(8)
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as aclient:
+
+                async def send(entry, data):
+                    async with limit:
+                        return entry, await aclient.post("/classify", **request_for(entry, data))
+
+                return await asyncio.gather(*(send(entry, data) for entry, data in payloads))
+
+        rss = []
+        for _ in range(4):
+            answers = asyncio.run(concurrent_pass())
+            wrong = {e["name"]: p for e, r in answers if (p := check_answer(e, r))}
+            assert not wrong, json.dumps(wrong, indent=1)
+            rss.append(memory_kib(pid))
+
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/healthz").json() == {"status": "ok"}
+
+    log = server.log()
+    assert "unhandled error" not in log and "unexpected decoder error" not in log, log[-3000:]
+    # Resident memory after the last two passes: within 10% of that after the first two.
+    assert rss[-1]["VmRSS"] <= rss[1]["VmRSS"] * 1.10, rss
+    # The peak: decoding the largest allowed image (64 MP, ~1 GB while decoding) stays well under 4 GiB.
+    assert rss[-1]["VmHWM"] < 4 * 1024 * 1024, rss
+
+
+def test_the_corpus_covers_what_the_issue_lists(corpus):
+    """A guard against the generator silently losing entries."""
+    directory, entries = corpus
+    names = {entry["name"] for entry in entries}
+    required = {
+        "empty.jpg", "text.txt", "page.html", "document.pdf", "archive.zip", "truncated.jpg", "truncated.png",
+        "bad-huffman.jpg", "progressive.jpg", "arithmetic.jpg", "cmyk.jpg", "ycck.jpg", "16bit-rgb.png",
+        "palette-transparent.png", "1x1.png", "1x20000.png", "bomb.png", "bomb.gif", "bomb.webp", "animated.gif",
+        "animated.webp", "multipage.tiff", "jpeg-zip-polyglot.jpg", "png-sent-as-jpeg", "huge-field-name",
+        "100-file-parts", *(f"exif-{n}.jpg" for n in range(1, 9)),
+    }  # fmt: skip
+    assert required <= names, required - names
+    # What each file claims to be, it is.
+    with Image.open(directory / "arithmetic.jpg") as image:
+        assert image.format == "JPEG"
+    assert b"\xff\xc9" in (directory / "arithmetic.jpg").read_bytes()  # SOF9: arithmetic-coded baseline
+    assert b"\xff\xca" in (directory / "arithmetic-progressive.jpg").read_bytes()  # SOF10
+    with Image.open(directory / "progressive.jpg") as image:
+        assert image.info.get("progressive")
+    with Image.open(directory / "ycck.jpg") as image:
+        assert image.mode == "CMYK" and image.info.get("adobe_transform") == 2
+    for name in ("16bit-rgb.png", "16bit-rgba.png"):
+        assert (directory / name).read_bytes()[24] == 16, name  # IHDR bit depth
+    for name, frames in (("animated.gif", 3), ("animated.webp", 3), ("multipage.tiff", 3)):
+        with Image.open(directory / name) as image:
+            assert image.n_frames == frames, name
+    assert zipfile_names(directory / "jpeg-zip-polyglot.jpg") == ["photo.jpg", "readme.txt"]
+    assert (directory / "100-file-parts").read_bytes().count(b'name="file"') == 100
+    for name in ("bomb.png", "bomb.gif", "bomb.webp", "real-bomb.webp"):
+        assert (directory / name).stat().st_size < 100, name
+
+
+def zipfile_names(path: Path) -> list[str]:
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return archive.namelist()
+
+
+def test_exif_orientations_come_out_upright(corpus):
+    """Each exif-N.jpg stores the same picture transformed so that orientation N shows it upright."""
+    directory, _ = corpus
+
+    def pixels(image: Image.Image) -> np.ndarray:
+        return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+    upright = pixels(decode_image((directory / "exif-1.jpg").read_bytes()))
+    for n in range(2, 9):
+        data = (directory / f"exif-{n}.jpg").read_bytes()
+        image = pixels(decode_image(data))
+        assert image.shape == upright.shape, n
+        assert np.abs(image - upright).mean() < 4, n  # JPEG noise only
+        with Image.open(io.BytesIO(data)) as raw:  # the stored pixels, the tag not applied
+            stored = pixels(raw)
+        assert stored.shape != upright.shape or np.abs(stored - upright).mean() > 20, n  # the tag mattered
