@@ -164,7 +164,13 @@ async function classify(item, attempt = 0) {
     const detail = (body && body.detail) || response.statusText || "the server gave no reason";
     return showError(item, title, detail);
   }
-  showResult(item, await response.json(), roundTrip);
+  let body;
+  try {
+    body = await response.json();
+  } catch (error) {
+    return showError(item, "Unreadable answer", `the server's answer is not JSON (${error.message})`);
+  }
+  showResult(item, body, roundTrip);
 }
 
 function setPending(item, text = "classifying…") {
