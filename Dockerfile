@@ -56,9 +56,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 COPY pyproject.toml /tmp/pyproject.toml
-# The dependency list straight from pyproject.toml: one source of truth for the image and `make install`.
-RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt
+# The dependency lists straight from pyproject.toml: one source of truth for the images and `make install`
+# (requirements-train.txt: the `train` extra, matplotlib for the curves.png that training draws).
+RUN python3 -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies']), file=open('/tmp/requirements.txt', 'w')); \
+print('\n'.join(p['optional-dependencies']['train']), file=open('/tmp/requirements-train.txt', 'w'))"
 
 FROM builder AS api-venv
 ARG TORCH_VERSION
@@ -87,7 +89,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     set -- /wheels/torch-"${TORCH_VERSION}"*-cp311-*.whl; \
     if [ -e "$1" ]; then pip install --no-deps "$1"; \
     else pip install --index-url "$TRAIN_TORCH_INDEX_URL" "torch==${TORCH_VERSION}"; fi \
-    && pip install -r /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt -r /tmp/requirements-train.txt \
     && rm -rf /opt/venv/lib/python3.11/site-packages/torch/include
 
 # ---------------------------------------------------------------------------------------------------------
