@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import subprocess
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 
@@ -117,7 +119,7 @@ class Checkpoint:
             "alexnet": json.dumps(meta, separators=(",", ":")),
         }
         with atomic_path(path) as tmp:
-            safetensors.torch.save_file(tensors, str(tmp), metadata=header)
+            save_safetensors(tensors, tmp, header, destination=path)
         return Path(path)
 
     def validate(self, path=None) -> None:
@@ -141,6 +143,21 @@ class Checkpoint:
             self.preprocessor()
         except ValueError as e:
             raise CheckpointError(path, str(e)) from None
+
+
+def save_safetensors(tensors: dict, path, metadata: dict[str, str], *, destination=None) -> None:
+    """``safetensors.torch.save_file``, but a failed write raises OSError with its errno (ENOSPC, EDQUOT, …)
+    naming ``destination`` (default ``path``), as Python's own file writes do. safetensors reports I/O
+    errors as a SafetensorError whose message holds "(os error N)": a full disk would otherwise not be
+    recognisable as one."""
+    try:
+        safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    except safetensors.SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        errno = int(code.group(1))
+        raise OSError(errno, os.strerror(errno), str(destination or path)) from e
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -87,6 +87,7 @@ def stats_from_sums(sum_image: torch.Tensor, sum_rgb: torch.Tensor, sum_outer: t
 
 def save_stats(path: Path, stats: ColorStats) -> None:
     from model import atomic_path
+    from model.checkpoint import save_safetensors
 
     tensors = {
         "mean_image": stats.mean_image.contiguous(),
@@ -95,7 +96,7 @@ def save_stats(path: Path, stats: ColorStats) -> None:
         "eigenvectors": stats.eigenvectors.contiguous(),
     }
     with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata={"images": str(stats.images)})
+        save_safetensors(tensors, tmp, {"images": str(stats.images)}, destination=path)
 
 
 def load_stats(path: Path) -> ColorStats:

@@ -39,6 +39,7 @@ import safetensors.torch
 import torch
 
 from model import ImageClass, ImageError, atomic_path, atomic_write, imagenet_classes, load_image
+from model.checkpoint import save_safetensors
 
 from .data import (
     FORMAT_NAME,
@@ -266,7 +267,7 @@ class _Progress:
         }
         tensors = {"sum_image": self.sum_image, "sum_rgb": self.sum_rgb, "sum_outer": self.sum_outer}
         with atomic_path(self.path) as tmp:
-            safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
+            save_safetensors(tensors, tmp, meta, destination=self.path)
 
 
 def _split_complete(dest: Path, split: str, fingerprint: str) -> dict | None:

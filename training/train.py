@@ -38,6 +38,7 @@ import torch.distributed as torch_distributed
 import torch.nn.functional as F
 
 from model import AlexNet, Checkpoint, Preprocessing, Preprocessor, atomic_path, atomic_write, load_checkpoint
+from model.checkpoint import save_safetensors
 
 from .augment import ALPHA_STD, TrainAugmentation
 from .data import DirectoryLock, PreparedDataset, ShardedBatches, TrainingError, derive_seed, epoch_order, prefetch
@@ -239,7 +240,7 @@ def save_state(path: Path, model, optimizer, scaler, info: dict) -> None:
         info["grad_scaler"] = scaler.state_dict()
     meta = {"format": STATE_FORMAT, "format_version": str(STATE_VERSION), "state": json.dumps(info)}
     with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
+        save_safetensors(tensors, tmp, meta, destination=path)
 
 
 def read_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
