@@ -26,6 +26,7 @@ REQUEST_BODY = {
                 "properties": {
                     "file": {
                         "type": "array",
+                        "minItems": 1,  # an empty form is refused (422 no-image)
                         "items": {"type": "string", "format": "binary"},
                         "description": "one or more images (JPEG, PNG, WebP, GIF, BMP, TIFF)",
                     }
