@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+TEMPORARY_SUFFIX = ".tmp"
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))  # .NAME.<mkstemp's 8 characters>.tmp
 
 
 @contextlib.contextmanager
@@ -18,7 +22,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -40,6 +44,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None] | bytes)
             tmp.write_bytes(write)
         else:
             write(tmp)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that ``atomic_path`` leaves in ``directory`` when its process is killed
+    mid-write (a checkpoint's can be hundreds of MB; repeated crashes would fill the disk). Call only while
+    no other process writes there (training and prepare hold the directory's lock). Returns what it removed."""
+    removed = []
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False) and _TEMPORARY.fullmatch(entry.name):
+            Path(entry.path).unlink(missing_ok=True)
+            removed.append(Path(entry.path))
+    return removed
 
 
 def _fsync_directory(directory: Path) -> None:

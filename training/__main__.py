@@ -108,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUT_OF_SPACE = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -168,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno == errno.ENOSPC:
+        if e.errno in OUT_OF_SPACE:  # a full disk, a user's quota, or a file-size limit (ulimit -f)
             print(
-                f"error: no space left on device{f' writing {e.filename}' if e.filename else ''}. Files already "
+                f"error: {OUT_OF_SPACE[e.errno]}{f' writing {e.filename}' if e.filename else ''}. Files already "
                 "written are intact; free some space and rerun (train: with --resume) to continue.",
                 file=sys.stderr,
             )

@@ -39,6 +39,7 @@ import safetensors.torch
 import torch
 
 from model import ImageClass, ImageError, atomic_path, atomic_write, imagenet_classes, load_image
+from model.atomic import remove_stale_temporaries
 from model.checkpoint import save_safetensors
 
 from .data import (
@@ -478,6 +479,7 @@ def prepare(
         return meta
     lock = DirectoryLock(dest, "`prepare`")  # creates DEST; held until dataset.json is written
     try:
+        remove_stale_temporaries(dest)  # left by a writer that was killed (its .partial files are resumed)
         meta = _prepare_locked(source, dest, workers, name, chunk, show_progress)
     finally:
         lock.release()

@@ -38,6 +38,7 @@ import torch.distributed as torch_distributed
 import torch.nn.functional as F
 
 from model import AlexNet, Checkpoint, Preprocessing, Preprocessor, atomic_path, atomic_write, load_checkpoint
+from model.atomic import remove_stale_temporaries
 from model.checkpoint import save_safetensors
 
 from .augment import ALPHA_STD, TrainAugmentation
@@ -461,6 +462,8 @@ def train(given: dict, options: Options) -> dict:
         if _file_identity(state_path) != state_on_disk:
             lock.release()
             raise TrainingError(f"{state_path} changed while this run was starting: is another run using {out}?")
+        for leftover in remove_stale_temporaries(out):
+            log(f"removed {leftover.name}, left by an interrupted write")
         log(
             f"training AlexNet(width={hp.width:g}, {len(data.classes)} classes) on {data.name}: "
             f"{len(train_split):,} train / {len(val_split):,} val images, towers on {devices[0]} + {devices[1]}, "
