@@ -70,13 +70,15 @@ def hostile_checkpoints(good: bytes, marker: Path, directory: Path) -> dict[str,
 
     torch_zip = directory / "exploit.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": Exploit(marker)}, torch_zip)  # PyTorch's own format
+    pickled = pickle.dumps(Exploit(marker))
+    assert b"system" in pickled and b"system" in torch_zip.read_bytes()  # live payloads: they would run the command
     nan = load_checkpoint_bytes(good, directory)
     nan.state_dict["fc8.bias"][0] = float("nan")
     nan_path = directory / "nan.safetensors"
     nan.save(nan_path)
     return {
         "empty": (b"", "too short"),
-        "pickle renamed to .safetensors": (pickle.dumps(Exploit(marker)), "not a safetensors file"),
+        "pickle renamed to .safetensors": (pickled, "not a safetensors file"),
         "torch.save zip renamed to .safetensors": (torch_zip.read_bytes(), "not a safetensors file"),
         "header length of 2**63": (struct.pack("<Q", 2**63) + good[8:], "not a safetensors file, or truncated"),
         "offsets past the end of the file": (
