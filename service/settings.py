@@ -45,6 +45,9 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body limit, counted while streaming")
     max_pixels: int = Field(64_000_000, ge=1, description="width × height limit per image, read from its header")
     max_files: int = Field(16, ge=1, description="file parts per multipart request")
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="seconds a request's body may take to arrive; slower → 408 (frees its queue place)"
+    )
     threads: int = Field(0, ge=0, description="torch threads for inference; 0: one per CPU core")
     decode_workers: int = Field(0, ge=0, description="threads decoding images; 0: one per CPU core")
     reload_interval_s: float = Field(2.0, ge=0, description="checkpoint file poll interval; 0 turns hot reload off")

@@ -7,6 +7,7 @@ the same limited chunks, so too many file parts are refused as soon as the one t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -29,8 +30,18 @@ class Upload:
         return f"file {position}" + (f" ({self.filename!r})" if self.filename else "")
 
 
-async def read_uploads(request: Request, *, max_body_bytes: int, max_files: int) -> list[Upload]:
-    """The images in a multipart form (every ``file`` part) or a raw ``image/*`` body."""
+async def read_uploads(request: Request, *, max_body_bytes: int, max_files: int, timeout: float) -> list[Upload]:
+    """The images in a multipart form (every ``file`` part) or a raw ``image/*`` body, which must arrive
+    within ``timeout`` seconds: a client that stalls mid-body would otherwise hold its queue place forever
+    (64 stalled connections would lock everyone else out)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_uploads(request, max_body_bytes=max_body_bytes, max_files=max_files)
+    except TimeoutError:
+        raise ProblemError(408, "body-timeout", f"the request body did not arrive within {timeout:g} s") from None
+
+
+async def _read_uploads(request: Request, *, max_body_bytes: int, max_files: int) -> list[Upload]:
     content_type, params = parse_options_header(request.headers.get("content-type"))
     content_type = content_type.decode("latin-1")
     declared = request.headers.get("content-length")

@@ -16,6 +16,7 @@ import pickle
 import resource
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -178,6 +179,62 @@ def test_hostile_checkpoints_are_rejected_while_the_old_model_serves_every_reque
     assert answers and set(answers) <= {sha_good, sha_newer} and answers[-1] == sha_newer
     assert not marker.exists(), "loading a checkpoint executed code"
     assert "unhandled error" not in server.log()
+
+
+def read_response(connection: socket.socket) -> bytes:
+    """One HTTP response (head and Content-Length body) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(4096) or b"\r\n\r\n"
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]) if b"content-length:" in head else 0
+    while len(data) < len(head) + 4 + length:
+        chunk = connection.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_stalled_upload_gives_its_queue_place_back(tmp_path, photos):
+    """Clients that send headers and a few bytes of body, then nothing (slowloris), are answered 408 after
+    the body timeout: they cannot hold the queue's places for ever."""
+    checkpoint = write_checkpoint(tmp_path / "small.safetensors", seed=33, width=0.0625)
+    server = ServiceProcess(
+        tmp_path / "service.log",
+        "--checkpoint", str(checkpoint),
+        "--device", "cpu",
+        "--threads", "1",
+        "--queue-size", "2",
+        "--body-timeout-s", "1",
+        "--reload-interval-s", "0",
+    )  # fmt: skip
+    stalled = []
+    try:
+        server.wait_ready()
+        head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
+        for _ in range(2):
+            connection = socket.create_connection(("127.0.0.1", server.port))
+            connection.sendall(head + photos[0].read_bytes()[:100])
+            stalled.append(connection)
+        data = photos[1].read_bytes()
+        post = lambda: httpx.post(server.url + "/classify", content=data, headers={"Content-Type": "image/jpeg"})  # noqa: E731
+        deadline = time.monotonic() + 10
+        while metric_value(httpx.get(server.url + "/metrics").text, "alexnet_queue_depth", kind="admitted") < 2:
+            assert time.monotonic() < deadline, "the stalled uploads were never admitted"
+            time.sleep(0.02)
+        assert post().status_code == 503  # both places taken by the stalled uploads
+        for connection in stalled:
+            connection.settimeout(10)
+            answer = read_response(connection)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b"urn:alexnet:problem:body-timeout" in answer
+        response = post()
+        assert response.status_code == 200, response.text
+    finally:
+        for connection in stalled:
+            connection.close()
+        assert server.stop() == 0, server.log()[-2000:]
 
 
 # Training killed while writing a file --------------------------------------------------------------------

@@ -39,6 +39,7 @@ REQUEST_BODY = {
 
 ERRORS = {
     400: "malformed multipart body",
+    408: "the body did not arrive within the body timeout",
     413: "body too large, too many files, or an image with too many pixels",
     415: "not an image format we read, or a Content-Type other than multipart/form-data or image/*",
     422: "corrupt, truncated or empty image; no file part; bad top_k or crops",
@@ -69,7 +70,12 @@ async def classify(
     try:
         # Admitted before the body is read: at most queue_size bodies are held in memory at once.
         with state.batcher.admission():
-            uploads = await read_uploads(request, max_body_bytes=settings.max_body_bytes, max_files=settings.max_files)
+            uploads = await read_uploads(
+                request,
+                max_body_bytes=settings.max_body_bytes,
+                max_files=settings.max_files,
+                timeout=settings.body_timeout_s,
+            )
             decode_started = time.perf_counter()
             images = await state.decode(model, uploads)
             infer_started = time.perf_counter()
