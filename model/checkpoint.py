@@ -164,11 +164,16 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read and check a checkpoint. Every problem is a CheckpointError naming the file; nothing is pickled.
 
     The file is read once into memory, so the weights and the sha256 describe the same bytes even if the
-    file is replaced meanwhile (as training does after every epoch).
+    file is replaced meanwhile (as training does after every epoch). Its header is read and checked first:
+    a file whose size is not what its header describes (any large file that is not a checkpoint) is refused
+    without being read into memory.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            header = _read_header(path, f, os.fstat(f.fileno()).st_size)
+            f.seek(0)
+            data = f.read()
     except FileNotFoundError:
         raise CheckpointError(path, "no such file") from None
     except IsADirectoryError:
@@ -176,7 +181,6 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
 
-    header = _read_header(path, data)
     meta_strings = header.get("__metadata__") or {}
     if meta_strings.get("format") != FORMAT_NAME:
         raise CheckpointError(
@@ -203,7 +207,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         config = AlexNetConfig.from_dict(meta["architecture"])
         classes = tuple(ImageClass(str(c["wnid"]), str(c["name"])) for c in meta["classes"])
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(path, f"metadata is incomplete or invalid: {type(e).__name__}: {e}") from None
 
     for name, tensor in tensors.items():
@@ -228,26 +232,38 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return checkpoint
 
 
-def _read_header(path: Path, data: bytes) -> dict:
-    """Parse and sanity-check the safetensors header ourselves, to say clearly what is wrong."""
-    if len(data) < 8:
-        raise CheckpointError(path, f"too short to be a checkpoint ({len(data)} bytes)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
+def _read_header(path: Path, f, size: int) -> dict:
+    """Parse and sanity-check the safetensors header ourselves (reading only the header from ``f``, a file
+    of ``size`` bytes), to say clearly what is wrong."""
+    if size < 8:
+        raise CheckpointError(path, f"too short to be a checkpoint ({size} bytes)")
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    if header_len > min(MAX_HEADER_BYTES, size - 8):
         raise CheckpointError(
             path,
-            f"not a safetensors file, or truncated: header claims {header_len:,} bytes, file has {len(data):,}",
+            f"not a safetensors file, or truncated: header claims {header_len:,} bytes, file has {size:,}",
         )
     try:
-        header = json.loads(data[8 : 8 + header_len])
+        header = json.loads(f.read(header_len))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError):
         raise CheckpointError(path, "not a safetensors file (its header is not JSON)") from None
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    try:
+        entries = [t for k, t in header.items() if k != "__metadata__"]
+        ends = [int(t["data_offsets"][1]) for t in entries]
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError):
+        raise CheckpointError(path, "not a safetensors file (a tensor entry without valid data_offsets)") from None
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(path, "not a safetensors file (its __metadata__ is not a map of strings)")
     expected = 8 + header_len + max(ends, default=0)
-    if len(data) < expected:
-        raise CheckpointError(path, f"truncated: {len(data):,} bytes, the header describes {expected:,}")
+    if size < expected:
+        raise CheckpointError(path, f"truncated: {size:,} bytes, the header describes {expected:,}")
+    if size > expected:
+        raise CheckpointError(
+            path, f"{size - expected:,} bytes more than its header describes: damaged, or not a checkpoint"
+        )
     return header
 
 

@@ -98,6 +98,8 @@ def hostile_checkpoints(good: bytes, marker: Path, directory: Path) -> dict[str,
             lie(**{second: {"data_offsets": header[first]["data_offsets"], "shape": header[first]["shape"]}}),
             "corrupt tensor data",
         ),
+        "a tensor entry without offsets": (lie(**{first: {"data_offsets": None}}), "without valid data_offsets"),
+        "data after what the header describes": (good + bytes(1_000_000), "more than its header describes"),
         "NaN weights": (nan_path.read_bytes(), "NaN"),
         "truncated in the middle of a tensor": (good[: len(good) // 2], "truncated"),
     }

@@ -240,3 +240,69 @@ def test_api_conforms_to_its_schema_and_never_fails(case, server):
     """Every check schemathesis has, but one: "a schema-valid request must be accepted" cannot hold for an
     API whose bodies must be decodable images (the schema can say 'binary', not 'a JPEG')."""
     case.call_and_validate(base_url=server.url, excluded_checks=[schemathesis.checks.positive_data_acceptance])
+
+
+# Checkpoints --------------------------------------------------------------------------------------------
+
+
+def small_checkpoint() -> bytes:
+    import tempfile
+
+    from model import AlexNet, Checkpoint, ImageClass
+
+    classes = tuple(ImageClass(f"n{i:08d}", f"class {i}") for i in range(3))
+    net = AlexNet(3, width=1 / 32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.safetensors"
+        Checkpoint.from_model(net, classes=classes, provenance={"trained": True}).save(path)
+        return path.read_bytes()
+
+
+CHECKPOINT = small_checkpoint()
+HEADER_END = 8 + struct.unpack("<Q", CHECKPOINT[:8])[0]
+
+
+@st.composite
+def mutated_checkpoints(draw) -> bytes:
+    """The checkpoint with its JSON header edited as text (numbers, punctuation), its length prefix or tensor
+    bytes changed, and then perhaps cut short or extended."""
+    data = bytearray(CHECKPOINT)
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["header-digit", "header-byte", "length", "data"]))
+        header_end = 8 + struct.unpack("<Q", CHECKPOINT[:8])[0] - (len(CHECKPOINT) - len(data))
+        if kind == "header-digit":
+            digits = [i for i in range(8, min(header_end, len(data))) if chr(data[i]).isdigit()]
+            if digits:
+                at = draw(st.sampled_from(digits))
+                data[at : at + 1] = draw(st.sampled_from([b"0", b"9", b"99999999999", b"-1", b"", b'"x"', b"1e308"]))
+        elif kind == "header-byte":
+            data[draw(st.integers(8, header_end - 1))] = draw(st.sampled_from(b'{}[]",:0 a'))
+        elif kind == "length":
+            value = draw(st.sampled_from([0, 1, HEADER_END - 9, HEADER_END - 7, 2**31, 2**63, 2**64 - 1]))
+            data[:8] = struct.pack("<Q", value)
+        else:
+            at = draw(st.integers(HEADER_END, len(CHECKPOINT) - 4)) - (len(CHECKPOINT) - len(data))
+            data[at : at + 4] = draw(st.sampled_from([b"\xff\xff\xff\x7f", b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f"]))
+    end = draw(st.sampled_from(["keep", "truncate", "append"]))
+    if end == "truncate":
+        del data[draw(st.integers(0, len(data) - 1)) :]
+    elif end == "append":
+        data += draw(st.binary(min_size=1, max_size=64))
+    return bytes(data)
+
+
+@budget(300)
+@given(data=mutated_checkpoints())
+def test_a_damaged_checkpoint_is_a_checkpoint_error(data, tmp_path_factory):
+    """load_checkpoint either returns a usable checkpoint or raises CheckpointError: never anything else,
+    which the service's start-up, hot reload and training's evaluate would not recognise."""
+    from model import CheckpointError, load_checkpoint
+
+    path = tmp_path_factory.getbasetemp() / "fuzzed.safetensors"
+    path.write_bytes(data)
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as e:
+        assert str(path) in str(e)
+        return
+    checkpoint.build_grouped("cpu")  # what it loaded fits the architecture it declares
