@@ -26,6 +26,9 @@ from PIL import Image, ImageOps
 # (Phones' multi-picture JPEGs open through the JPEG plugin, as format "MPO".)
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 64_000_000  # width × height before decoding; a 48-MP phone photo passes
+# Each scan of a progressive JPEG is a pass over the whole image: a few bytes per scan can cost milliseconds
+# (a "scan bomb": 670 kB of repeated scans took 35 s to decode). Encoders write ~10 scans, a few dozen at most.
+MAX_JPEG_SCANS = 256
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 Crops = Literal["center", "ten"]
@@ -137,6 +140,10 @@ def decode_image(
         raise CorruptImage(f"image has no pixels ({width}×{height})")
     if width * height > max_pixels:
         raise ImageTooLarge(f"image is {width}×{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
+    # Start-of-scan markers: 0xFF 0xDA never occurs in entropy-coded data (0xFF is stuffed there), so the
+    # count is exact but for bytes in metadata segments (an EXIF thumbnail adds its own scan).
+    if image.format in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise CorruptImage(f"a JPEG with {scans:,} scans (encoders write a few dozen at most; limit {MAX_JPEG_SCANS})")
 
     try:
         if draft_shorter_side and image.format in ("JPEG", "MPO"):

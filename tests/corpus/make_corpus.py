@@ -208,6 +208,33 @@ def jpeg_header_bomb(baseline: bytes, width: int = 65500, height: int = 65500) -
     return baseline[:at] + struct.pack(">HH", height, width) + baseline[at + 4 :]
 
 
+def jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def jpeg_scan_bomb(side: int, scans: int) -> bytes:
+    """A progressive grayscale JPEG whose one AC scan (a few runs of empty blocks: ~10 bytes) is repeated
+    ``scans`` times. Each repetition is another pass over every block of a side × side image: the bytes
+    are few, the decoding time is not (libjpeg only warns about the repeated scans)."""
+    blocks = (side // 8) ** 2
+    assert blocks >= 2**14, "the AC scan codes runs of at least 2¹⁴ blocks: side ≥ 1024"
+    quant = jpeg_segment(0xDB, b"\x00" + bytes([1] * 64))
+    frame = jpeg_segment(0xC2, struct.pack(">BHHB", 8, side, side, 1) + b"\x01\x11\x00")  # SOF2, 1 component
+    dc_table = jpeg_segment(0xC4, b"\x00" + bytes([1] + [0] * 15) + b"\x00")  # one code: DC difference 0
+    ac_table = jpeg_segment(0xC4, b"\x10" + bytes([1] + [0] * 15) + b"\xe0")  # one code: EOB run of 2¹⁴+
+    dc_scan = jpeg_segment(0xDA, b"\x01\x01\x00\x00\x00\x00") + b"\x00" * ((blocks + 7) // 8)
+    bits = ""
+    remaining = blocks
+    while remaining >= 2**14:  # runs of 2¹⁴…2¹⁵-1 empty blocks: code '0' and 14 extra bits
+        run = min(remaining, 2**15 - 1)
+        bits += "0" + format(run - 2**14, "014b")
+        remaining -= run
+    bits += "1" * (-len(bits) % 8)
+    ac_data = int(bits, 2).to_bytes(len(bits) // 8, "big").replace(b"\xff", b"\xff\x00")
+    ac_scan = jpeg_segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + ac_data  # spectral band 1…63
+    return b"\xff\xd8" + quant + frame + dc_table + ac_table + dc_scan + ac_scan * scans + b"\xff\xd9"
+
+
 def ycck_jpeg(image: Image.Image) -> bytes:
     """A 4-component JPEG whose Adobe APP14 marker says YCCK (transform 2). Pillow writes CMYK (transform 0)
     and cannot write YCCK: the same samples relabelled, which decoders convert YCCK → CMYK → RGB."""
@@ -433,6 +460,13 @@ def build() -> list[tuple[Entry, bytes]]:
     add("bomb.webp", webp_bomb(), 413, "lossless WebP: 16384² pixels, no data")
     add("canvas-bomb.webp", webp_canvas_bomb(), 413, "extended WebP: a 2²⁴ × 2²⁴ canvas")
     add("bomb.jpg", jpeg_header_bomb(baseline), 413, "JPEG frame header: 65500²")
+    add(
+        "scan-bomb.jpg",
+        jpeg_scan_bomb(2048, 20_000),
+        422,
+        "progressive JPEG: 20000 scans in 330 kB, ~10 s of decoding without a scan limit",
+    )
+    add("few-scans.jpg", jpeg_scan_bomb(2048, 200), "ok", "the same with 200 scans: under the limit, decoded")
     add("bomb.tiff", tiff_header_bomb(), 413, "TIFF: 100000² pixels")
     add("bomb.bmp", bmp_header_bomb(), 413, "BMP: 100000² pixels")
     add("text-bomb.png", png_text_bomb(picture), 422, "a zTXt chunk inflating to 64 MB: Pillow stops at 1 MB")
