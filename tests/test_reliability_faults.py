@@ -208,7 +208,7 @@ def test_a_stalled_upload_gives_its_queue_place_back(tmp_path, photos):
         "--device", "cpu",
         "--threads", "1",
         "--queue-size", "2",
-        "--body-timeout-s", "1",
+        "--body-timeout-s", "3",  # long enough to see the places taken on a busy machine
         "--reload-interval-s", "0",
     )  # fmt: skip
     stalled = []
