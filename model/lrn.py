@@ -110,7 +110,8 @@ class LocalResponseNorm(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             return _LRNFunction.apply(x, c.size, c.coefficient, c.beta, c.k)
         # Inference: nothing to keep for backward, so the denominator buffer becomes the output.
-        return _denominator_base(x, c.size, c.coefficient, c.k).pow_(-c.beta).mul_(x)
+        # d^-β as exp(-β·log d): on CPU two vectorised passes are faster than pow's one.
+        return _denominator_base(x, c.size, c.coefficient, c.k).log_().mul_(-c.beta).exp_().mul_(x)
 
     def extra_repr(self) -> str:
         c = self.config

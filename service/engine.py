@@ -32,7 +32,7 @@ class DeviceError(RuntimeError):
 
 
 def resolve_devices(spec: str) -> tuple[torch.device, ...]:
-    """The ALEXNET_DEVICE setting → one device (grouped net) or two (one per tower)."""
+    """The ALEXNET_DEVICE setting → one device or two (one per tower)."""
     parts = parse_devices(spec)
     if parts == ("auto",):
         parts = ("cuda",) if torch.cuda.is_available() else ("cpu",)
@@ -113,11 +113,14 @@ _WARM_UP_PNG = _png(32, 24)
 
 
 def _build(checkpoint: Checkpoint, devices: tuple[torch.device, ...], net: GroupedAlexNet | None) -> nn.Module:
-    if len(devices) == 1:
-        # groups=2 convolutions on one device: the faster form
+    if len(devices) == 1 and devices[0].type != "cpu":
+        # groups=2 convolutions on one GPU: one kernel launch per layer instead of two
         net = net.to(devices[0]) if net is not None else checkpoint.build_grouped(devices[0])
     else:
-        net = net.to_towers(devices) if net is not None else checkpoint.build(devices)  # one tower per device
+        # One tower per device. On a CPU both towers share it: oneDNN runs two dense convolutions faster
+        # than one groups=2 convolution (bench/model_throughput.py: ours-towers vs ours-grouped).
+        devices = devices * 2 if len(devices) == 1 else devices
+        net = net.to_towers(devices) if net is not None else checkpoint.build(devices)
     return net.eval()
 
 

@@ -198,7 +198,9 @@ def test_lrn_equals_torch_local_response_norm(shape):
     torch.manual_seed(4)
     x = torch.randn(shape)  # 1e-6 absolute is a few float32 ulps at this scale
     reference = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
-    torch.testing.assert_close(LocalResponseNorm()(x), reference(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(LocalResponseNorm()(x.requires_grad_()), reference(x), atol=1e-6, rtol=0)
+    with torch.inference_mode():  # the inference path computes in place, differently
+        torch.testing.assert_close(LocalResponseNorm()(x), reference(x), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("size", [3, 4, 5, 6])
