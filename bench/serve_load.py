@@ -44,7 +44,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model import AlexNetConfig, Checkpoint, GroupedAlexNet, load_checkpoint  # noqa: E402
+from model import AlexNetConfig, Checkpoint, GroupedAlexNet  # noqa: E402
+from service import engine  # noqa: E402
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "images"
 FALLBACK_IMAGES = REPO / "tests" / "fixtures" / "images"
@@ -85,9 +86,9 @@ class ModelOnly:
 
     def __init__(self, checkpoint_path: Path, photos: list[bytes], max_batch: int, threads: int):
         torch.set_num_threads(threads)
-        checkpoint = load_checkpoint(checkpoint_path)
-        self.net = checkpoint.build_grouped("cpu").eval()
-        self.preprocessor = checkpoint.preprocessor()
+        # The very form of the net the service builds for this device (on CPU: the two towers).
+        loaded = engine.load(checkpoint_path, (torch.device("cpu"),))
+        self.net, self.preprocessor = loaded.net, loaded.preprocessor
         self.photos, self.max_batch, self.threads = photos, max_batch, threads
         inputs = torch.cat([self.preprocessor.from_bytes(d) for d in photos])
         self.batch = inputs.repeat(max_batch // len(photos) + 1, 1, 1, 1)[:max_batch].contiguous()
