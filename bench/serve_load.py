@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model import AlexNetConfig, Checkpoint, GroupedAlexNet  # noqa: E402
+from service_process import start_service  # noqa: E402  (bench/ is on sys.path when run as a script)
 from service import engine  # noqa: E402
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "images"
@@ -113,12 +113,6 @@ class ModelOnly:
 
 def mean_of(a: dict, b: dict) -> dict:
     return {k: (a[k] + b[k]) / 2 for k in a}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def multipart(name: str, data: bytes) -> tuple[bytes, str]:
@@ -218,30 +212,6 @@ async def load(
     }
 
 
-def start_service(checkpoint: Path, args, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--checkpoint", str(checkpoint), "--device", "cpu", "--reload-interval-s", "0"]
-    command += ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
-    command += ["--threads", str(args.threads), "--decode-workers", str(args.decode_workers)]
-    command += ["--log-level", "warning"]  # an access-log line per request would cost CPU the bench measures
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"the service exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    sys.exit("the service did not become ready")
-
-
 def main():
     args = parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that `finally` stops the service
@@ -263,7 +233,9 @@ def main():
 
         print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} torch threads", flush=True)
         model = ModelOnly(checkpoint, photos, args.max_batch, threads)
-        process, url = start_service(checkpoint, args, Path(tmp) / "service.log")
+        flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+                 "--threads", str(args.threads), "--decode-workers", str(args.decode_workers)]
+        process, url = start_service(checkpoint, flags, Path(tmp) / "service.log")
         bodies = [multipart(p.name, d) for p, d in zip(paths, photos)]
         runs = []
         # Model-only figures are measured just before and just after each load run (the service idle) and

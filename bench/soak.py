@@ -32,7 +32,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ sys.path.insert(0, str(REPO / "tests" / "corpus"))
 import make_corpus  # noqa: E402
 
 from model import AlexNetConfig, Checkpoint, GroupedAlexNet  # noqa: E402
+from service_process import start_service  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 PHOTOS = REPO / "tests" / "fixtures" / "images"
 LEFT_OUT = {"largest-allowed.webp"}
@@ -129,37 +129,6 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_service(checkpoint: Path, args, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--checkpoint", str(checkpoint), "--device", "cpu", "--reload-interval-s", "0"]
-    command += ["--log-level", "warning"]  # no access-log line per request
-    for flag in ("queue_size", "threads", "decode_workers"):
-        if getattr(args, flag) is not None:
-            command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"the service exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    sys.exit("the service did not become ready")
 
 
 async def soak(url: str, pid: int, good: list[Request], bad: list[Request], args) -> dict:
@@ -270,7 +239,9 @@ def main():
             checkpoint = Path(tmp) / "fresh.safetensors"
             Checkpoint.from_model(GroupedAlexNet(AlexNetConfig()), provenance={"trained": False}).save(checkpoint)
         log_path = Path(tmp) / "service.log"
-        process, url = start_service(checkpoint, args, log_path)
+        flags = [f"--{flag.replace('_', '-')}={getattr(args, flag)}" for flag in ("queue_size", "threads", "decode_workers")
+                 if getattr(args, flag) is not None]
+        process, url = start_service(checkpoint, flags, log_path)
         print(
             f"machine: {os.cpu_count()} CPUs; {args.clients} clients for {args.duration:.0f} s "
             f"(+{args.warmup:.0f} s warm-up), {args.bad_fraction:.0%} of requests from the corpus "

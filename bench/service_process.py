@@ -1,0 +1,45 @@
+"""Start `python -m service` on a free loopback port for a benchmark, and wait until it is ready."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(checkpoint: Path, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """The service on the CPU with ``checkpoint``, no hot-reload polling, warning-level logs (an access-log
+    line per request would cost CPU the benchmarks measure), and any extra ``flags``. ALEXNET_* variables
+    of the caller's environment are dropped, so only the flags decide."""
+    port = free_port()
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--checkpoint", str(checkpoint), "--device", "cpu", "--reload-interval-s", "0"]
+    command += ["--log-level", "warning", *flags]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"the service exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    sys.exit("the service did not become ready")
