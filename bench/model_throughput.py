@@ -3,11 +3,14 @@
     python bench/model_throughput.py [--batches 1 8 32] [--seconds 3] [--threads N]
 
 Prints img/s (the best of --repeats interleaved timed windows, which shrugs off other processes' bursts) for
-    ours-towers    AlexNet: the paper's two towers, both on the CPU (what training and the CPU service run)
+    ours-cpu       CPUInferenceNet: the net laid out for oneDNN (what the CPU service runs)
+    cpu-torch-lrn  CPUInferenceNet with nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2) in place of our LRN
+    ours-towers    AlexNet: the paper's two towers, both on the CPU (what training runs)
     ours-grouped   GroupedAlexNet: the same function with conv2/4/5 as groups=2 convolutions
-    torch-lrn      AlexNet with nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2) in place of our LRN
+    towers-torch-lrn  AlexNet with nn.LocalResponseNorm in place of our LRN
     roofline       (GFLOP/s of a large fp32 torch.mm, measured in the same run) / (GFLOP per image)
-and the ratios the targets are stated in.
+and the ratios the targets are stated in: ours-cpu against the roofline and against cpu-torch-lrn (the same
+net but for the LRN).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import AlexNet, AlexNetConfig, GroupedAlexNet  # noqa: E402
+from model import AlexNet, AlexNetConfig, CPUInferenceNet, GroupedAlexNet  # noqa: E402
 
 
 def forward_flops(config: AlexNetConfig = AlexNetConfig(), size: int = 224) -> float:
@@ -57,6 +60,25 @@ def with_torch_lrn(net: AlexNet) -> AlexNet:
     return net
 
 
+class TorchLRNPerTower(nn.Module):
+    """nn.LocalResponseNorm over each tower's maps, taking and giving channels-last like CPUInferenceNet's."""
+
+    def __init__(self, net: CPUInferenceNet):
+        super().__init__()
+        c = net.config.lrn
+        self.lrn = nn.LocalResponseNorm(c.size, alpha=c.coefficient * c.size, beta=c.beta, k=c.k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, channels, h, w = x.shape
+        towers = x.contiguous().view(n * 2, channels // 2, h, w)
+        return self.lrn(towers).view(n, channels, h, w).contiguous(memory_format=torch.channels_last)
+
+
+def with_torch_lrn_cpu(net: CPUInferenceNet) -> CPUInferenceNet:
+    net.lrn = TorchLRNPerTower(net)
+    return net
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -80,7 +102,9 @@ def main() -> None:
     # of another process's work then hurts one window of each, not all of one measurement.
     a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
     inputs = {batch: torch.randn(batch, 3, 224, 224) for batch in args.batches}
-    nets = {"grouped": ours, "towers": towers, "torch-lrn": baseline}
+    cpu = CPUInferenceNet(ours)
+    cpu_baseline = with_torch_lrn_cpu(CPUInferenceNet(ours))
+    nets = {"cpu": cpu, "cpu-torch-lrn": cpu_baseline, "towers": towers, "grouped": ours, "torch-lrn": baseline}
     best = {("mm", 0): 0.0} | {(name, batch): 0.0 for name in nets for batch in args.batches}
     window = args.seconds / args.repeats
     with torch.inference_mode():
@@ -97,14 +121,17 @@ def main() -> None:
     peak = best["mm", 0]
     roofline = peak / gflop
     print(f"fp32 torch.mm 4096²: {peak:.1f} GFLOP/s → roofline {roofline:.1f} img/s")
-    print(f"{'batch':>5} {'ours-towers':>12} {'ours-grouped':>13} {'torch-lrn':>10} {'roofline':>9}"
-          f" {'towers/roof':>12} {'grouped/roof':>13} {'towers/torch-lrn':>17}")
+    print(f"{'batch':>5} {'ours-cpu':>9} {'cpu-torch-lrn':>14} {'ours-towers':>12} {'ours-grouped':>13}"
+          f" {'towers-torch-lrn':>17} {'roofline':>9} {'cpu/roof':>9} {'cpu/cpu-torch-lrn':>18}"
+          f" {'towers/towers-torch-lrn':>24}")
     for batch in args.batches:
-        t, g, l = best["towers", batch], best["grouped", batch], best["torch-lrn", batch]
-        print(f"{batch:>5} {t:>12.1f} {g:>13.1f} {l:>10.1f} {roofline:>9.1f} {t / roofline:>11.0%}"
-              f" {g / roofline:>12.0%} {t / l:>16.2f}×")
-    name, batch = max((k for k in best if k[0] != "mm"), key=best.get)
+        c, cl, t, g, l = (best[name, batch] for name in ("cpu", "cpu-torch-lrn", "towers", "grouped", "torch-lrn"))
+        print(f"{batch:>5} {c:>9.1f} {cl:>14.1f} {t:>12.1f} {g:>13.1f} {l:>17.1f} {roofline:>9.1f} {c / roofline:>8.0%}"
+              f" {c / cl:>17.2f}× {t / l:>23.2f}×")
+    ours_best = [k for k in best if k[0] in ("cpu", "towers", "grouped")]
+    name, batch = max(ours_best, key=best.get)
     print(f"best: {name} at batch {batch}, {best[name, batch]:.1f} img/s = {best[name, batch] / roofline:.0%} of the roofline")
+
 
 if __name__ == "__main__":
     main()

@@ -86,7 +86,7 @@ class ModelOnly:
 
     def __init__(self, checkpoint_path: Path, photos: list[bytes], max_batch: int, threads: int):
         torch.set_num_threads(threads)
-        # The very form of the net the service builds for this device (on CPU: the two towers).
+        # The very form of the net the service builds for this device (on CPU: CPUInferenceNet).
         loaded = engine.load(checkpoint_path, (torch.device("cpu"),))
         self.net, self.preprocessor = loaded.net, loaded.preprocessor
         self.photos, self.max_batch, self.threads = photos, max_batch, threads

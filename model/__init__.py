@@ -7,6 +7,7 @@ from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .classes import ImageClass, imagenet_classes, parse_synset_words
 from .lrn import CAFFE_LRN, PAPER_LRN, LocalResponseNorm, LRNConfig
 from .network import AlexNet, AlexNetConfig, GroupedAlexNet
+from .cpu_inference import CPUInferenceNet
 from .preprocessing import (
     CorruptImage,
     ImageError,
@@ -24,6 +25,7 @@ __all__ = [
     "CAFFE_LRN",
     "Checkpoint",
     "CheckpointError",
+    "CPUInferenceNet",
     "CorruptImage",
     "GroupedAlexNet",
     "ImageClass",

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from model import AlexNetConfig, Checkpoint, GroupedAlexNet, ImageClass, Preprocessor, load_checkpoint
+from model import AlexNetConfig, Checkpoint, CPUInferenceNet, GroupedAlexNet, ImageClass, Preprocessor, load_checkpoint
 from model.checkpoint import FORMAT_VERSION
 
 from .schemas import Crops, ModelIdentity
@@ -113,13 +113,14 @@ _WARM_UP_PNG = _png(32, 24)
 
 
 def _build(checkpoint: Checkpoint, devices: tuple[torch.device, ...], net: GroupedAlexNet | None) -> nn.Module:
-    if len(devices) == 1 and devices[0].type != "cpu":
+    if devices == (torch.device("cpu"),):
+        # The net laid out for oneDNN: 1.3-1.5× the towers' throughput (bench/model_throughput.py, ours-cpu).
+        return CPUInferenceNet(net if net is not None else checkpoint.build_grouped())
+    if len(devices) == 1:
         # groups=2 convolutions on one GPU: one kernel launch per layer instead of two
         net = net.to(devices[0]) if net is not None else checkpoint.build_grouped(devices[0])
     else:
-        # One tower per device. On a CPU both towers share it: oneDNN runs two dense convolutions faster
-        # than one groups=2 convolution (bench/model_throughput.py: ours-towers vs ours-grouped).
-        devices = devices * 2 if len(devices) == 1 else devices
+        # One tower per device, as in the paper ("cpu,cpu" runs the same code path on one CPU).
         net = net.to_towers(devices) if net is not None else checkpoint.build(devices)
     return net.eval()
 

@@ -116,12 +116,12 @@ def test_prometheus_text_format():
 
 def test_two_towers_answer_like_the_grouped_net(tmp_path, photos):
     """ALEXNET_DEVICE=cuda:0,cuda:1 runs the paper's two towers; on CPU ("cpu,cpu") the same code path.
-    A single CPU device also runs the towers (faster there than groups=2 convolutions); a single GPU runs
-    the grouped net. Whatever the form, the answers are the grouped net's."""
+    A single CPU device runs CPUInferenceNet (the net laid out for oneDNN); a single GPU runs the grouped
+    net. Whatever the form, the answers are the grouped net's."""
     path = write_checkpoint(tmp_path / "c.safetensors", seed=5, width=0.0625)
     cpu = torch.device("cpu")
     single, towers = engine.load(path, (cpu,)), engine.load(path, (cpu, cpu))
-    assert type(single.net).__name__ == "AlexNet" and type(towers.net).__name__ == "AlexNet"
+    assert type(single.net).__name__ == "CPUInferenceNet" and type(towers.net).__name__ == "AlexNet"
     assert not single.net.training and not towers.net.training
     checkpoint = load_checkpoint(path)
     grouped, preprocessor = checkpoint.build_grouped().eval(), checkpoint.preprocessor()
