@@ -35,7 +35,7 @@ class Settings(BaseModel):
     )
     max_batch: int = Field(16, ge=1, le=4096, description="most network inputs (images × crops) in one forward")
     max_wait_ms: float = Field(
-        20.0,
+        100.0,
         ge=0,
         le=10_000,
         description="how long a batch may wait for more requests when recent load says "
