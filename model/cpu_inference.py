@@ -51,9 +51,13 @@ class NHWCLocalResponseNorm(nn.Module):
         for offset in range(1, (c.size - 1) // 2 + 1):
             if offset < width:
                 d[:, : width - offset] += squares[:, offset:]
-        # d^-β as exp(-β·log d): two vectorised passes beat pow's one on CPU.
-        d.mul_(c.coefficient).add_(c.k).log_().mul_(-c.beta).exp_().mul_(rows)
-        return d.view(n, h, w, channels).permute(0, 3, 1, 2)
+        d.mul_(c.coefficient).add_(c.k)
+        if c.beta == 0.75:  # the paper's and Caffe's: d^-3/4 = r·√r with r = 1/√d, cheaper than exp and log
+            r = d.rsqrt_()
+            out = r.sqrt().mul_(r).mul_(rows)
+        else:  # d^-β as exp(-β·log d): on CPU these vectorised passes beat pow's one
+            out = d.log_().mul_(-c.beta).exp_().mul_(rows)
+        return out.view(n, h, w, channels).permute(0, 3, 1, 2)
 
 
 class CPUInferenceNet(nn.Module):

@@ -63,15 +63,16 @@ def test_weights_are_a_frozen_copy():
     assert fast(x).requires_grad is False
 
 
+@pytest.mark.parametrize("beta", [0.75, 0.6])  # 0.75 has its own arithmetic
 @pytest.mark.parametrize("groups", [1, 2])
-def test_nhwc_lrn_equals_torch_local_response_norm(groups):
+def test_nhwc_lrn_equals_torch_local_response_norm(groups, beta):
     torch.manual_seed(4)
-    reference = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+    reference = nn.LocalResponseNorm(5, alpha=5e-4, beta=beta, k=2.0)
     for scale, tolerance in ((1, dict(atol=1e-6, rtol=0)), (30, dict(atol=0, rtol=1e-6))):  # 30: LRN bites
         x = torch.randn(3, 96, 9, 7) * scale
         expected = reference(x.view(3 * groups, 96 // groups, 9, 7)).view(3, 96, 9, 7)
         with torch.inference_mode():
-            got = NHWCLocalResponseNorm(LRNConfig(), groups)(x.contiguous(memory_format=torch.channels_last))
+            got = NHWCLocalResponseNorm(LRNConfig(beta=beta), groups)(x.contiguous(memory_format=torch.channels_last))
         assert got.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(got, expected, **tolerance)
         if scale > 1:
