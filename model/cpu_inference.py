@@ -12,6 +12,8 @@ What it changes, each measured with bench/model_throughput.py on a 2-core AVX2 m
   memory.
 - fc6, fc7 and fc8 use oneDNN's inner product on weights kept in oneDNN's own layout: about 1.5× the
   general matmul for a batch of a few dozen rows.
+- Building one calls malloc.keep_freed_memory(): the process then reuses the pages its last forward pass
+  freed instead of faulting fresh ones in (see malloc.py).
 Training does not use this path: it keeps network.py's modules and their autograd. Tests check that both
 give the same logits.
 """
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lrn import LRNConfig
+from .malloc import keep_freed_memory
 from .network import CONV1_PADDING, AlexNet, AlexNetConfig, GroupedAlexNet
 
 CHANNELS_LAST = torch.channels_last
@@ -63,6 +66,7 @@ class NHWCLocalResponseNorm(nn.Module):
 class CPUInferenceNet(nn.Module):
     def __init__(self, net: AlexNet | GroupedAlexNet, chunk: int = CHUNK):
         super().__init__()
+        keep_freed_memory()
         grouped = net.to_grouped() if isinstance(net, AlexNet) else net
         self.config: AlexNetConfig = grouped.config
         self.chunk = chunk

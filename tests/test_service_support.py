@@ -115,8 +115,11 @@ def assert_same_predictions(result: dict, expected: torch.Tensor, top_k: int = 5
     assert [p["rank"] for p in predictions] == list(range(1, top_k + 1))
     scores, indices = expected.topk(top_k)
     assert [p["index"] for p in predictions] == indices.tolist()
+    # These nets' logits reach ~100; float32 sums taken in another order (another batch, the service's
+    # CPUInferenceNet layout) move them by ~1e-4, and so the scores by ~1e-4 relative. A mix-up moves
+    # them by orders of magnitude more.
     for p, score in zip(predictions, scores.tolist()):
-        assert math.isclose(p["score"], score, rel_tol=1e-4, abs_tol=1e-6), (p, score)
+        assert math.isclose(p["score"], score, rel_tol=5e-4, abs_tol=1e-6), (p, score)
     assert [p["score"] for p in predictions] == sorted((p["score"] for p in predictions), reverse=True)
 
 
