@@ -130,7 +130,8 @@ def main() -> None:
               f" {c / cl:>17.2f}× {t / l:>23.2f}×")
     ours_best = [k for k in best if k[0] in ("cpu", "towers", "grouped")]
     name, batch = max(ours_best, key=best.get)
-    print(f"best: {name} at batch {batch}, {best[name, batch]:.1f} img/s = {best[name, batch] / roofline:.0%} of the roofline")
+    rate = best[name, batch]
+    print(f"best: {name} at batch {batch}, {rate:.1f} img/s = {rate / roofline:.0%} of the roofline")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def parse_args():
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured load before each measurement")
     p.add_argument("--model-seconds", type=float, default=10.0, help="seconds per model-only measurement")
     defaults = Settings.model_fields
-    p.add_argument("--max-batch", type=int, default=defaults["max_batch"].default, help="the service's ALEXNET_MAX_BATCH")
+    p.add_argument(
+        "--max-batch", type=int, default=defaults["max_batch"].default, help="the service's ALEXNET_MAX_BATCH"
+    )
     p.add_argument(
         "--max-wait-ms", type=float, default=defaults["max_wait_ms"].default, help="the service's ALEXNET_MAX_WAIT_MS"
     )
