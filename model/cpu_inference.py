@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lrn import LRNConfig
+from .lrn import LRNConfig, channel_window_sum
 from .malloc import keep_freed_memory
 from .network import CONV1_PADDING, AlexNet, AlexNetConfig, GroupedAlexNet
 
@@ -47,16 +47,7 @@ class NHWCLocalResponseNorm(nn.Module):
         c = self.config
         n, channels, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(-1, channels // self.groups)  # a view: one group, one pixel
-        squares = rows * rows
-        d = squares.clone()
-        width = rows.shape[1]
-        for offset in range(1, c.size // 2 + 1):  # the window of channel i is [i - size//2, i + (size-1)//2]
-            if offset < width:
-                d[:, offset:] += squares[:, : width - offset]
-        for offset in range(1, (c.size - 1) // 2 + 1):
-            if offset < width:
-                d[:, : width - offset] += squares[:, offset:]
-        d.mul_(c.coefficient).add_(c.k)
+        d = channel_window_sum(rows * rows, c.size).mul_(c.coefficient).add_(c.k)
         if c.beta == 0.75:  # the paper's and Caffe's: d^-3/4 = r·√r with r = 1/√d, cheaper than exp and log
             r = d.rsqrt_()
             out = r.sqrt().mul_(r).mul_(rows)
