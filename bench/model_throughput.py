@@ -53,10 +53,15 @@ def timed_window(step, seconds: float) -> float:
     return n / elapsed
 
 
+def torch_lrn(config: AlexNetConfig) -> nn.LocalResponseNorm:
+    """PyTorch's LRN with the config's constants (PyTorch divides alpha by the window size)."""
+    c = config.lrn
+    return nn.LocalResponseNorm(c.size, alpha=c.coefficient * c.size, beta=c.beta, k=c.k)
+
+
 def with_torch_lrn(net: AlexNet) -> AlexNet:
-    c = net.config.lrn
     for tower in net.towers:  # each tower normalises over its own maps, as ours does
-        tower.lrn = nn.LocalResponseNorm(c.size, alpha=c.coefficient * c.size, beta=c.beta, k=c.k)
+        tower.lrn = torch_lrn(net.config)
     return net
 
 
@@ -65,8 +70,7 @@ class TorchLRNPerTower(nn.Module):
 
     def __init__(self, net: CPUInferenceNet):
         super().__init__()
-        c = net.config.lrn
-        self.lrn = nn.LocalResponseNorm(c.size, alpha=c.coefficient * c.size, beta=c.beta, k=c.k)
+        self.lrn = torch_lrn(net.config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, channels, h, w = x.shape
