@@ -108,7 +108,7 @@ def test_forward_passes_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
 def test_fused_convolutions_match_the_plain_ones():
     """ConvReLU's one-call oneDNN path (pre-reordered weights) and its fallback compute the same thing."""
     net = scaled_weights_(AlexNet(num_classes=10, width=0.25), seed=7)
-    fused, plain = CPUInferenceNet(net), CPUInferenceNet(net, fused=False)
+    fused, plain = CPUInferenceNet(net, winograd=False), CPUInferenceNet(net, fused=False, winograd=False)
     assert all(getattr(fused, n).packed_weight is not None for n in ("conv1", "conv2", "conv3", "conv4", "conv5"))
     assert all(getattr(plain, n).packed_weight is None for n in ("conv1", "conv2", "conv3", "conv4", "conv5"))
     for batch in (1, 5, 17):  # batch sizes other than the one the weights were laid out for
