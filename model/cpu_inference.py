@@ -14,10 +14,11 @@ What it changes, each measured with bench/model_throughput.py on a 2-core AVX2 m
   general matmul for a batch of a few dozen rows (1.5-1.8× for fc6 at batch 32 here).
 - Each convolution and its ReLU are one oneDNN call, on weights reordered into oneDNN's layout once
   (ConvReLU): +12 % at batch 1, +4 % at batch 8.
-- conv2 and conv3 use Winograd's minimal filtering (winograd.py), which does 6.25× (conv2, 5×5) and 4×
-  (conv3, 3×3) fewer multiply-adds than the direct convolution for the price of memory passes over the
-  transformed tiles: +10-20 % for the whole net at batch 8 and 32. conv4 and conv5 (grouped, 192 input
-  channels per group) gained nothing from it, so they stay direct.
+- conv2 and conv3 use Winograd's minimal filtering (winograd.py), which does 5.8× (conv2, 5×5 on 27×27
+  maps) and 2.6× (conv3, 3×3 on 13×13, where 4×4 tiles overhang the maps) fewer multiply-adds than the
+  direct convolution for the price of memory passes over the transformed tiles: +8-13 % for the whole net
+  at batch 8 and 32. conv4 and conv5 (grouped, 192 input channels per group) gained nothing from it, so
+  they stay direct.
 - Building one calls malloc.keep_freed_memory(): the process then reuses the pages its last forward pass
   freed instead of faulting fresh ones in (see malloc.py).
 Training does not use this path: it keeps network.py's modules and their autograd. Tests check that both
