@@ -105,7 +105,8 @@ def main() -> None:
                     n += 1
                 rates[name, batch].append(n * batch / (time.perf_counter() - start))
     print(f"\nwhole net, img/s over {args.rounds} interleaved windows of {args.window} s")
-    print(f"{'batch':>5} {'direct best':>12} {'median':>7} {'winograd best':>14} {'median':>7} {'ratio best':>11} {'median':>7}")
+    print(f"{'batch':>5} {'direct best':>12} {'median':>7} {'winograd best':>14} {'median':>7}"
+          f" {'ratio best':>11} {'median':>7}")
     for batch in inputs:
         d, w = rates["direct", batch], rates["winograd", batch]
         print(f"{batch:>5} {max(d):>12.1f} {statistics.median(d):>7.1f} {max(w):>14.1f} {statistics.median(w):>7.1f}"

@@ -32,8 +32,8 @@ def winograd_matrices(m: int, r: int, points: tuple[float, ...]) -> tuple[torch.
     Correlating an n-sample input d with an r-tap filter g is Aᵀ[(G g) ⊙ (Bᵀ d)]: the transpose of
     multiplying polynomials by evaluating both at n points and interpolating. With V_k the Vandermonde
     matrix of the points for polynomials of k coefficients (∞'s row picks the leading one), Aᵀ = V_mᵀ,
-    G = V_r and Bᵀ = V_n⁻ᵀ. Each row of Bᵀ is then scaled to a largest entry of 1 and the scale moved to G's row, where
-    it is applied once to the weights instead of to every input tile.
+    G = V_r and Bᵀ = V_n⁻ᵀ. Each row of Bᵀ is then scaled to a largest entry of 1 and the scale moved to
+    G's row, where it is applied once to the weights instead of to every input tile.
     """
     n = m + r - 1
     if len(points) != n - 1 or len(set(points)) != n - 1:
@@ -83,7 +83,7 @@ class WinogradConvReLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         size = (h + 2 * self.padding - self.kernel + 1, w + 2 * self.padding - self.kernel + 1)
-        out = torch.empty((n, self.out_channels, *size), memory_format=CHANNELS_LAST)
+        out = torch.empty((n, self.out_channels, *size), device=x.device, memory_format=CHANNELS_LAST)
         for start in range(0, n, self.chunk):
             self._forward_chunk(x[start : start + self.chunk], out[start : start + self.chunk])
         return out
@@ -118,7 +118,7 @@ class WinogradConvReLU(nn.Module):
             torch.add(y, self.bias.view(groups, -1), out=whole)
             out.relu_()
         else:  # the last tiles overhang the output: add the bias on whole tiles, crop while taking the ReLU
-            whole = torch.empty((n, tiles_h, m, tiles_w, m, groups, self.out_channels // groups))
+            whole = x.new_empty((n, tiles_h, m, tiles_w, m, groups, self.out_channels // groups))
             torch.add(y, self.bias.view(groups, -1), out=whole)
             torch.clamp(whole.view(n, m * tiles_h, m * tiles_w, -1)[:, :out_h, :out_w], min=0,
                         out=out.permute(0, 2, 3, 1))

@@ -51,7 +51,8 @@ def test_convolution_matches_the_direct_one(in_channels, out_channels, kernel, p
     for batch in (1, 5, 11):  # a partial chunk, chunks and a remainder
         x = torch.randn(batch, in_channels, size, size).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():  # the exact answer, in float64
-            want = F.relu(F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=padding, groups=groups))
+            weight, bias = conv.weight.double(), conv.bias.double()
+            want = F.relu(F.conv2d(x.double(), weight, bias, padding=padding, groups=groups))
         got = fast(x)
         assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
         assert (want > 0).float().mean() > 0.3  # the ReLU leaves plenty to compare
