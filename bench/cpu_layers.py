@@ -23,10 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import CPUInferenceNet, GroupedAlexNet  # noqa: E402
-
-# Multiply-adds × 2 per image of each direct convolution and fc layer (the paper's shapes).
-LAYER_FLOPS = {"conv1": 211e6, "conv2": 448e6, "conv3": 299e6, "conv4": 224e6, "conv5": 150e6,
-               "fc6": 75.5e6, "fc7": 33.6e6, "fc8": 8.2e6}
+from model_throughput import layer_flops  # noqa: E402  (this directory is on the path when run as a script)
 
 
 def best_ms(step, rounds: int) -> float:
@@ -86,11 +83,12 @@ def main() -> None:
                 for name in nets:
                     t = best_ms(steps[name][layer], max(1, args.rounds // 2))
                     times[name][layer] = min(times[name].get(layer, float("inf")), t)
+    flops_of = layer_flops(source.config)
     print(f"\nper layer, batch {args.batch}, best of {args.rounds} (ms; GFLOP/s at the direct count)")
     print(f"{'layer':>6} {'direct':>8} {'GFLOP/s':>8} {'winograd':>9} {'GFLOP/s':>8}")
     for layer in steps["direct"]:
         d, w = times["direct"][layer], times["winograd"][layer]
-        flops = LAYER_FLOPS.get(layer)
+        flops = flops_of.get(layer)
         rate = (lambda ms: f"{flops * args.batch / ms / 1e6:>8.0f}") if flops else (lambda ms: f"{'':>8}")
         print(f"{layer:>6} {d:>8.2f} {rate(d)} {w:>9.2f} {rate(w)}")
 

@@ -34,10 +34,12 @@ from model import AlexNet, AlexNetConfig, CPUInferenceNet, GroupedAlexNet  # noq
 from model.winograd import WinogradConvReLU  # noqa: E402
 
 
-def forward_flops(config: AlexNetConfig = AlexNetConfig(), size: int = 224) -> float:
-    """Multiply-adds × 2 for one image, counted from the layer shapes (biases and pooling ignored)."""
-    macs = 0
-    maps = {"conv1": 55, "conv2": 27, "conv3": 13, "conv4": 13, "conv5": 13}
+OUTPUT_MAPS = {"conv1": 55, "conv2": 27, "conv3": 13, "conv4": 13, "conv5": 13}  # side of each conv's output
+
+
+def layer_flops(config: AlexNetConfig = AlexNetConfig()) -> dict[str, float]:
+    """Multiply-adds × 2 of each layer for one 224×224 image, counted from the layer shapes."""
+    flops = {}
     for name, shape in config.grouped_shapes().items():
         if not name.endswith(".weight"):
             continue
@@ -45,22 +47,24 @@ def forward_flops(config: AlexNetConfig = AlexNetConfig(), size: int = 224) -> f
         per_output = 1
         for d in shape[1:]:
             per_output *= d
-        macs += shape[0] * per_output * maps.get(layer, 1) ** 2
-    return 2.0 * macs
+        flops[layer] = 2.0 * shape[0] * per_output * OUTPUT_MAPS.get(layer, 1) ** 2
+    return flops
 
 
-def cpu_net_flops(net: CPUInferenceNet, size: int = 224) -> float:
+def forward_flops(config: AlexNetConfig = AlexNetConfig()) -> float:
+    """Multiply-adds × 2 for one image (biases and pooling ignored)."""
+    return sum(layer_flops(config).values())
+
+
+def cpu_net_flops(net: CPUInferenceNet) -> float:
     """forward_flops, with the Winograd layers' own multiply-adds (their batched products) in place of the
     direct convolutions' (the transforms, a few % of those, are not counted)."""
-    flops = forward_flops(net.config, size)
-    maps = {"conv2": 27, "conv3": 13, "conv4": 13, "conv5": 13}
-    shapes = net.config.grouped_shapes()
+    flops = layer_flops(net.config)
     for name, layer in net.named_children():
         if isinstance(layer, WinogradConvReLU):
-            out, per_group, kh, kw = shapes[f"{name}.weight"]
-            tiles = (-(-maps[name] // layer.tile)) ** 2
-            flops += 2.0 * (tiles * layer.u.numel() - maps[name] ** 2 * out * per_group * kh * kw)
-    return flops
+            tiles = (-(-OUTPUT_MAPS[name] // layer.tile)) ** 2
+            flops[name] = 2.0 * tiles * layer.u.numel()
+    return sum(flops.values())
 
 
 def timed_window(step, seconds: float) -> float:

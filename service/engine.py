@@ -114,7 +114,7 @@ _WARM_UP_PNG = _png(32, 24)
 
 def _build(checkpoint: Checkpoint, devices: tuple[torch.device, ...], net: GroupedAlexNet | None) -> nn.Module:
     if devices == (torch.device("cpu"),):
-        # The net laid out for oneDNN: 1.15-1.35× the towers' throughput (bench/model_throughput.py, ours-cpu).
+        # The net laid out for oneDNN: 1.25-1.5× the towers' throughput (bench/model_throughput.py, ours-cpu).
         return CPUInferenceNet(net if net is not None else checkpoint.build_grouped())
     if len(devices) == 1:
         # groups=2 convolutions on one GPU: one kernel launch per layer instead of two
