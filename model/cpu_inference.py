@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lrn import LRNConfig, channel_window_sum
+from .lrn import LRNConfig, lrn_inference
 from .malloc import keep_freed_memory
 from .network import CONV1_PADDING, AlexNet, AlexNetConfig, GroupedAlexNet
 from .winograd import WinogradConvReLU
@@ -53,16 +53,9 @@ class NHWCLocalResponseNorm(nn.Module):
         self.config, self.groups = config, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.config
         n, channels, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(-1, channels // self.groups)  # a view: one group, one pixel
-        d = channel_window_sum(rows * rows, c.size).mul_(c.coefficient).add_(c.k)
-        if c.beta == 0.75:  # the paper's and Caffe's: d^-3/4 = r·√r with r = 1/√d, cheaper than exp and log
-            r = d.rsqrt_()
-            out = r.sqrt().mul_(r).mul_(rows)
-        else:  # d^-β as exp(-β·log d): on CPU these vectorised passes beat pow's one
-            out = d.log_().mul_(-c.beta).exp_().mul_(rows)
-        return out.view(n, h, w, channels).permute(0, 3, 1, 2)
+        return lrn_inference(rows, self.config).view(n, h, w, channels).permute(0, 3, 1, 2)
 
 
 class ConvReLU(nn.Module):

@@ -100,6 +100,17 @@ def _denominator_base(x: torch.Tensor, size: int, coefficient: float, k: float) 
     return channel_window_sum(x * x, size).mul_(coefficient).add_(k)
 
 
+def lrn_inference(x: torch.Tensor, config: LRNConfig) -> torch.Tensor:
+    """b = x · d^-β over dim 1, with nothing kept for backward: the denominator's buffer becomes the output."""
+    c = config
+    d = _denominator_base(x, c.size, c.coefficient, c.k)
+    if c.beta == 0.75:  # the paper's and Caffe's: d^-3/4 = r·√r with r = 1/√d, cheaper than exp and log
+        r = d.rsqrt_()
+        return r.sqrt().mul_(r).mul_(x)
+    # d^-β as exp(-β·log d): on CPU these vectorised passes beat pow's one
+    return d.log_().mul_(-c.beta).exp_().mul_(x)
+
+
 class LocalResponseNorm(nn.Module):
     def __init__(self, config: LRNConfig = PAPER_LRN):
         super().__init__()
@@ -109,9 +120,7 @@ class LocalResponseNorm(nn.Module):
         c = self.config
         if torch.is_grad_enabled() and x.requires_grad:
             return _LRNFunction.apply(x, c.size, c.coefficient, c.beta, c.k)
-        # Inference: nothing to keep for backward, so the denominator buffer becomes the output.
-        # d^-β as exp(-β·log d): on CPU two vectorised passes are faster than pow's one.
-        return _denominator_base(x, c.size, c.coefficient, c.k).log_().mul_(-c.beta).exp_().mul_(x)
+        return lrn_inference(x, c)
 
     def extra_repr(self) -> str:
         c = self.config
