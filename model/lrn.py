@@ -9,6 +9,12 @@ round-trip through a checkpoint unchanged.
 
 ``nn.LocalResponseNorm`` pads and runs a 3-D average pool over the squared input, which is slow on CPU.
 The window sum here is n shifted adds of the squared input: the same numbers, several times faster.
+
+Precision: LRN always computes in float32. Under fp16 autocast the squares and their window sum would
+overflow (Σa² > 65504 once five maps reach ~115): the denominator becomes inf and the output 0 with a
+zero gradient — no NaN, so a gradient scaler never notices. bf16 keeps the range but only 8 bits of
+mantissa for k + c·Σa². So half-precision inputs are widened, normalised, and narrowed again (autograd
+carries the casts through the backward pass, which therefore also runs in float32).
 """
 
 from __future__ import annotations
@@ -100,8 +106,13 @@ def _denominator_base(x: torch.Tensor, size: int, coefficient: float, k: float) 
     return channel_window_sum(x * x, size).mul_(coefficient).add_(k)
 
 
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def lrn_inference(x: torch.Tensor, config: LRNConfig) -> torch.Tensor:
     """b = x · d^-β over dim 1, with nothing kept for backward: the denominator's buffer becomes the output."""
+    if x.dtype in HALF_PRECISION:  # see the module docstring: float32 inside, the input's dtype outside
+        return lrn_inference(x.float(), config).to(x.dtype)
     c = config
     d = _denominator_base(x, c.size, c.coefficient, c.k)
     if c.beta == 0.75:  # the paper's and Caffe's: d^-3/4 = r·√r with r = 1/√d, cheaper than exp and log
@@ -118,6 +129,8 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
+        if x.dtype in HALF_PRECISION:  # float32 inside (module docstring); the casts are differentiable
+            return self.forward(x.float()).to(x.dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             return _LRNFunction.apply(x, c.size, c.coefficient, c.beta, c.k)
         return lrn_inference(x, c)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import AlexNet, AlexNetConfig, GroupedAlexNet, LocalResponseNorm, LRNConfig
+from model import PAPER_LRN, AlexNet, AlexNetConfig, GroupedAlexNet, LocalResponseNorm, LRNConfig
 from model.network import LAYER_NAMES
 
 PAPER_PARAMETERS = {
@@ -237,3 +237,35 @@ def test_towers_and_grouped_agree_when_lrn_matters(across):
         other_logits = other(x)
     torch.testing.assert_close(towers_logits, grouped_logits, atol=1e-5, rtol=1e-5)
     assert (towers_logits - other_logits).abs().max() > 1e-3  # the window's reach is visible in the logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lrn_under_autocast_computes_in_float32(dtype):
+    """Activations of a few hundred (common after conv1's ReLU early in training) square to more than
+    fp16's 65504: computed in fp16, the denominator is inf and LRN outputs 0 with a zero gradient."""
+    torch.manual_seed(6)
+    x32 = torch.rand(2, 16, 5, 5) * 200 + 150  # every map ≥ 150: Σ of 5 squares ≥ 112,500
+    reference = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+    expected = reference(x32)
+    g = torch.randn_like(x32)
+    tolerance = {"atol": 0, "rtol": 1e-2 if dtype == torch.float16 else 2e-2}  # the output's own rounding
+    lrn = LocalResponseNorm()
+    for inference in (False, True):
+        x = x32.detach().to(dtype).requires_grad_(not inference)
+        with torch.autocast("cpu", dtype=dtype), torch.set_grad_enabled(not inference):
+            out = lrn(x)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected.detach(), **tolerance)
+        if not inference:
+            (grad,) = torch.autograd.grad(out, x, g.to(dtype))
+            # against float32 at the same (rounded) input: the gradient has cancellations, so judge its error
+            # against its scale
+            rounded = x.detach().float().requires_grad_()
+            (expected_grad,) = torch.autograd.grad(reference(rounded), rounded, g)
+            scale = expected_grad.abs().max().item()
+            assert grad.float().abs().max() > 0.5 * scale  # not zeroed
+            torch.testing.assert_close(grad.float(), expected_grad, atol=2e-2 * scale, rtol=0)
+    # The service's channels-last net uses the same inference function.
+    from model.lrn import lrn_inference
+
+    torch.testing.assert_close(lrn_inference(x32.detach().to(dtype), PAPER_LRN).float(), expected.detach(), **tolerance)
