@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 from .data import TrainingError
@@ -36,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", help="dataset name recorded in checkpoints (default: the name of SRC)")
     p.add_argument("--chunk", type=int, default=512, help="images between progress records (default 512)")
+    p.add_argument(
+        "--store",
+        default="raw",
+        help="raw: uint8 arrays, 196,608 bytes an image, no decoding (default); jpeg: each image re-encoded "
+        "as a JPEG, ~1/8 of the bytes (fits in the page cache), decoded by the loader's worker processes",
+    )
+    p.add_argument("--quality", type=int, default=None, help="JPEG quality 1..100 of --store jpeg (default 90)")
 
     t = commands.add_parser("train", help="train the network (the paper's recipe by default)")
     t.add_argument("data", help="a folder written by `prepare`")
@@ -52,8 +60,28 @@ def _parser() -> argparse.ArgumentParser:
         default=h,
         help=f"epochs without a better val top-1 error before lr ÷ 10 (default {DEFAULTS.patience})",
     )
+    t.add_argument(
+        "--min-improvement",
+        type=float,
+        default=h,
+        help="a val top-1 error lower by at least this much (absolute) counts as an improvement "
+        f"(default {DEFAULTS.min_improvement}: 0.2 percentage points)",
+    )
+    t.add_argument(
+        "--plateau-start",
+        type=int,
+        default=h,
+        help="epochs 1..N never count towards --patience, so lr cannot drop before learning starts "
+        f"(default {DEFAULTS.plateau_start})",
+    )
     t.add_argument("--max-lr-drops", type=int, default=h, help=f"(default {DEFAULTS.max_lr_drops})")
     t.add_argument("--width", type=float, default=h, help="scale every layer's width (default 1: the paper's net)")
+    t.add_argument(
+        "--decay-biases",
+        action="store_true",
+        default=h,
+        help="weight decay on biases too (default: weights only, as cuda-convnet and Caffe's bvlc_alexnet)",
+    )
     t.add_argument("--dropout", type=float, default=h, help=f"(default {DEFAULTS.dropout})")
     t.add_argument(
         "--conv1-padding",
@@ -79,7 +107,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--devices", help="tower devices, e.g. cuda:0,cuda:1 (default: 2 GPUs, else 1 GPU for both, else cpu)"
     )
-    t.add_argument("--workers", type=int, default=4, help="data loading threads (default 4)")
+    t.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="loader workers: copy threads for a raw store (default 4), decoding processes for a JPEG store "
+        "(default: this process's share of the CPU cores, less one)",
+    )
     t.add_argument(
         "--ten-crop", action="store_true", help="also evaluate with 10 patches every epoch (always at the end)"
     )
@@ -88,6 +122,23 @@ def _parser() -> argparse.ArgumentParser:
         "--save-every", type=int, default=0, help="also save the resume state every N steps (default: per epoch)"
     )
     t.add_argument("--eval-batch-size", type=int, default=128, help="(default 128)")
+    t.add_argument(
+        "--log-every", type=int, default=20, help="steps between loss readings and divergence checks (default 20)"
+    )
+    t.add_argument("--no-tf32", action="store_true", help="CUDA: full fp32 matmuls and convolutions (default TF32)")
+    t.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: no cuDNN autotuning")
+    t.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels (slower on GPUs): a resumed GPU run then continues exactly, as on the CPU",
+    )
+    t.add_argument("--compile", action="store_true", help="torch.compile each tower (fuses LRN's elementwise passes)")
+    t.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800,
+        help="seconds a collective waits for the slowest process, e.g. rank 0 writing a checkpoint (default 1800)",
+    )
 
     e = commands.add_parser("evaluate", help="top-1/top-5 error of a checkpoint on a prepared split")
     e.add_argument("checkpoint", help="a .safetensors checkpoint")
@@ -115,7 +166,8 @@ OUT_OF_SPACE = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks=None) -> int:
+    """``hooks``: a ``training.train.Hooks`` for tests (instrumenting the training loop)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "prepare":
@@ -123,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.workers is not None and args.workers < 0 or args.chunk < 1:
                 raise TrainingError("--workers must be at least 0 and --chunk at least 1")
+            if args.quality is not None and args.store == "raw":
+                raise TrainingError("--quality applies only to --store jpeg")
             prepare(
                 args.src,
                 args.dest,
@@ -131,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                 name=args.name,
                 chunk=args.chunk,
                 show_progress=not args.no_progress,
+                store=args.store,
+                quality=args.quality,
             )
         elif args.command == "train":
             from .train import train
@@ -146,10 +202,18 @@ def main(argv: list[str] | None = None) -> int:
                 save_every=args.save_every,
                 eval_batch_size=args.eval_batch_size,
                 show_progress=not args.no_progress,
+                log_every=args.log_every,
+                tf32=not args.no_tf32,
+                cudnn_benchmark=not args.no_cudnn_benchmark,
+                deterministic=args.deterministic,
+                compile=args.compile,
+                dist_timeout=args.dist_timeout,
             )
-            if options.workers < 0 or options.save_every < 0 or options.eval_batch_size < 1:
+            if (options.workers or 0) < 0 or options.save_every < 0 or options.eval_batch_size < 1:
                 raise TrainingError("--workers and --save-every must be at least 0, --eval-batch-size at least 1")
-            train(given, options)
+            if options.log_every < 1 or not options.dist_timeout > 0:
+                raise TrainingError("--log-every must be at least 1 and --dist-timeout positive")
+            train(given, options, hooks)
         elif args.command == "plot":
             from .plot import plot_run
 
@@ -172,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                 show_progress=not args.no_progress,
             )
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "rank_zero_only", False) or os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)  # (said once for an error every process of a run stops on)
         return 2
     except OSError as e:
         if e.errno in OUT_OF_SPACE:  # a full disk, a user's quota, or a file-size limit (ulimit -f)

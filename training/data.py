@@ -1,24 +1,46 @@
 """The prepared dataset on disk, read back memory-mapped, and the order in which training visits it.
 
-Layout that ``prepare`` writes (format version 1):
+Layout that ``prepare`` writes. Two stores (``prepare --store raw|jpeg``) share everything but the images:
 
-    DEST/dataset.json        format, version, classes, image size, splits, source — written last: its
-                             presence means the directory is complete
-    DEST/train.u8            uint8 [N, 3, 256, 256], C order, no header (RGB, the shared preprocessing's
-    DEST/val.u8              shorter side 256 + centre crop); read with mmap, so random access is a copy
+    DEST/dataset.json        format, version, store (raw|jpeg) and JPEG quality, classes, image size,
+                             splits, source — written last: its presence means the directory is complete
     DEST/train.json          per split: files, labels (class index), skipped files with the reason
     DEST/val.json
-    DEST/stats.safetensors   mean image, RGB covariance and its eigen-decomposition (over train)
+    DEST/stats.safetensors   mean image, RGB covariance and its eigen-decomposition (over train, computed
+                             from the decoded pixels, before any JPEG compression)
     DEST/skipped.txt         every image that could not be decoded: split, file, reason
+  raw store (format version 1, the default):
+    DEST/<split>.u8          uint8 [N, 3, 256, 256], C order, no header (RGB, the shared preprocessing's
+                             shorter side 256 + centre crop); read with mmap, so random access is a copy
+  jpeg store (format version 2):
+    DEST/<split>.jpg         the same 256×256 images, each re-encoded as one baseline JPEG (4:4:4 chroma,
+                             the quality recorded in dataset.json), concatenated
+    DEST/<split>.offsets     int64 little-endian [N + 1]: record i is bytes offsets[i]:offsets[i+1]
+    DEST/<split>.crc32       uint32 little-endian [N]: zlib.crc32 of each record, checked on every read (a
+                             JPEG decoder does not notice most damage to the entropy-coded data)
 
-One raw array per split: reading a random image is one 196,608-byte copy out of the page cache (or one
-read from disk), with no decoding; a 128-image batch is a single ``index_select``.
+Raw: reading a random image is one 196,608-byte copy out of the page cache (or one read from disk), with
+no decoding; a 128-image batch is a single ``index_select``. 252 GB for ImageNet's train split.
+JPEG: about 1/8 of the bytes at the default quality (31 GB for ImageNet's train split: it fits in the page
+cache of a 64 GB machine), at the price of a JPEG decode per image (worker processes, training/loader.py).
+
+The raw store is still written as format version 1: its layout has not changed since version 1, so code
+that predates version 2 keeps reading it, and refuses a JPEG store (version 2) instead of misreading it.
+A version-1 ``dataset.json`` has no "store" key: it is a raw store.
+
+Every file is mapped read-only and shared (``mmap`` ACCESS_READ): nothing is accounted against the
+machine's memory up front (a private writable mapping of 252 GB fails on a machine with less RAM + swap),
+pages are shared with other processes reading the same file, and a read-only volume works.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import mmap
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +50,25 @@ import torch
 from model import ImageClass
 
 FORMAT_NAME = "alexnet-prepared"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest: adds the JPEG store
+RAW_FORMAT_VERSION = 1  # a raw store is written as version 1 (its layout is unchanged; see above)
+READABLE_VERSIONS = (1, 2)
+STORES = ("raw", "jpeg")
 IMAGE_SIZE = 256
 IMAGE_BYTES = 3 * IMAGE_SIZE * IMAGE_SIZE
 SPLITS = ("train", "val")
+
+
+def format_version(store: str) -> int:
+    """The format version ``prepare`` writes for a store."""
+    return RAW_FORMAT_VERSION if store == "raw" else FORMAT_VERSION
+
+
+def store_files(store: str, split: str) -> tuple[str, ...]:
+    """The files holding a split's images, the data file first."""
+    if store == "raw":
+        return (f"{split}.u8",)
+    return (f"{split}.jpg", f"{split}.offsets", f"{split}.crc32")
 
 
 class TrainingError(Exception):
@@ -109,12 +146,37 @@ def load_stats(path: Path) -> ColorStats:
         raise TrainingError(f"{path}: cannot read the dataset statistics ({e}); rerun `prepare`") from None
 
 
-class PreparedSplit:
-    """One split: ``images`` uint8 [N, 3, 256, 256] memory-mapped (nothing read until used), ``labels`` [N]."""
+def _map_read_only(path: Path) -> mmap.mmap:
+    """The whole file mapped read-only and shared: nothing is committed up front, pages are shared."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _tensor_of(mapped: mmap.mmap, dtype=torch.uint8) -> torch.Tensor:
+    """A tensor over the mapping, no copy. It must only be read: writing to it crashes (SIGSEGV)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        return torch.frombuffer(mapped, dtype=dtype)
+
+
+def writable_view(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (for Pillow's output, without numpy)."""
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise ValueError("expected a contiguous CPU tensor")
+    nbytes = tensor.numel() * tensor.element_size()
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+class _Split:
+    """What both stores share: ``name``, ``files``, ``labels`` (int64 [N]), ``skipped`` from <split>.json,
+    ``len()``, and ``batch(indices)`` / ``read_into(indices, out)`` (implemented per store)."""
+
+    store = ""
+    threads_suffice = True  # True: reading releases the GIL (a copy); False: it needs processes (decoding)
 
     def __init__(self, root: Path, name: str):
-        self.name = name
-        index_path, data_path = root / f"{name}.json", root / f"{name}.u8"
+        self.root, self.name = root, name
+        index_path = root / f"{name}.json"
         try:
             index = json.loads(index_path.read_text())
             self.files: list[str] = index["files"]
@@ -122,25 +184,132 @@ class PreparedSplit:
             self.skipped: list[dict] = index.get("skipped", [])
         except (OSError, ValueError, KeyError) as e:
             raise TrainingError(f"{index_path}: missing or unreadable ({e}); rerun `prepare`") from None
-        count = len(self.labels)
-        if count == 0:
+        if len(self.labels) == 0:
             raise TrainingError(f"{root}: the {name} split is empty")
-        size = data_path.stat().st_size if data_path.exists() else None
-        if size != count * IMAGE_BYTES:
-            found = "missing" if size is None else f"{size:,} bytes"
-            raise TrainingError(
-                f"{data_path}: expected {count:,} images = {count * IMAGE_BYTES:,} bytes, found {found}; "
-                "rerun `prepare`"
-            )
-        flat = torch.from_file(str(data_path), shared=False, size=count * IMAGE_BYTES, dtype=torch.uint8)
-        self.images = flat.view(count, 3, IMAGE_SIZE, IMAGE_SIZE)
+        self._index = index
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _size(self, path: Path, expected: int, what: str) -> None:
+        size = path.stat().st_size if path.exists() else None
+        if size != expected:
+            found = "missing" if size is None else f"{size:,} bytes"
+            raise TrainingError(f"{path}: expected {what} = {expected:,} bytes, found {found}; rerun `prepare`")
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The given images, uint8 [n, 3, 256, 256] (a copy), and their labels [n]."""
+        images = torch.empty(len(indices), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+        self.read_into(indices, images)
+        return images, self.labels.index_select(0, indices)
+
+    def read_into(self, indices: torch.Tensor, out: torch.Tensor) -> None:
+        """Write images ``indices`` into ``out[:len(indices)]`` (uint8 [≥n, 3, 256, 256], contiguous)."""
+        raise NotImplementedError
+
+
+class PreparedSplit(_Split):
+    """A raw split: ``images`` uint8 [N, 3, 256, 256] memory-mapped read-only (nothing read until used; the
+    tensor must not be written to), ``labels`` [N]."""
+
+    store = "raw"
+
+    def __init__(self, root: Path, name: str):
+        super().__init__(root, name)
+        count = len(self.labels)
+        data_path = root / f"{name}.u8"
+        self._size(data_path, count * IMAGE_BYTES, f"{count:,} images")
+        self._mapped = _map_read_only(data_path)
+        self.images = _tensor_of(self._mapped).view(count, 3, IMAGE_SIZE, IMAGE_SIZE)
+
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy the given images out of the file: uint8 [n, 3, 256, 256] and labels [n]."""
         return self.images.index_select(0, indices), self.labels.index_select(0, indices)
+
+    def read_into(self, indices: torch.Tensor, out: torch.Tensor) -> None:
+        torch.index_select(self.images, 0, indices, out=out[: len(indices)])  # one copy; releases the GIL
+
+
+class JpegSplit(_Split):
+    """A JPEG split: record i of <split>.jpg is image i re-encoded as a JPEG; decoded on every read.
+
+    Decoding uses Pillow's JPEG decoder object directly (no ``Image.open``: its marker parsing is Python)
+    into one reused RGB canvas, then Pillow's raw encoder writes each colour plane, so the CHW output needs
+    no transposing copy. Per image ~0.35–0.5 ms on one core (BENCHMARKS.md). Reading needs the GIL for
+    the Python around it, so the loader decodes in worker processes (``threads_suffice`` is False).
+    """
+
+    store = "jpeg"
+    threads_suffice = False
+
+    def __init__(self, root: Path, name: str):
+        super().__init__(root, name)
+        count = len(self.labels)
+        data_path, offsets_path, crc_path = (root / f for f in store_files("jpeg", name))
+        self._size(offsets_path, (count + 1) * 8, f"{count + 1:,} offsets")
+        self._size(crc_path, count * 4, f"{count:,} checksums")
+        self._offsets_map, self._crc_map = _map_read_only(offsets_path), _map_read_only(crc_path)
+        offsets = _tensor_of(self._offsets_map, torch.int64)
+        data_size = data_path.stat().st_size if data_path.exists() else None
+        ordered = int(offsets[0]) == 0 and not bool((offsets.diff() <= 0).any())
+        if data_size is None or not ordered or int(offsets[-1]) != data_size:
+            found = "missing" if data_size is None else f"{data_size:,} bytes"
+            raise TrainingError(
+                f"{data_path} ({found}) does not match {offsets_path.name} (records end at {int(offsets[-1]):,}); "
+                "rerun `prepare`"
+            )
+        self.data_path = data_path
+        self.offsets = offsets  # int64 [N + 1], read-only
+        self._data_map = _map_read_only(data_path)
+        # memoryviews: indexing one gives a Python int / a zero-copy slice, the cheapest per-image access
+        self._data = memoryview(self._data_map)
+        self._offset = memoryview(self._offsets_map).cast("q")
+        self._crc = memoryview(self._crc_map).cast("I")
+
+    def record(self, i: int) -> memoryview:
+        """Record i's JPEG bytes (zero copy)."""
+        return self._data[self._offset[i] : self._offset[i + 1]]
+
+    def read_into(self, indices: torch.Tensor, out: torch.Tensor) -> None:
+        n = len(indices)
+        self.decode_into(indices.tolist(), writable_view(out[:n]), 0)
+
+    def decode_into(self, indices: list[int], out: memoryview, start: int) -> None:
+        """Decode records ``indices`` as CHW uint8 into ``out[start:]``, image after image. Raises
+        TrainingError naming the record and its source file when one is damaged."""
+        from PIL import Image
+
+        core = Image.core
+        plane = IMAGE_SIZE * IMAGE_SIZE
+        canvas = core.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
+        extents = (0, 0, IMAGE_SIZE, IMAGE_SIZE)
+        jpeg_decoder, raw_encoder, crc32 = core.jpeg_decoder, core.raw_encoder, zlib.crc32
+        data, offset, crc = self._data, self._offset, self._crc
+        position = start
+        for i in indices:
+            record = data[offset[i] : offset[i + 1]]
+            if crc32(record) != crc[i]:
+                self._damaged(i, "its checksum does not match")
+            decoder = jpeg_decoder("RGB", "RGB", "")
+            decoder.setimage(canvas, extents)
+            try:
+                consumed, status = decoder.decode(record)
+            finally:
+                decoder.cleanup()
+            if consumed >= 0 or status < 0:  # (-1, 0): the whole image was decoded
+                self._damaged(i, f"the JPEG decoder stopped ({consumed}, {status})")
+            for band in ("R", "G", "B"):
+                encoder = raw_encoder("RGB", band, 0, 1)
+                encoder.setimage(canvas, extents)
+                _, _, pixels = encoder.encode(plane + 1024)  # one call: the whole plane
+                out[position : position + plane] = pixels
+                position += plane
+
+    def _damaged(self, i: int, why: str):
+        raise TrainingError(
+            f"{self.data_path}: record {i} of the {self.name} split ({self.files[i]}) is damaged ({why}); the "
+            f"file changed after `prepare` wrote it. Run `python -m training prepare` again into a new directory."
+        )
 
 
 class PreparedDataset:
@@ -161,23 +330,31 @@ class PreparedDataset:
             raise TrainingError(f"{meta_path}: unreadable ({e})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise TrainingError(f"{meta_path}: not a dataset prepared by `python -m training prepare`")
-        if meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version")
+        if version not in READABLE_VERSIONS:
             raise TrainingError(
-                f"{root} was prepared in format version {meta.get('format_version')}; this code reads version "
-                f"{FORMAT_VERSION}. Prepare the dataset again into a new directory."
+                f"{root} was prepared in format version {version}; this code reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}. Prepare the dataset again into a new directory."
+            )
+        store = meta.get("store", "raw")  # version 1 predates the key: raw
+        if store not in STORES or (version == RAW_FORMAT_VERSION and store != "raw"):
+            raise TrainingError(
+                f"{meta_path}: unknown image store {store!r} for format version {version}; "
+                "prepare the dataset again into a new directory"
             )
         self.meta = meta
+        self.store: str = store
         self.name: str = meta["name"]
         self.fingerprint: str = meta["fingerprint"]
         self.classes = tuple(ImageClass(c["wnid"], c["name"]) for c in meta["classes"])
-        self._splits: dict[str, PreparedSplit] = {}
+        self._splits: dict[str, PreparedSplit | JpegSplit] = {}
         self._stats: ColorStats | None = None
 
-    def split(self, name: str) -> PreparedSplit:
+    def split(self, name: str) -> PreparedSplit | JpegSplit:
         if name not in self.meta["splits"]:
             raise TrainingError(f"{self.root} has no split {name!r} (it has {sorted(self.meta['splits'])})")
         if name not in self._splits:
-            self._splits[name] = PreparedSplit(self.root, name)
+            self._splits[name] = (PreparedSplit if self.store == "raw" else JpegSplit)(self.root, name)
         return self._splits[name]
 
     @property

@@ -7,11 +7,14 @@ Source layouts:
                                                        --val-labels, default SRC/val.txt
 
 Each image goes through the shared preprocessing (``model.load_image``: decode, EXIF orientation, RGB,
-shorter side 256, centre 256×256) in a pool of worker processes. The main process appends the results
-to ``DEST/.<split>.u8.partial`` and, every ``--chunk`` images, fsyncs it and atomically records how far
-it got (with the running sums for the statistics) in ``DEST/.<split>.progress.safetensors``. A rerun
-after an interruption truncates the partial file to the last record and continues from there. Finished
-files appear by rename; ``dataset.json`` is written last.
+shorter side 256, centre 256×256) in a pool of worker processes, which for ``--store jpeg`` also
+re-encode it as a JPEG (``--quality``, 4:4:4 chroma). The main process appends the results to the
+split's partial files (raw: ``DEST/.<split>.u8.partial``; jpeg: ``.<split>.jpg.partial`` with
+``.<split>.offsets.partial`` and ``.<split>.crc32.partial``) and, every ``--chunk`` images, fsyncs them and
+atomically records how far it got (images, data bytes, the running sums for the statistics) in
+``DEST/.<split>.progress.safetensors``. A rerun after an interruption truncates every partial file to
+the last record, consistently, and continues from there. Finished files appear by rename;
+``dataset.json`` is written last.
 
 Statistics (over every image of the training split, all 65,536 pixels each): the mean image, and the 3×3
 covariance of RGB values with its eigenvectors and eigenvalues for the paper's PCA lighting. The sums
@@ -22,13 +25,16 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import shutil
 import signal
+import struct
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -44,20 +50,66 @@ from model.checkpoint import save_safetensors
 
 from .data import (
     FORMAT_NAME,
-    FORMAT_VERSION,
     IMAGE_BYTES,
     IMAGE_SIZE,
+    READABLE_VERSIONS,
     SPLITS,
+    STORES,
     DirectoryLock,
     TrainingError,
+    format_version,
     load_stats,
     save_stats,
     stats_from_sums,
+    store_files,
 )
 from .progress import Progress
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_CHUNK = 512  # images between progress records: ~100 MB of output, a few seconds of work
+DEFAULT_STORE = "raw"
+DEFAULT_QUALITY = 90  # jpeg store: RMSE 2.9 levels, 1/8 of the raw bytes (BENCHMARKS.md, "Training")
+JPEG_SUBSAMPLING = "4:4:4"  # no chroma subsampling: at the same size, less error than 4:2:0 at a higher quality
+
+
+def jpeg_bytes_estimate(quality: int) -> int:
+    """A generous estimate of a 256×256 JPEG record's size (~1.6× the mean measured on ImageNet photos),
+    for the disk space check."""
+    return IMAGE_BYTES * (20 if quality <= 90 else 30 if quality <= 95 else 50) // 100 + 12
+
+
+@dataclass(frozen=True)
+class Store:
+    """How the images are stored: "raw" (quality None) or "jpeg" at a quality 1..100."""
+
+    kind: str = DEFAULT_STORE
+    quality: int | None = None
+
+    @classmethod
+    def make(cls, kind: str = DEFAULT_STORE, quality: int | None = None) -> Store:
+        if kind not in STORES:
+            raise TrainingError(f"--store must be one of {', '.join(STORES)}, not {kind!r}")
+        if kind == "raw":
+            return cls("raw", None)
+        quality = DEFAULT_QUALITY if quality is None else quality
+        if not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise TrainingError(f"--quality must be an integer from 1 to 100, not {quality!r}")
+        return cls("jpeg", quality)
+
+    def describe(self) -> str:
+        return "raw" if self.kind == "raw" else f"jpeg (quality {self.quality})"
+
+    def files(self, split: str) -> tuple[str, ...]:
+        return store_files(self.kind, split)
+
+    def sizes(self, written: int, data_bytes: int) -> tuple[int, ...]:
+        """The expected sizes of ``files(split)`` after ``written`` images of ``data_bytes`` bytes."""
+        if self.kind == "raw":
+            return (data_bytes,)
+        return (data_bytes, (written + 1) * 8, written * 4)
+
+    def estimate(self, images: int) -> int:
+        return images * (IMAGE_BYTES if self.kind == "raw" else jpeg_bytes_estimate(self.quality))
 
 
 # 1. What is in SRC.
@@ -179,25 +231,43 @@ def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
 
 
-def _decode(task: tuple[str, bool]):
-    """Path → (uint8 bytes [3,256,256], per-image RGB sums or None, error or None). Never raises."""
-    path, with_stats = task
+def encode_jpeg(image: torch.Tensor, quality: int) -> bytes:
+    """uint8 [3, 256, 256] → one baseline JPEG of the jpeg store (4:4:4 chroma, deterministic)."""
+    from PIL import Image
+
+    hwc = image.permute(1, 2, 0).contiguous()
+    pil = Image.frombuffer("RGB", (hwc.shape[1], hwc.shape[0]), ctypes.string_at(hwc.data_ptr(), hwc.numel()), "raw")
+    out = io.BytesIO()
+    pil.save(out, "JPEG", quality=quality, subsampling=JPEG_SUBSAMPLING)
+    return out.getvalue()
+
+
+def _decode(task: tuple):
+    """(path, with_stats[, quality]) → (record, uint8 pixel bytes [3,256,256] when with_stats, per-image
+    RGB sums or None, error or None). The record is what the store appends: the pixel bytes (raw), or their
+    JPEG (quality given). Statistics are of the pixels before compression. Never raises."""
+    path, with_stats = task[:2]
+    quality = task[2] if len(task) > 2 else None
     try:
         image = load_image(Path(path).read_bytes(), size=IMAGE_SIZE)
     except ImageError as e:
-        return None, None, f"{type(e).__name__}: {e}"
+        return None, None, None, f"{type(e).__name__}: {e}"
     except OSError as e:
-        return None, None, f"cannot read: {e.strerror or e}"
+        return None, None, None, f"cannot read: {e.strerror or e}"
     except Exception as e:  # a decoder bug must not stop a day-long job; the file is listed as skipped
-        return None, None, f"{type(e).__name__}: {e}"
+        return None, None, None, f"{type(e).__name__}: {e}"
     image = image.contiguous()
     data = ctypes.string_at(image.data_ptr(), IMAGE_BYTES)  # the tensor's bytes (no numpy needed)
+    try:
+        record = data if quality is None else encode_jpeg(image, quality)
+    except Exception as e:
+        return None, None, None, f"cannot encode as JPEG: {type(e).__name__}: {e}"
     sums = None
     if with_stats:
         # Exact in float64: every product is at most 255², and a sum over 65,536 pixels stays below 2^53.
         pixels = image.reshape(3, -1).double()
         sums = (pixels.sum(1).long().tolist(), (pixels @ pixels.T).long().tolist())
-    return data, sums, None
+    return record, data if with_stats else None, sums, None  # (pickled once when record is data)
 
 
 class _InlinePool:
@@ -226,28 +296,49 @@ def _pool(workers: int):
 class _Progress:
     """The resumable record of one split: how far the partial file is valid, and the running sums."""
 
-    def __init__(self, path: Path, fingerprint: str):
-        self.path, self.fingerprint = path, fingerprint
+    def __init__(self, path: Path, fingerprint: str, store: Store):
+        self.path, self.fingerprint, self.store = path, fingerprint, store
         self.done = 0  # source items consumed
-        self.written = 0  # images in the partial file
+        self.written = 0  # images in the partial files
+        self.data_bytes = 0  # bytes in the partial data file
         self.skipped: list[dict] = []  # {"file", "error"}
         self.sum_image = torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.int64)
         self.sum_rgb = torch.zeros(3, dtype=torch.int64)
         self.sum_outer = torch.zeros(3, 3, dtype=torch.int64)
 
+    @staticmethod
+    def saved_store(path: Path, fingerprint: str) -> Store | None:
+        """The store a saved record of this source was written for (None: no readable record of it)."""
+        if not path.exists():
+            return None
+        try:
+            with safetensors.safe_open(str(path), "pt") as f:
+                meta = f.metadata()
+            if meta.get("fingerprint") != fingerprint:
+                return None
+            quality = meta.get("quality")
+            return Store(meta.get("store", "raw"), int(quality) if quality else None)
+        except Exception:
+            return None
+
     @classmethod
-    def load(cls, path: Path, fingerprint: str) -> _Progress | None:
-        """The saved record, or None when there is none or it belongs to another source or version."""
+    def load(cls, path: Path, fingerprint: str, store: Store) -> _Progress | None:
+        """The saved record, or None when there is none or it belongs to another source, version or store."""
         if not path.exists():
             return None
         try:
             with safetensors.safe_open(str(path), "pt") as f:
                 meta = f.metadata()
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            if meta.get("format_version") != str(FORMAT_VERSION) or meta.get("fingerprint") != fingerprint:
+            if (
+                meta.get("format_version") != str(format_version(store.kind))
+                or meta.get("fingerprint") != fingerprint
+                or cls.saved_store(path, fingerprint) != store
+            ):
                 return None
-            record = cls(path, fingerprint)
+            record = cls(path, fingerprint, store)
             record.done, record.written = int(meta["done"]), int(meta["written"])
+            record.data_bytes = int(meta.get("data_bytes", record.written * IMAGE_BYTES))
             record.skipped = json.loads(meta["skipped"])
             record.sum_image, record.sum_rgb, record.sum_outer = (
                 tensors["sum_image"],
@@ -260,10 +351,13 @@ class _Progress:
 
     def save(self) -> None:
         meta = {
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(format_version(self.store.kind)),
             "fingerprint": self.fingerprint,
+            "store": self.store.kind,
+            "quality": str(self.store.quality or ""),
             "done": str(self.done),
             "written": str(self.written),
+            "data_bytes": str(self.data_bytes),
             "skipped": json.dumps(self.skipped),
         }
         tensors = {"sum_image": self.sum_image, "sum_rgb": self.sum_rgb, "sum_outer": self.sum_outer}
@@ -271,81 +365,126 @@ class _Progress:
             save_safetensors(tensors, tmp, meta, destination=self.path)
 
 
-def _split_complete(dest: Path, split: str, fingerprint: str) -> dict | None:
-    """The split's index when it was finished for this source, else None."""
-    index_path, data_path = dest / f"{split}.json", dest / f"{split}.u8"
+def _index_store(index: dict) -> Store:
+    return Store(index.get("store", "raw"), index.get("quality"))
+
+
+def _split_complete(dest: Path, split: str, fingerprint: str, store: Store) -> dict | None:
+    """The split's index when it was finished for this source and store, else None."""
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads((dest / f"{split}.json").read_text())
     except (OSError, ValueError):
         return None
-    if index.get("fingerprint") != fingerprint or not data_path.exists():
+    if index.get("fingerprint") != fingerprint or _index_store(index) != store:
         return None
-    if data_path.stat().st_size != len(index["labels"]) * IMAGE_BYTES:
-        return None
+    count = len(index["labels"])
+    expected = store.sizes(count, index.get("data_bytes", count * IMAGE_BYTES))
+    for name, size in zip(store.files(split), expected):
+        path = dest / name
+        if not path.exists() or path.stat().st_size != size:
+            return None
     return index
 
 
-def prepare_split(source: Source, dest: Path, split: str, pool, chunk: int, show_progress: bool = True) -> dict:
-    """Decode one split into DEST/<split>.u8 + DEST/<split>.json; return its index."""
+def prepare_split(
+    source: Source, dest: Path, split: str, pool, chunk: int, show_progress: bool = True, store: Store = Store()
+) -> dict:
+    """Decode one split into its store's files (DEST/<split>.u8, or .jpg/.offsets/.crc32) + DEST/<split>.json;
+    return its index."""
     fingerprint = source.fingerprint
-    done_index = _split_complete(dest, split, fingerprint)
+    done_index = _split_complete(dest, split, fingerprint, store)
     if done_index is not None:
         print(f"{split}: already prepared ({len(done_index['labels']):,} images)", file=sys.stderr)
         return done_index
 
     items = source.items[split]
-    partial = dest / f".{split}.u8.partial"
+    finals = [dest / name for name in store.files(split)]  # the data file first
+    partials = [dest / f".{name}.partial" for name in store.files(split)]
     record_path = dest / f".{split}.progress.safetensors"
-    record = _Progress.load(record_path, fingerprint)
+    record = _Progress.load(record_path, fingerprint, store)
     if record is None:
-        record = _Progress(record_path, fingerprint)
+        record = _Progress(record_path, fingerprint, store)
     elif record.done:
         print(f"{split}: continuing after {record.done:,} of {len(items):,} images", file=sys.stderr)
     with_stats = split == "train"
-    final = dest / f"{split}.u8"
 
-    finished = record.done == len(items) and not partial.exists() and final.exists()
-    if finished and final.stat().st_size == record.written * IMAGE_BYTES:
-        pass  # interrupted after the rename: only the index is left to write
+    sizes = store.sizes(record.written, record.data_bytes)
+    if record.done == len(items) and _renamed(partials, finals, sizes):
+        for partial, final in zip(partials, finals):  # interrupted after (some of) the renames: finish them
+            if partial.exists():
+                os.replace(partial, final)
     else:
-        if not partial.exists() or partial.stat().st_size < record.written * IMAGE_BYTES:
-            record = _Progress(record_path, fingerprint)  # nothing usable on disk: start the split over
-        _decode_into(source, items, partial, record, pool, chunk, with_stats, split, show_progress)
+        if record.written and not _partials_usable(partials, sizes, store, record):
+            record = _Progress(record_path, fingerprint, store)  # nothing usable on disk: start the split over
+        _decode_into(source, items, partials, record, pool, chunk, with_stats, split, show_progress)
         if with_stats:
             stats = stats_from_sums(record.sum_image, record.sum_rgb, record.sum_outer, record.written)
             save_stats(dest / "stats.safetensors", stats)
-        os.replace(partial, final)  # the complete file appears at once
+        for partial, final in zip(partials, finals):  # the complete files appear at once, the data file first
+            os.replace(partial, final)
 
     skipped_items = {s["item"] for s in record.skipped}
     kept = [item for i, item in enumerate(items) if i not in skipped_items]
     index = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(store.kind),
         "fingerprint": fingerprint,
         "split": split,
         "files": [path for path, _ in kept],
         "labels": [label for _, label in kept],
         "skipped": [{"file": s["file"], "error": s["error"]} for s in record.skipped],
     }
+    if store.kind != "raw":
+        index.update(store=store.kind, quality=store.quality, data_bytes=record.data_bytes)
     atomic_write(dest / f"{split}.json", json.dumps(index).encode())
     record_path.unlink(missing_ok=True)
     return index
 
 
-def _decode_into(source, items, partial, record, pool, chunk, with_stats, split, show_progress) -> None:
-    with open(partial, "ab") as out:
-        out.truncate(record.written * IMAGE_BYTES)  # drop whatever followed the last record
-        out.seek(record.written * IMAGE_BYTES)
-        tasks = [(str(source.root / path), with_stats) for path, _ in items[record.done :]]
+def _renamed(partials: list[Path], finals: list[Path], sizes) -> bool:
+    """The renames of a finished split began (its data file is in place) and every file has its size."""
+    if partials[0].exists() or not finals[0].exists():
+        return False
+    present = [p if p.exists() else f for p, f in zip(partials, finals)]
+    return all(path.exists() and path.stat().st_size == size for path, size in zip(present, sizes))
+
+
+def _partials_usable(partials: list[Path], sizes, store: Store, record: _Progress) -> bool:
+    """Every partial file holds at least what the record says, and (jpeg) the offsets agree with it."""
+    if any(not p.exists() or p.stat().st_size < n for p, n in zip(partials, sizes)):
+        return False
+    if store.kind == "jpeg":
+        with open(partials[1], "rb") as f:
+            f.seek(record.written * 8)
+            (last,) = struct.unpack("<q", f.read(8))
+        return last == record.data_bytes
+    return True
+
+
+def _decode_into(source, items, partials, record, pool, chunk, with_stats, split, show_progress) -> None:
+    store = record.store
+    jpeg = store.kind == "jpeg"
+    sizes = store.sizes(record.written, record.data_bytes)
+    outs = [open(path, "ab") for path in partials]
+    try:
+        for out, size in zip(outs, sizes):
+            out.truncate(size)  # drop whatever followed the last record (jpeg: a new file gets offsets[0] = 0)
+            out.seek(size)
+        data_out = outs[0]
+        tasks = [(str(source.root / path), with_stats, store.quality) for path, _ in items[record.done :]]
         bar = Progress(len(items), f"prepare {split}", enabled=show_progress)
         bar.done = record.done
         since_record = 0
-        for data, sums, error in pool.imap(_decode, tasks, chunksize=4):
+        for data, pixels, sums, error in pool.imap(_decode, tasks, chunksize=4):
             if error is None:
-                out.write(data)
+                data_out.write(data)
                 record.written += 1
+                record.data_bytes += len(data)
+                if jpeg:
+                    outs[1].write(struct.pack("<q", record.data_bytes))
+                    outs[2].write(struct.pack("<I", zlib.crc32(data)))
                 if with_stats:
-                    record.sum_image += torch.frombuffer(bytearray(data), dtype=torch.uint8).view(
+                    record.sum_image += torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(
                         record.sum_image.shape
                     )
                     record.sum_rgb += torch.tensor(sums[0])
@@ -356,11 +495,15 @@ def _decode_into(source, items, partial, record, pool, chunk, with_stats, split,
             since_record += 1
             bar.update(1, skipped=len(record.skipped))
             if since_record >= chunk or record.done == len(items):
-                out.flush()
-                os.fsync(out.fileno())
+                for out in outs:
+                    out.flush()
+                    os.fsync(out.fileno())
                 record.save()
                 since_record = 0
         bar.close()
+    finally:
+        for out in outs:
+            out.close()
     if record.written == 0:
         raise TrainingError(f"{source.root / split}: none of the {len(items):,} images could be decoded")
 
@@ -368,8 +511,8 @@ def _decode_into(source, items, partial, record, pool, chunk, with_stats, split,
 # 4. The command.
 
 
-def _check_destination(dest: Path, source: Source) -> bool:
-    """True when DEST already holds this exact dataset. Raises when DEST holds something else."""
+def _check_destination(dest: Path, source: Source, store: Store = Store()) -> bool:
+    """True when DEST already holds this exact dataset in this store. Raises when DEST holds something else."""
     meta_path = dest / "dataset.json"
     if meta_path.exists():
         try:
@@ -378,18 +521,39 @@ def _check_destination(dest: Path, source: Source) -> bool:
             raise TrainingError(f"{meta_path}: unreadable; choose another DEST") from None
         if meta.get("format") != FORMAT_NAME:
             raise TrainingError(f"{dest}: holds a dataset.json that `prepare` did not write; choose another DEST")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise TrainingError(
                 f"{dest} holds a dataset prepared in format version {meta.get('format_version')} (this code writes "
-                f"{FORMAT_VERSION}); delete it or choose another DEST"
+                f"{', '.join(map(str, READABLE_VERSIONS))}); delete it or choose another DEST"
             )
         if meta.get("fingerprint") != source.fingerprint:
             raise TrainingError(
                 f"{dest} already holds a prepared dataset from another source ({meta.get('source')}); "
                 "choose another DEST"
             )
+        held = Store(meta.get("store", "raw"), meta.get("quality"))
+        if held != store:
+            raise TrainingError(
+                f"{dest} already holds this dataset as a {held.describe()} store, not {store.describe()}; "
+                "choose another DEST"
+            )
         return True
-    ours = {"train.u8", "val.u8", "train.json", "val.json", "stats.safetensors", "skipped.txt"}
+    for split in SPLITS:  # a partial preparation must be continued in the store it was started in
+        held = _Progress.saved_store(dest / f".{split}.progress.safetensors", source.fingerprint)
+        try:
+            index = json.loads((dest / f"{split}.json").read_text())
+            if index.get("fingerprint") == source.fingerprint:
+                held = held or _index_store(index)
+        except (OSError, ValueError, AttributeError):
+            pass
+        if held is not None and held != store:
+            flags = "--store raw" if held.kind == "raw" else f"--store jpeg --quality {held.quality}"
+            raise TrainingError(
+                f"{dest} holds an unfinished {held.describe()} preparation, not {store.describe()}: rerun with "
+                f"{flags} to continue it, or choose another DEST"
+            )
+    ours = {name for split in SPLITS for kind in STORES for name in store_files(kind, split)}
+    ours |= {"train.json", "val.json", "stats.safetensors", "skipped.txt"}
     ours.add("lost+found")  # DEST may be the root of a fresh filesystem
     if dest.exists() and not dest.is_dir():
         raise TrainingError(f"{dest}: exists and is not a directory; choose another DEST")
@@ -403,32 +567,34 @@ def _check_destination(dest: Path, source: Source) -> bool:
     return False
 
 
-def _check_disk_space(dest: Path, source: Source) -> None:
+def _check_disk_space(dest: Path, source: Source, store: Store = Store()) -> None:
     needed = 0
     for split in SPLITS:
-        if _split_complete(dest, split, source.fingerprint) is None:
-            record = _Progress.load(dest / f".{split}.progress.safetensors", source.fingerprint)
-            needed += (len(source.items[split]) - (record.written if record else 0)) * IMAGE_BYTES
+        if _split_complete(dest, split, source.fingerprint, store) is None:
+            record = _Progress.load(dest / f".{split}.progress.safetensors", source.fingerprint, store)
+            needed += store.estimate(len(source.items[split]) - (record.written if record else 0))
     free = shutil.disk_usage(dest).free
     if needed > free:
+        about = "" if store.kind == "raw" else "about "
         raise TrainingError(
-            f"not enough disk space in {dest}: the prepared images need {needed / 1e9:,.2f} GB, "
-            f"{free / 1e9:,.2f} GB are free"
+            f"not enough disk space in {dest}: the prepared images need {about}{needed / 1e9:,.2f} GB "
+            f"({store.describe()}), {free / 1e9:,.2f} GB are free"
         )
 
 
-def _prepare_locked(source: Source, dest: Path, workers, name, chunk, show_progress) -> dict:
-    _check_disk_space(dest, source)
+def _prepare_locked(source: Source, dest: Path, workers, name, chunk, show_progress, store: Store) -> dict:
+    _check_disk_space(dest, source, store)
     counts = {s: len(v) for s, v in source.items.items()}
     print(
-        f"{len(source.classes)} classes, {counts['train']:,} train and {counts['val']:,} val images → {dest}",
+        f"{len(source.classes)} classes, {counts['train']:,} train and {counts['val']:,} val images → {dest} "
+        f"({store.describe()})",
         file=sys.stderr,
     )
 
     workers = (os.cpu_count() or 1) if workers is None else workers
     pool = _pool(workers)
     try:
-        indexes = {split: prepare_split(source, dest, split, pool, chunk, show_progress) for split in SPLITS}
+        indexes = {split: prepare_split(source, dest, split, pool, chunk, show_progress, store) for split in SPLITS}
     finally:
         pool.terminate()
         pool.join()
@@ -438,7 +604,10 @@ def _prepare_locked(source: Source, dest: Path, workers, name, chunk, show_progr
     stats = load_stats(dest / "stats.safetensors")
     meta = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(store.kind),
+        "store": store.kind,
+        "quality": store.quality,
+        **({"chroma_subsampling": JPEG_SUBSAMPLING} if store.kind == "jpeg" else {}),
         "name": name or source.root.resolve().name,
         "source": str(source.root.resolve()),
         "fingerprint": source.fingerprint,
@@ -468,19 +637,23 @@ def prepare(
     name: str | None = None,
     chunk: int = DEFAULT_CHUNK,
     show_progress: bool = True,
+    store: str = DEFAULT_STORE,
+    quality: int | None = None,
 ) -> dict:
-    """Prepare SRC into DEST (see the module docstring); return the contents of DEST/dataset.json."""
+    """Prepare SRC into DEST (see the module docstring); return the contents of DEST/dataset.json.
+    ``store``: "raw" (uint8 arrays) or "jpeg" (re-encoded at ``quality``, default DEFAULT_QUALITY)."""
     started = time.perf_counter()
+    kind = Store.make(store, quality)
     source = scan_source(src, val_labels)
     dest = Path(dest)
-    if _check_destination(dest, source):
+    if _check_destination(dest, source, kind):
         meta = json.loads((dest / "dataset.json").read_text())
         print(f"{dest}: already prepared from this source; nothing to do", file=sys.stderr)
         return meta
     lock = DirectoryLock(dest, "`prepare`")  # creates DEST; held until dataset.json is written
     try:
         remove_stale_temporaries(dest)  # left by a writer that was killed (its .partial files are resumed)
-        meta = _prepare_locked(source, dest, workers, name, chunk, show_progress)
+        meta = _prepare_locked(source, dest, workers, name, chunk, show_progress, kind)
     finally:
         lock.release()
 
