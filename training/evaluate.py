@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from model import CheckpointError, Preprocessor, atomic_write, load_checkpoint
 
-from .data import IMAGE_SIZE, PreparedDataset, PreparedSplit, TrainingError, prefetch
+from .data import IMAGE_SIZE, JpegSplit, PreparedDataset, PreparedSplit, TrainingError
+from .loader import BatchLoader
 from .progress import Progress
 
 CROPS = ("center", "ten")
@@ -30,7 +31,7 @@ CROPS = ("center", "ten")
 def evaluate(
     net: torch.nn.Module,
     preprocessor: Preprocessor,
-    split: PreparedSplit,
+    split: PreparedSplit | JpegSplit,
     *,
     crops=("center",),
     device="cpu",
@@ -43,7 +44,8 @@ def evaluate(
     show_progress: bool = True,
 ) -> dict[str, dict]:
     """{crops: {"loss", "top1_error", "top5_error", "images"}} over the split (this rank's share, summed
-    over all ranks when ``world`` > 1). ``label_map`` maps the split's class indices to the net's."""
+    over all ranks when ``world`` > 1). ``label_map`` maps the split's class indices to the net's.
+    ``workers``: the BatchLoader's threads (raw store) or decoding processes (jpeg store)."""
     device = torch.device(device)
     was_training = net.training
     net.eval()
@@ -52,20 +54,17 @@ def evaluate(
     sums = {crop: torch.zeros(4, dtype=torch.float64) for crop in crops}  # loss, top-1 wrong, top-5 wrong, n
     bar = Progress(len(indices), "evaluate", enabled=show_progress and rank == 0)
 
-    def load(batch_indices):
-        images, labels = split.batch(batch_indices)
-        if device.type == "cuda":
-            images, labels = images.pin_memory(), labels.pin_memory()
-        return images, labels
-
-    for images, labels in prefetch(load, batches, workers):
-        images = images.to(device, non_blocking=True)
-        labels = (labels if label_map is None else label_map[labels]).to(device, non_blocking=True)
-        for crop in crops:
-            x = preprocessor.from_uint8(images, crop)  # THE shared preprocessing
-            log_probs = _log_probs(net, x, batch_size, autocast)
-            sums[crop] += _score(log_probs, labels)
-        bar.update(len(labels))
+    with BatchLoader(split, workers, batch_size, pin_memory=device.type == "cuda") as loader:
+        for batch in loader.batches(enumerate(batches)):
+            images = batch.images.to(device, non_blocking=True)
+            labels = batch.labels if label_map is None else label_map[batch.labels]
+            labels = labels.to(device, non_blocking=True)
+            for crop in crops:
+                x = preprocessor.from_uint8(images, crop)  # THE shared preprocessing
+                log_probs = _log_probs(net, x, batch_size, autocast)
+                sums[crop] += _score(log_probs, labels)  # .cpu(): the copies out of the slot have completed
+            batch.release()
+            bar.update(len(labels))
     bar.close()
 
     if world > 1:
