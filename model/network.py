@@ -250,15 +250,23 @@ class AlexNet(nn.Module):
         b_ext = torch.cat([a[:, a.shape[1] - below :].to(device_b, non_blocking=True), b], dim=1)
         return [self.towers[0].lrn(a_ext)[:, : a.shape[1]], self.towers[1].lrn(b_ext)[:, below:]]
 
-    def _conv1_to_pool2(self, images: torch.Tensor) -> list[torch.Tensor]:
-        towers, devices = self.towers, self.devices
+    def _per_tower(self, images) -> list[torch.Tensor]:
+        """The input on each tower's device: given as one tensor (copied to each), or as a pair already
+        placed (training augments the uint8 batch on both GPUs rather than sending float32 across)."""
+        if isinstance(images, (list, tuple)):
+            return list(images)
+        return [images.to(d, non_blocking=True) for d in self.devices]
+
+    def _conv1_to_pool2(self, images) -> list[torch.Tensor]:
+        towers = self.towers
         if not self.config.lrn_across_towers:
-            return [t.conv1_to_pool2(images.to(d, non_blocking=True)) for t, d in zip(towers, devices)]
-        x = [t.relu_conv1(images.to(d, non_blocking=True)) for t, d in zip(towers, devices)]
+            return [t.conv1_to_pool2(x) for t, x in zip(towers, self._per_tower(images))]
+        x = [t.relu_conv1(x) for t, x in zip(towers, self._per_tower(images))]
         x = [_relu(t.conv2(_max_pool(h))) for t, h in zip(towers, self._lrn_across(x))]
         return [_max_pool(h) for h in self._lrn_across(x)]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """images: [n, 3, h, w] anywhere, or [tower 0's copy, tower 1's copy]; logits on tower 0's device."""
         towers, devices = self.towers, self.devices
         x = self._conv1_to_pool2(images)
         x = [t.conv3_to_pool5(self._both(x, d)) for t, d in zip(towers, devices)]

@@ -36,9 +36,10 @@ def killed_run(prepared, run, kill_at_step: int, *extra) -> None:
     """``python -m training train`` in a subprocess that SIGKILLs itself after ``kill_at_step`` steps."""
     command = [
         sys.executable,
-        "-m",
-        "training",
-        "train",
+        str(REPO / "tests" / "train_with_hooks.py"),
+        "--kill-after-steps",
+        str(kill_at_step),
+        "--",
         str(prepared),
         "--out",
         str(run),
@@ -54,7 +55,7 @@ def killed_run(prepared, run, kill_at_step: int, *extra) -> None:
         *ARGS,
         *extra,
     ]
-    env = {**os.environ, "TRAINING_TEST_KILL_AT_STEP": str(kill_at_step), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == -signal.SIGKILL, result.stderr
 

@@ -45,6 +45,18 @@ class AugmentParams:
     def __len__(self) -> int:
         return len(self.top)
 
+    def packed(self, pin_memory: bool = False) -> torch.Tensor:
+        """All parameters as one float32 [n, 6] tensor (top, left, flip, α1..α3; the integers are exact in
+        float32): one host→device copy per step instead of four."""
+        out = torch.empty(len(self), 6, pin_memory=pin_memory)
+        out[:, 0], out[:, 1], out[:, 2], out[:, 3:] = self.top, self.left, self.flip, self.alpha
+        return out
+
+    @classmethod
+    def unpacked(cls, packed: torch.Tensor) -> AugmentParams:
+        """The inverse of ``packed``, on whatever device ``packed`` is."""
+        return cls(packed[:, 0].long(), packed[:, 1].long(), packed[:, 2] > 0.5, packed[:, 3:])
+
 
 class TrainAugmentation:
     def __init__(self, stats: ColorStats, crop: int = 224, alpha_std: float = ALPHA_STD, device="cpu"):
@@ -55,6 +67,7 @@ class TrainAugmentation:
         self.size = self.mean_image.shape[-1]
         self.eigenvalues = stats.eigenvalues.float()  # [3], pixels in [0, 1]
         self.eigenvectors = stats.eigenvectors.float()  # [3, 3], columns
+        self._eigen_on = {self.eigenvalues.device: (self.eigenvalues, self.eigenvectors)}
 
     def draw(self, n: int, seed: int, epoch: int, step: int) -> AugmentParams:
         """The parameters for global batch ``step`` of ``epoch`` (n images)."""
@@ -68,14 +81,18 @@ class TrainAugmentation:
         )
 
     def lighting_shift(self, alpha: torch.Tensor) -> torch.Tensor:
-        """[n, 3] α → [n, 3] RGB shift in 0–255 units: P · (α ⊙ λ), ×255."""
-        return (alpha * self.eigenvalues) @ self.eigenvectors.T * PIXEL_SCALE
+        """[n, 3] α → [n, 3] RGB shift in 0–255 units: P · (α ⊙ λ), ×255 (on α's device)."""
+        if alpha.device not in self._eigen_on:
+            self._eigen_on[alpha.device] = (self.eigenvalues.to(alpha.device), self.eigenvectors.to(alpha.device))
+        eigenvalues, eigenvectors = self._eigen_on[alpha.device]
+        return (alpha * eigenvalues) @ eigenvectors.T * PIXEL_SCALE
 
     def __call__(self, images: torch.Tensor, params: AugmentParams, out: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 [n, 3, S, S] (on the device) → float32 [n, 3, crop, crop], ready for the network.
 
         ``out`` may be a float32 [n, 3, crop, crop] buffer to fill (saves the page faults of a fresh 77 MB
-        allocation per batch on CPU, where large tensors are not cached).
+        allocation per batch on CPU, where large tensors are not cached). ``params`` may be on the CPU or,
+        to avoid any host↔device wait, already on the images' device (``AugmentParams.unpacked``).
         """
         n = images.shape[0]
         if len(params) != n:

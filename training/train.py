@@ -1,13 +1,16 @@
 """``python -m training train DATA --out DIR``: the paper's recipe (§5), resumable, on 1–2 devices per
 process and any number of processes (torchrun + DistributedDataParallel).
 
-Read top to bottom: hyper-parameters → devices and processes → data → model and optimizer → (resume) →
-the epoch loop (train, evaluate, adjust the learning rate, write) → the final 10-patch evaluation.
+Read top to bottom: hyper-parameters and options → ``train`` (set up a ``Run``, then per epoch
+``train_one_epoch`` and ``end_of_epoch``, then the final 10-patch evaluation) → the set-up in detail.
+Beside this file: the resume state (state.py), the learning-rate schedule (schedule.py), processes and
+devices (devices.py), the host→GPU path (feed.py), the loader (loader.py), augmentation (augment.py).
 
-Determinism. Every random draw is a function of (seed, epoch, step[, rank]): the data order of
+Determinism. Every random draw is a function of (seed, epoch, step[, rank, device]): the data order of
 (seed, epoch), the augmentation of a global batch of (seed, epoch, step), dropout of
-(seed, rank, epoch, step). So the position in the run *is* the random state: resuming from a state file
-continues exactly, and one process with batch B trains on the same images, crops and flips as N
+(seed, rank, epoch, step, device). So the position in the run *is* the random state: resuming from a
+state file continues exactly on the CPU (on GPUs, cuDNN's backward is not deterministic unless
+``--deterministic``), and one process with batch B trains on the same images, crops and flips as N
 processes with B/N each (dropout masks differ between the two, being per process).
 
 Files in DIR (only rank 0 writes, each file atomically):
@@ -16,6 +19,7 @@ Files in DIR (only rank 0 writes, each file atomically):
     best.safetensors   the same, for the epoch with the lowest centre-crop validation top-1 error
     metrics.jsonl      one JSON line per epoch
     curves.png         its plot (losses, errors, learning-rate drops), when matplotlib is installed
+    summary.json       at the end: best.safetensors evaluated with the centre crop and 10 patches
 """
 
 from __future__ import annotations
@@ -25,33 +29,39 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors
-import safetensors.torch
 import torch
 import torch.distributed as torch_distributed
 import torch.nn.functional as F
 
-from model import AlexNet, Checkpoint, Preprocessing, Preprocessor, atomic_path, atomic_write, load_checkpoint
+from model import AlexNet, Checkpoint, Preprocessing, Preprocessor, atomic_write, load_checkpoint
 from model.atomic import remove_stale_temporaries
-from model.checkpoint import save_safetensors
 
 from .augment import ALPHA_STD, TrainAugmentation
-from .data import DirectoryLock, PreparedDataset, ShardedBatches, TrainingError, derive_seed, epoch_order, prefetch
+from .data import DirectoryLock, PreparedDataset, ShardedBatches, TrainingError, derive_seed, epoch_order
+from .devices import (
+    Distributed,
+    autocast_for,
+    backend_settings,
+    check_compiler,
+    init_distributed,
+    resolve_devices,
+    seed_dropout,
+)
 from .evaluate import evaluate, format_results
+from .feed import DeviceFeed
+from .loader import BatchLoader
 from .plot import write_curves
 from .progress import Progress, format_duration
+from .schedule import PlateauSchedule
+from .state import read_state, restore_state, save_state
 
-STATE_FORMAT = "alexnet-train-state"
-STATE_VERSION = 1
-
-
-# 1. Hyper-parameters: the paper's values are the defaults.
+# 1. Hyper-parameters (they define the run: the paper's values are the defaults) and options (how to run it).
 
 
 @dataclass
@@ -61,7 +71,10 @@ class Hyperparameters:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    patience: int = 5  # epochs without a lower val top-1 error before the lr is divided (not in the paper)
+    decay_biases: bool = False  # the paper decays w; cuda-convnet and Caffe's bvlc_alexnet leave biases alone
+    patience: int = 5  # counted epochs without a lower val top-1 error before the lr is divided (ours)
+    min_improvement: float = 0.002  # absolute top-1 error that counts as lower (schedule.py)
+    plateau_start: int = 10  # epochs 1..plateau_start never count towards patience (schedule.py)
     max_lr_drops: int = 3  # the paper divided the lr 3 times
     lr_drop_factor: float = 0.1
     width: float = 1.0  # 1 = the paper's net; smaller for tests and experiments
@@ -80,6 +93,7 @@ FIXED_ON_RESUME = (
     "lr",
     "momentum",
     "weight_decay",
+    "decay_biases",
     "lr_drop_factor",
     "width",
     "dropout",
@@ -98,181 +112,354 @@ class Options:
     data: str
     out: str
     devices: str | None = None
-    workers: int = 4
+    workers: int | None = None  # loader threads (raw store) or processes (JPEG store); None: see default_workers
     ten_crop: bool = False
     resume: bool = False
     save_every: int = 0  # also save the resume state every N steps within an epoch
     eval_batch_size: int = 128
     show_progress: bool = True
+    log_every: int = 20  # steps between reads of the loss (each waits for the device) and divergence checks
+    tf32: bool = True  # CUDA only (devices.backend_settings)
+    cudnn_benchmark: bool = True  # CUDA only
+    deterministic: bool = False
+    compile: bool = False  # torch.compile each tower's segments
+    dist_timeout: float = 1800.0  # seconds a collective waits for the slowest rank
 
 
-class PlateauSchedule:
-    """lr ÷ 10 when the validation error has not improved for ``patience`` epochs, at most ``max_drops``."""
+@dataclass
+class Hooks:
+    """Test instrumentation, kept out of the loop's logic: ``loss(loss, epoch, step)`` may replace a
+    step's loss (e.g. with NaN on one rank); ``after_step(steps_run)`` runs after every step (e.g. to
+    SIGKILL the process)."""
 
-    def __init__(self, lr: float, patience: int, max_drops: int, factor: float):
-        self.lr, self.patience, self.max_drops, self.factor = lr, patience, max_drops, factor
-        self.best = math.inf
-        self.epochs_without_improvement = 0
-        self.drops = 0
-
-    def step(self, error: float) -> bool:
-        """Record an epoch's validation error; True when the learning rate was just lowered."""
-        if error < self.best:
-            self.best, self.epochs_without_improvement = error, 0
-            return False
-        self.epochs_without_improvement += 1
-        if self.epochs_without_improvement >= self.patience and self.drops < self.max_drops:
-            self.lr *= self.factor
-            self.drops += 1
-            self.epochs_without_improvement = 0
-            return True
-        return False
-
-    def state_dict(self) -> dict:
-        return {
-            "lr": self.lr,
-            "best": self.best,
-            "epochs_without_improvement": self.epochs_without_improvement,
-            "drops": self.drops,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.lr, self.best = float(state["lr"]), float(state["best"])
-        self.epochs_without_improvement, self.drops = int(state["epochs_without_improvement"]), int(state["drops"])
+    loss: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None
+    after_step: Callable[[int], None] | None = None
 
 
-# 2. Devices and processes.
+class RunDiverged(TrainingError):
+    """A non-finite loss on some rank; every rank raises it at the same step, rank 0 says so."""
+
+    rank_zero_only = True
 
 
-@dataclass(frozen=True)
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-
-    @classmethod
-    def from_environment(cls) -> Distributed:
-        """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE; a plain run is rank 0 of 1."""
-        env = os.environ
-        return cls(
-            rank=int(env.get("RANK", 0)),
-            world=int(env.get("WORLD_SIZE", 1)),
-            local_rank=int(env.get("LOCAL_RANK", 0)),
-            local_world=int(env.get("LOCAL_WORLD_SIZE", 1)),
-        )
+# 2. The run, top to bottom.
 
 
-def resolve_devices(spec: str | None, dist: Distributed) -> tuple[torch.device, torch.device]:
-    """Where the two towers go. Default: two GPUs per process when there are enough, one GPU for both
-    towers when there is one per process, the CPU otherwise."""
-    gpus = torch.cuda.device_count()
-    if spec is None:
-        r = dist.local_rank
-        if gpus >= 2 * dist.local_world:
-            return torch.device(f"cuda:{2 * r}"), torch.device(f"cuda:{2 * r + 1}")
-        if gpus >= dist.local_world:
-            return (torch.device(f"cuda:{r}"),) * 2
-        return torch.device("cpu"), torch.device("cpu")
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    if len(parts) not in (1, 2):
-        raise TrainingError(f"--devices takes one or two devices (one per tower), got {spec!r}")
-    try:
-        devices = [torch.device(p) for p in parts]
-    except RuntimeError as e:
-        raise TrainingError(f"--devices {spec!r}: {e}") from None
-    for d in devices:
-        if d.type == "cuda" and (d.index or 0) >= gpus:
-            raise TrainingError(f"--devices {spec!r}: this machine has {gpus} GPU(s)")
-        if d.type not in ("cpu", "cuda"):
-            raise TrainingError(f"--devices {spec!r}: only cpu and cuda devices are supported")
-    if len({d.type for d in devices}) > 1:
-        raise TrainingError(f"--devices {spec!r}: put both towers on GPUs or both on the CPU")
-    return (devices[0], devices[-1])
+def train(given: dict, options: Options, hooks: Hooks | None = None) -> dict:
+    """Train (or continue) a run; return the final summary. ``given``: hyper-parameters from the command line."""
+    with contextlib.ExitStack() as cleanup:  # the lock, the loader, the process group: released on any exit
+        run = start_run(given, options, hooks or Hooks(), cleanup)
+        for epoch in range(run.start_epoch, run.hp.epochs):
+            totals, seconds = train_one_epoch(run, epoch)
+            end_of_epoch(run, epoch, totals, seconds)
+        return final_evaluation(run)
 
 
-def init_distributed(dist: Distributed, devices) -> None:
-    if dist.world == 1:
+@dataclass
+class Run:
+    """Everything an epoch needs, built once by ``start_run``."""
+
+    hp: Hyperparameters
+    options: Options
+    hooks: Hooks
+    dist: Distributed
+    devices: tuple[torch.device, torch.device]
+    out: Path
+    data: PreparedDataset
+    batches: ShardedBatches
+    model: AlexNet
+    train_model: torch.nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    schedule: PlateauSchedule
+    autocast: Callable
+    loader: BatchLoader
+    feed: DeviceFeed
+    draws: TrainAugmentation  # draws each global batch's augmentation parameters (on the CPU)
+    preprocessing: Preprocessing
+    record: dict  # the training settings written into every checkpoint
+    start_epoch: int = 0
+    start_step: int = 0
+    running: dict | None = None  # the sums of an epoch interrupted after start_step steps
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": None, "val_top1_error": math.inf})
+    steps_run: int = 0
+    curves_notes: set = field(default_factory=set)
+
+    @property
+    def is_writer(self) -> bool:
+        return self.dist.rank == 0
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / "state.safetensors"
+
+    def log(self, message: str) -> None:
+        if self.is_writer:
+            print(message, file=sys.stderr, flush=True)
+
+
+def train_one_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
+    """One pass over the training split; returns the sums over all ranks (loss, wrong, images, non-finite
+    steps) and the seconds it took."""
+    hp, batches, options = run.hp, run.batches, run.options
+    run.train_model.train()
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.schedule.lr
+    order = epoch_order(batches.dataset_size, hp.seed, epoch)
+    first_step = run.start_step if epoch == run.start_epoch else 0
+    totals, seconds_before = _epoch_totals(run, first_step)  # kept on the device: no wait per step
+    started = time.perf_counter()
+    bar = Progress(batches.steps_per_epoch * hp.batch_size, f"epoch {epoch + 1}/{hp.epochs}",
+                   enabled=run.is_writer and options.show_progress)
+    bar.done = first_step * hp.batch_size
+    steps = ((step, batches.local_indices(order, step)) for step in range(first_step, batches.steps_per_epoch))
+
+    for batch in run.loader.batches(steps):
+        step = batch.key
+        params = run.draws.draw(hp.batch_size, hp.seed, epoch, step)[batches.local_slice()]
+        x, labels = run.feed(batch, params)
+
+        seed_dropout(hp.seed, run.dist.rank, epoch, step, run.devices)
+        with run.autocast():
+            logits = run.train_model(x)
+        loss = F.cross_entropy(logits.float(), labels)
+        if run.hooks.loss is not None:
+            loss = run.hooks.loss(loss, epoch, step)
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.scaler is not None:
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            loss.backward()
+            run.optimizer.step()
+
+        with torch.no_grad():
+            totals[0] += loss.detach().double() * len(labels)
+            totals[1] += (logits.argmax(1) != labels).sum()
+            totals[2] += len(labels)
+            totals[3] += ~torch.isfinite(loss.detach())
+        bar.update(hp.batch_size)
+        run.steps_run += 1
+        if run.hooks.after_step is not None:
+            run.hooks.after_step(run.steps_run)
+        done = step + 1
+        if done % options.log_every == 0:  # the only waits for the devices, every log_every steps
+            summed = _checked_sums(run, totals, epoch, step)
+            bar.figures.update(loss=f"{summed[0] / summed[2]:.4f}", lr=f"{run.schedule.lr:g}")
+        if options.save_every and done % options.save_every == 0 and done < batches.steps_per_epoch:
+            summed = _checked_sums(run, totals, epoch, step)
+            if run.is_writer:
+                seconds = seconds_before + time.perf_counter() - started
+                save_state(run.state_path, run.model, run.optimizer, run.scaler,
+                           state_info(run, epoch, done, {"totals": summed, "seconds": seconds}))
+    run.feed.close()
+    bar.close()
+    summed = _checked_sums(run, totals, epoch, batches.steps_per_epoch)
+    return summed, seconds_before + time.perf_counter() - started
+
+
+def end_of_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -> None:
+    """Evaluate, adjust the learning rate, write the checkpoints, the state and the metrics."""
+    train_loss, train_wrong, train_images, _ = totals
+    val = _evaluate(run, run.model, Preprocessor(run.preprocessing, run.data.stats.mean_image),
+                    ("center", "ten") if run.options.ten_crop else ("center",))
+    lr_used = run.schedule.lr
+    dropped = run.schedule.step(val["center"]["top1_error"], epoch + 1)
+    improved = val["center"]["top1_error"] < run.best["val_top1_error"]
+    if improved:
+        run.best = {"epoch": epoch + 1, "val_top1_error": val["center"]["top1_error"]}
+    metrics = {
+        "epoch": epoch + 1,
+        "lr": lr_used,
+        "train_loss": train_loss / train_images,
+        "train_top1_error": train_wrong / train_images,
+        "val_loss": val["center"]["loss"],
+        "val_top1_error": val["center"]["top1_error"],
+        "val_top5_error": val["center"]["top5_error"],
+        **(
+            {f"val_ten_crop_{k}": val["ten"][k] for k in ("loss", "top1_error", "top5_error")}
+            if "ten" in val
+            else {}
+        ),
+        "images_per_second": train_images / train_seconds if train_seconds > 0 else None,
+        "seconds": train_seconds,
+        "best": improved,
+        "lr_dropped_after": dropped,
+    }
+    run.history.append(metrics)
+    if not run.is_writer:
         return
-    backend = "nccl" if devices[0].type == "cuda" else "gloo"
-    if devices[0].type == "cuda":
-        torch.cuda.set_device(devices[0])
-    torch_distributed.init_process_group(backend)
+    artifact = checkpoint_of(run, epoch + 1, val)
+    artifact.save(run.out / "last.safetensors")
+    if improved:
+        artifact.save(run.out / "best.safetensors")
+    save_state(run.state_path, run.model, run.optimizer, run.scaler, state_info(run, epoch + 1, 0, None))
+    atomic_write(run.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.history).encode())
+    note = write_curves(run.out, run.history)  # never raises: a missing picture is no reason to stop training
+    if note is not None and note not in run.curves_notes:
+        run.curves_notes.add(note)  # said once per run, not every epoch
+        run.log(note)
+    run.log(
+        f"epoch {epoch + 1}/{run.hp.epochs}: train loss {metrics['train_loss']:.4f}, "
+        f"val loss {metrics['val_loss']:.4f}, top-1 {metrics['val_top1_error']:.2%}, "
+        f"top-5 {metrics['val_top5_error']:.2%}, lr {lr_used:g}, {metrics['images_per_second']:,.1f} img/s"
+        + (f" — lr now {run.schedule.lr:g}" if dropped else "")
+        + (" (best so far)" if improved else "")
+    )
 
 
-def autocast_for(amp: str, device: torch.device):
-    if amp == "off":
-        return contextlib.nullcontext
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return lambda: torch.autocast(device.type, dtype=dtype)
+def final_evaluation(run: Run) -> dict:
+    """Evaluate best.safetensors with the centre crop and 10 patches, record it in the file, print a summary."""
+    out, history, best = run.out, run.history, run.best
+    summary_path = out / "summary.json"
+    if run.dist.world > 1:
+        torch_distributed.barrier()  # rank 0 has written best.safetensors
+    summary = None
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("epochs") != len(history) or summary.get("best_epoch") != best["epoch"]:
+            summary = None  # the run went on since
+    if summary is None:
+        best_checkpoint = load_checkpoint(out / "best.safetensors")
+        net = best_checkpoint.build(run.devices)
+        val = _evaluate(run, net, best_checkpoint.preprocessor(), ("center", "ten"))
+        summary = {
+            "epochs": len(history),
+            "best_epoch": best["epoch"],
+            "best_checkpoint": str(out / "best.safetensors"),
+            "last_checkpoint": str(out / "last.safetensors"),
+            "val": val,
+            "lr_drops": sum(1 for m in history if m["lr_dropped_after"]),
+            "train_seconds": sum(m["seconds"] for m in history),
+            "hyperparameters": dataclasses.asdict(run.hp),
+        }
+        if run.is_writer:
+            best_checkpoint.provenance.update(
+                val_ten_crop_top1_error=val["ten"]["top1_error"], val_ten_crop_top5_error=val["ten"]["top5_error"]
+            )
+            best_checkpoint.save(out / "best.safetensors")
+            atomic_write(summary_path, (json.dumps(summary, indent=1) + "\n").encode())
+    run.log(format_results(summary["val"], f"best epoch {summary['best_epoch']} of {summary['epochs']} "
+                                          f"({out / 'best.safetensors'}):"))
+    run.log(f"trained {summary['epochs']} epochs in {format_duration(summary['train_seconds'])}, "
+            f"{summary['lr_drops']} lr drops")
+    return summary
 
 
-@torch.no_grad()
-def scale_init_to_width_(model: AlexNet) -> None:
-    """Multiply the initial weights of conv2 … fc8 by 1/√width (conv1 reads the image: its fan-in is fixed).
-
-    The paper's N(0, 0.01²) was chosen for the full-width net. A layer's fan-in shrinks with ``--width``,
-    and with it the image-dependent part of every activation, while the biases of 1 stay: at width 1/8
-    the logits vary across images by ~1e-5 (~1e-2 at full width) and SGD finds nothing to follow. This
-    scaling gives each unit the paper net's activation scale. At width 1 it changes nothing.
-    """
-    factor = 1.0 / math.sqrt(model.config.width)
-    for tower in model.towers:
-        for name, layer in tower.layers().items():
-            if name != "conv1":
-                layer.weight.mul_(factor)
+# 3. Set-up: resume state, data, processes, model, optimizer, loader; everything held is released by `cleanup`.
 
 
-# 3. The resume state: one safetensors file (tensors) with a JSON header (everything else). No pickle.
+def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.ExitStack) -> Run:
+    dist = Distributed.from_environment()
+    out = Path(options.out)
+    state_path = out / "state.safetensors"
 
-
-def save_state(path: Path, model, optimizer, scaler, info: dict) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt = optimizer.state_dict()
-    scalars = {}
-    for index, entries in opt["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    info = {**info, "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}}
-    if scaler is not None:
-        info["grad_scaler"] = scaler.state_dict()
-    meta = {"format": STATE_FORMAT, "format_version": str(STATE_VERSION), "state": json.dumps(info)}
-    with atomic_path(path) as tmp:
-        save_safetensors(tensors, tmp, meta, destination=path)
-
-
-def read_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    try:
-        with safetensors.safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise TrainingError(f"{path}: cannot read the resume state ({e})") from None
-    if meta.get("format") != STATE_FORMAT:
-        raise TrainingError(f"{path}: not a training state file")
-    if meta.get("format_version") != str(STATE_VERSION):
+    # Resume state (read by every process; on several machines DIR must be on a shared filesystem).
+    state_on_disk = _file_identity(state_path)  # to notice another job writing DIR meanwhile
+    saved_info, saved_tensors = None, None
+    if options.resume:
+        if not state_path.exists():
+            raise TrainingError(f"--resume: {out} holds no resume state ({state_path.name}); nothing to continue")
+        saved_info, saved_tensors = read_state(state_path)
+    elif state_path.exists():
         raise TrainingError(
-            f"{path}: state format version {meta.get('format_version')}; this code reads {STATE_VERSION}"
+            f"{out} already holds a run ({state_path.name}); pass --resume to continue it, or use another --out"
         )
-    return json.loads(meta["state"]), tensors
+    hp = resolve_hyperparameters(given, saved_info["hyperparameters"] if saved_info else None)
+    check_hyperparameters(hp)
+    devices = resolve_devices(options.devices, dist)
 
+    # Data.
+    data = PreparedDataset(options.data)
+    train_split, val_split = data.split("train"), data.split("val")
+    if saved_info and saved_info["dataset_fingerprint"] != data.fingerprint:
+        raise TrainingError(
+            f"--resume: {options.data} is not the dataset this run was trained on ({saved_info['dataset']})"
+        )
+    batches = ShardedBatches(len(train_split), hp.batch_size, hp.seed, dist.rank, dist.world)
+    if options.compile:
+        check_compiler(devices[0])
 
-def restore_state(info: dict, tensors: dict, model, optimizer, scaler) -> None:
-    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    for name, value in info["optimizer"]["scalars"].items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": info["optimizer"]["param_groups"]})
-    if scaler is not None and info.get("grad_scaler"):
-        scaler.load_state_dict(info["grad_scaler"])
+    # Numerics and processes.
+    cleanup.enter_context(
+        backend_settings(tf32=options.tf32, cudnn_benchmark=options.cudnn_benchmark, deterministic=options.deterministic)
+    )
+    init_distributed(dist, devices, options.dist_timeout)
+    if dist.world > 1:
+        cleanup.callback(torch_distributed.destroy_process_group)
+
+    # Model and optimizer.
+    torch.manual_seed(derive_seed(hp.seed, "init"))
+    model = AlexNet(
+        len(data.classes), width=hp.width, dropout=hp.dropout, conv1_padding=hp.conv1_padding, devices=devices
+    )
+    if hp.init == "width-scaled":
+        scale_init_to_width_(model)
+    if hp.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, hp)
+    schedule = PlateauSchedule(hp.lr, hp.patience, hp.max_lr_drops, hp.lr_drop_factor,
+                               hp.min_improvement, hp.plateau_start)
+    scaler = torch.amp.GradScaler(devices[0].type) if hp.amp == "fp16" else None
+
+    stats = data.stats
+    crop = model.config.input_size
+    record = {
+        **dataclasses.asdict(hp),
+        "devices": [str(d) for d in devices],
+        "processes": dist.world,
+        "steps_per_epoch": batches.steps_per_epoch,
+        "optimizer": "SGD",
+        "weight_decay_on": "weights and biases" if hp.decay_biases else "weights (biases undecayed)",
+        "lighting": "paper PCA, λ for [0,1] pixels",
+        "store": getattr(train_split, "store", "raw"),
+        **({"tf32": options.tf32, "compile": options.compile} if devices[0].type == "cuda" else {}),
+        "deterministic": options.deterministic,
+    }
+    workers = default_workers(train_split, dist) if options.workers is None else options.workers
+    loader = cleanup.enter_context(
+        BatchLoader(train_split, workers, batches.local_batch, pin_memory=devices[0].type == "cuda")
+    )
+    run = Run(
+        hp=hp, options=options, hooks=hooks, dist=dist, devices=devices, out=out, data=data, batches=batches,
+        model=model, train_model=model, optimizer=optimizer, scaler=scaler, schedule=schedule,
+        autocast=autocast_for(hp.amp, devices[0]), loader=loader,
+        feed=DeviceFeed(stats, crop, hp.lighting_std, devices, channels_last=hp.channels_last),
+        draws=TrainAugmentation(stats, crop=crop, alpha_std=hp.lighting_std),
+        preprocessing=Preprocessing(mean="image", crop=crop), record=record,
+    )
+    if saved_info:
+        restore_state(saved_info, saved_tensors, model, optimizer, scaler)
+        schedule.load_state_dict(saved_info["schedule"])
+        run.start_epoch, run.start_step = saved_info["epoch"], saved_info["step"]
+        run.history, run.best, run.running = saved_info["metrics"], saved_info["best"], saved_info.get("running")
+        run.log(f"resuming {out} at epoch {run.start_epoch + 1}, step {run.start_step} (lr {schedule.lr:g})")
+    del saved_tensors
+
+    if options.compile:
+        compile_towers(model)
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # device_ids stays unset: the module spans two devices (one per tower).
+        run.train_model = DistributedDataParallel(model)
+
+    if run.is_writer:
+        lock = DirectoryLock(out, "training run")  # creates DIR; held until the end
+        cleanup.callback(lock.release)
+        if _file_identity(state_path) != state_on_disk:
+            raise TrainingError(f"{state_path} changed while this run was starting: is another run using {out}?")
+        for leftover in remove_stale_temporaries(out):
+            run.log(f"removed {leftover.name}, left by an interrupted write")
+        run.log(
+            f"training AlexNet(width={hp.width:g}, {len(data.classes)} classes) on {data.name}: "
+            f"{len(train_split):,} train / {len(val_split):,} val images ({record['store']} store, {workers} "
+            f"loader workers), towers on {devices[0]} + {devices[1]}, {dist.world} process(es), "
+            f"batch {hp.batch_size}, lr {schedule.lr:g}, epochs {run.start_epoch + 1}..{hp.epochs}"
+        )
+    return run
 
 
 def resolve_hyperparameters(given: dict, saved: dict | None) -> Hyperparameters:
@@ -302,6 +489,10 @@ def check_hyperparameters(hp: Hyperparameters) -> None:
         problems.append("--weight-decay must be at least 0")
     if hp.patience < 1:
         problems.append("--patience must be at least 1")
+    if not 0 <= hp.min_improvement < 1:
+        problems.append("--min-improvement must be in [0, 1) (an absolute top-1 error)")
+    if hp.plateau_start < 0:
+        problems.append("--plateau-start must be at least 0")
     if hp.max_lr_drops < 0:
         problems.append("--max-lr-drops must be at least 0")
     if not hp.width > 0:
@@ -316,306 +507,147 @@ def check_hyperparameters(hp: Hyperparameters) -> None:
         raise TrainingError("; ".join(problems))
 
 
-# 4. The run.
+def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.SGD:
+    """SGD with two parameter groups: weights decayed by ``weight_decay``; biases too only with
+    ``decay_biases`` (the paper's update rule decays w; cuda-convnet's ``wc`` and Caffe's
+    ``decay_mult: 0`` leave biases undecayed, and so do we by default)."""
+    weights = [p for name, p in model.named_parameters() if not name.endswith("bias")]
+    biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+    groups = [
+        {"params": weights, "weight_decay": hp.weight_decay},
+        {"params": biases, "weight_decay": hp.weight_decay if hp.decay_biases else 0.0},
+    ]
+    return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
 
 
-def train(given: dict, options: Options) -> dict:
-    """Train (or continue) a run; return the final summary. ``given``: hyper-parameters from the command line."""
-    dist = Distributed.from_environment()
-    is_writer = dist.rank == 0
-    out = Path(options.out)
-    state_path = out / "state.safetensors"
+@torch.no_grad()
+def scale_init_to_width_(model: AlexNet) -> None:
+    """Multiply the initial weights of conv2 … fc8 by 1/√width (conv1 reads the image: its fan-in is fixed).
 
-    def log(message: str) -> None:
-        if is_writer:
-            print(message, file=sys.stderr, flush=True)
+    The paper's N(0, 0.01²) was chosen for the full-width net. A layer's fan-in shrinks with ``--width``,
+    and with it the image-dependent part of every activation, while the biases of 1 stay: at width 1/8
+    the logits vary across images by ~1e-5 (~1e-2 at full width) and SGD finds nothing to follow. This
+    scaling gives each unit the paper net's activation scale. At width 1 it changes nothing.
+    """
+    factor = 1.0 / math.sqrt(model.config.width)
+    for tower in model.towers:
+        for name, layer in tower.layers().items():
+            if name != "conv1":
+                layer.weight.mul_(factor)
 
-    # Resume state (read by every process; on several machines DIR must be on a shared filesystem).
-    state_on_disk = _file_identity(state_path)  # to notice another job writing DIR meanwhile
-    saved_info, saved_tensors = None, None
-    if options.resume:
-        if not state_path.exists():
-            raise TrainingError(f"--resume: {out} holds no resume state ({state_path.name}); nothing to continue")
-        saved_info, saved_tensors = read_state(state_path)
-    elif state_path.exists():
-        raise TrainingError(
-            f"{out} already holds a run ({state_path.name}); pass --resume to continue it, or use another --out"
-        )
-    hp = resolve_hyperparameters(given, saved_info["hyperparameters"] if saved_info else None)
-    check_hyperparameters(hp)
 
-    devices = resolve_devices(options.devices, dist)
+def compile_towers(model: AlexNet) -> None:
+    """torch.compile each tower's segments between exchanges (each runs on one device, so each graph
+    does): it fuses LRN's ~20 elementwise passes, memory-bound on a GPU, into a few kernels."""
+    for tower in model.towers:
+        for name in ("conv1_to_pool2", "conv3_to_pool5", "fc"):
+            setattr(tower, name, torch.compile(getattr(tower, name)))
 
-    # Data.
-    data = PreparedDataset(options.data)
-    train_split, val_split = data.split("train"), data.split("val")
-    if saved_info and saved_info["dataset_fingerprint"] != data.fingerprint:
-        raise TrainingError(
-            f"--resume: {options.data} is not the dataset this run was trained on ({saved_info['dataset']})"
-        )
-    batches = ShardedBatches(len(train_split), hp.batch_size, hp.seed, dist.rank, dist.world)
 
-    # Processes, model, optimizer.
-    init_distributed(dist, devices)
-    torch.manual_seed(derive_seed(hp.seed, "init"))
-    model = AlexNet(
-        len(data.classes), width=hp.width, dropout=hp.dropout, conv1_padding=hp.conv1_padding, devices=devices
-    )
-    if hp.init == "width-scaled":
-        scale_init_to_width_(model)
-    if hp.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-    schedule = PlateauSchedule(hp.lr, hp.patience, hp.max_lr_drops, hp.lr_drop_factor)
-    scaler = torch.amp.GradScaler(devices[0].type) if hp.amp == "fp16" else None
-    autocast = autocast_for(hp.amp, devices[0])
+def default_workers(split, dist: Distributed) -> int:
+    """Loader workers when --workers is not given: 4 copy threads for the raw store (each batch is a copy
+    out of the mapped file); for the JPEG store, decoding processes for every core this process can have
+    (the machine's cores shared among the processes on this node), less one for the training loop."""
+    if getattr(split, "store", "raw") == "raw":
+        return 4
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // dist.local_world - 1)
 
-    start_epoch, start_step, history, best, running = 0, 0, [], {"epoch": None, "val_top1_error": math.inf}, None
-    if saved_info:
-        restore_state(saved_info, saved_tensors, model, optimizer, scaler)
-        schedule.load_state_dict(saved_info["schedule"])
-        schedule.patience, schedule.max_drops = hp.patience, hp.max_lr_drops  # these may change on resume
-        start_epoch, start_step = saved_info["epoch"], saved_info["step"]
-        history, best = saved_info["metrics"], saved_info["best"]
-        running = saved_info.get("running")
-        log(f"resuming {out} at epoch {start_epoch + 1}, step {start_step} (lr {schedule.lr:g})")
-    del saved_tensors
 
-    train_model = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # device_ids stays unset: the module spans two devices (one per tower).
-        train_model = DistributedDataParallel(model)
-
-    stats = data.stats
-    augment = TrainAugmentation(stats, crop=model.config.input_size, alpha_std=hp.lighting_std, device=devices[0])
-    preprocessing = Preprocessing(mean="image", crop=model.config.input_size)
-    preprocessor = Preprocessor(preprocessing, stats.mean_image)
-    record = {
-        **dataclasses.asdict(hp),
-        "devices": [str(d) for d in devices],
-        "processes": dist.world,
-        "steps_per_epoch": batches.steps_per_epoch,
-        "optimizer": "SGD",
-        "lighting": "paper PCA, λ for [0,1] pixels",
-    }
-
-    def checkpoint(epoch: int, val: dict) -> Checkpoint:
-        return Checkpoint.from_model(
-            model,
-            classes=data.classes,
-            preprocessing=preprocessing,
-            mean_image=stats.mean_image,
-            pca=stats.pca(hp.lighting_std),
-            provenance={
-                "trained": True,
-                "epoch": epoch,
-                "val_top1_error": val["center"]["top1_error"],
-                "val_top5_error": val["center"]["top5_error"],
-                "val_loss": val["center"]["loss"],
-                **(
-                    {
-                        "val_ten_crop_top1_error": val["ten"]["top1_error"],
-                        "val_ten_crop_top5_error": val["ten"]["top5_error"],
-                    }
-                    if "ten" in val
-                    else {}
-                ),
-                "dataset": data.name,
-                "dataset_size": len(train_split),
-                "dataset_fingerprint": data.fingerprint,
-                "source": "python -m training train",
-            },
-            training={**record, "lr_now": schedule.lr, "lr_drops": schedule.drops},
-        )
-
-    def state_info(epoch: int, step: int, running_totals: dict | None) -> dict:
-        return {
-            "epoch": epoch,  # epochs completed
-            "step": step,  # steps completed within the next epoch
-            "running": running_totals,  # the unfinished epoch's sums, when step > 0
-            "hyperparameters": dataclasses.asdict(hp),
-            "schedule": schedule.state_dict(),
-            "metrics": history,
-            "best": best,
-            "dataset": data.name,
-            "dataset_fingerprint": data.fingerprint,
-            "classes": [c.wnid for c in data.classes],
-            "processes": dist.world,
-        }
-
-    def write_metrics() -> None:
-        atomic_write(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history).encode())
-
-    curves_notes: set[str] = set()
-
-    def draw_curves() -> None:
-        note = write_curves(out, history)  # never raises: a missing picture is no reason to stop training
-        if note is not None and note not in curves_notes:
-            curves_notes.add(note)  # said once per run, not every epoch
-            log(note)
-
-    lock = None
-    if is_writer:
-        lock = DirectoryLock(out, "training run")  # creates DIR; held until the end
-        if _file_identity(state_path) != state_on_disk:
-            lock.release()
-            raise TrainingError(f"{state_path} changed while this run was starting: is another run using {out}?")
-        for leftover in remove_stale_temporaries(out):
-            log(f"removed {leftover.name}, left by an interrupted write")
-        log(
-            f"training AlexNet(width={hp.width:g}, {len(data.classes)} classes) on {data.name}: "
-            f"{len(train_split):,} train / {len(val_split):,} val images, towers on {devices[0]} + {devices[1]}, "
-            f"{dist.world} process(es), batch {hp.batch_size}, lr {schedule.lr:g}, "
-            f"epochs {start_epoch + 1}..{hp.epochs}"
-        )
-    kill_at_step = int(os.environ.get("TRAINING_TEST_KILL_AT_STEP", "0"))  # testing only: simulates a crash
-    steps_run = 0
-    cpu_buffer = torch.empty(0)
-
-    for epoch in range(start_epoch, hp.epochs):
-        # --- train one epoch ---
-        train_model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr
-        order = epoch_order(len(train_split), hp.seed, epoch)
-        first_step = start_step if epoch == start_epoch else 0
-        totals = torch.zeros(3, dtype=torch.float64, device=devices[0])  # loss sum, wrong, images (this rank)
-        seconds_before = 0.0
-        if first_step and running:
-            if is_writer:  # the saved sums are over all ranks; counted once, on rank 0
-                totals += torch.tensor(running["totals"], dtype=torch.float64, device=devices[0])
-            seconds_before = running["seconds"]
-        started = time.perf_counter()
-        steps = range(first_step, batches.steps_per_epoch)
-        bar = Progress(
-            batches.steps_per_epoch * hp.batch_size,
-            f"epoch {epoch + 1}/{hp.epochs}",
-            enabled=is_writer and options.show_progress,
-        )
-        bar.done = first_step * hp.batch_size
-
-        def load(step, order=order):
-            images, labels = train_split.batch(batches.local_indices(order, step))
-            if devices[0].type == "cuda":
-                images, labels = images.pin_memory(), labels.pin_memory()
-            return step, images, labels
-
-        for step, images, labels in prefetch(load, steps, options.workers):
-            images = images.to(devices[0], non_blocking=True)
-            labels = labels.to(devices[0], non_blocking=True)
-            params = augment.draw(hp.batch_size, hp.seed, epoch, step)[batches.local_slice()]
-            if devices[0].type == "cpu":  # reuse one input buffer: fresh 77 MB allocations page-fault on CPU
-                if cpu_buffer.shape != (len(labels), 3, augment.crop, augment.crop):
-                    cpu_buffer = torch.empty(len(labels), 3, augment.crop, augment.crop)
-                x = augment(images, params, out=cpu_buffer)
-            else:
-                x = augment(images, params)
-            if hp.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-
-            torch.manual_seed(derive_seed(hp.seed, "dropout", dist.rank, epoch, step))
-            with autocast():
-                logits = train_model(x)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-
-            with torch.no_grad():
-                wrong = (logits.argmax(1) != labels).sum()
-                totals[0] += loss.detach().double() * len(labels)
-                totals[1] += wrong
-                totals[2] += len(labels)
-            bar.update(hp.batch_size)
-            if step % 20 == 0:  # (reading the loss waits for the device: not every step)
-                value = loss.item()
-                check_finite(value, epoch, step)
-                bar.figures.update(loss=f"{value:.4f}", lr=f"{schedule.lr:g}")
-            steps_run += 1
-            if kill_at_step and steps_run == kill_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if options.save_every and (step + 1) % options.save_every == 0 and step + 1 < batches.steps_per_epoch:
-                summed = _all_ranks_sum(totals.clone(), dist)  # collective: every rank takes part
-                check_finite(summed[0].item(), epoch, step)
-                if is_writer:
-                    seconds = seconds_before + time.perf_counter() - started
-                    info = state_info(epoch, step + 1, {"totals": summed.tolist(), "seconds": seconds})
-                    save_state(state_path, model, optimizer, scaler, info)
-        bar.close()
-        totals = _all_ranks_sum(totals, dist)
-        train_seconds = seconds_before + time.perf_counter() - started
-        train_loss, train_wrong, train_images = totals.tolist()
-        check_finite(train_loss, epoch, batches.steps_per_epoch)
-
-        # --- evaluate, adjust the learning rate, write ---
-        crops = ("center", "ten") if options.ten_crop else ("center",)
-        val = evaluate(
-            model,
-            preprocessor,
-            val_split,
-            crops=crops,
-            device=devices[0],
-            batch_size=options.eval_batch_size,
-            rank=dist.rank,
-            world=dist.world,
-            workers=min(options.workers, 2),
-            autocast=autocast,
-            show_progress=is_writer and options.show_progress,
-        )
-        lr_used = schedule.lr
-        dropped = schedule.step(val["center"]["top1_error"])
-        improved = val["center"]["top1_error"] < best["val_top1_error"]
-        if improved:
-            best = {"epoch": epoch + 1, "val_top1_error": val["center"]["top1_error"]}
-        metrics = {
-            "epoch": epoch + 1,
-            "lr": lr_used,
-            "train_loss": train_loss / train_images,
-            "train_top1_error": train_wrong / train_images,
-            "val_loss": val["center"]["loss"],
+def checkpoint_of(run: Run, epoch: int, val: dict) -> Checkpoint:
+    data, stats = run.data, run.data.stats
+    return Checkpoint.from_model(
+        run.model,
+        classes=data.classes,
+        preprocessing=run.preprocessing,
+        mean_image=stats.mean_image,
+        pca=stats.pca(run.hp.lighting_std),
+        provenance={
+            "trained": True,
+            "epoch": epoch,
             "val_top1_error": val["center"]["top1_error"],
             "val_top5_error": val["center"]["top5_error"],
+            "val_loss": val["center"]["loss"],
             **(
-                {f"val_ten_crop_{k}": val["ten"][k] for k in ("loss", "top1_error", "top5_error")}
+                {
+                    "val_ten_crop_top1_error": val["ten"]["top1_error"],
+                    "val_ten_crop_top5_error": val["ten"]["top5_error"],
+                }
                 if "ten" in val
                 else {}
             ),
-            "images_per_second": train_images / train_seconds if train_seconds > 0 else None,
-            "seconds": train_seconds,
-            "best": improved,
-            "lr_dropped_after": dropped,
-        }
-        history.append(metrics)
-        if is_writer:
-            artifact = checkpoint(epoch + 1, val)
-            artifact.save(out / "last.safetensors")
-            if improved:
-                artifact.save(out / "best.safetensors")
-            save_state(state_path, model, optimizer, scaler, state_info(epoch + 1, 0, None))
-            write_metrics()
-            draw_curves()
-            log(
-                f"epoch {epoch + 1}/{hp.epochs}: train loss {metrics['train_loss']:.4f}, "
-                f"val loss {metrics['val_loss']:.4f}, top-1 {metrics['val_top1_error']:.2%}, "
-                f"top-5 {metrics['val_top5_error']:.2%}, lr {lr_used:g}, {metrics['images_per_second']:,.1f} img/s"
-                + (f" — lr now {schedule.lr:g}" if dropped else "")
-                + (" (best so far)" if improved else "")
-            )
+            "dataset": data.name,
+            "dataset_size": run.batches.dataset_size,
+            "dataset_fingerprint": data.fingerprint,
+            "source": "python -m training train",
+        },
+        training={**run.record, "lr_now": run.schedule.lr, "lr_drops": run.schedule.drops},
+    )
 
-    # --- the end: the paper's 10-patch evaluation of the best weights ---
-    summary = _final_evaluation(out, history, best, hp, options, dist, devices, val_split, autocast, log)
-    if dist.world > 1:
-        torch_distributed.destroy_process_group()
-    if lock is not None:
-        lock.release()  # (on an error, the lock goes with this frame or the process)
-    return summary
+
+def state_info(run: Run, epoch: int, step: int, running_totals: dict | None) -> dict:
+    return {
+        "epoch": epoch,  # epochs completed
+        "step": step,  # steps completed within the next epoch
+        "running": running_totals,  # the unfinished epoch's sums, when step > 0
+        "hyperparameters": dataclasses.asdict(run.hp),
+        "schedule": run.schedule.state_dict(),
+        "metrics": run.history,
+        "best": run.best,
+        "dataset": run.data.name,
+        "dataset_fingerprint": run.data.fingerprint,
+        "classes": [c.wnid for c in run.data.classes],
+        "processes": run.dist.world,
+    }
+
+
+def _evaluate(run: Run, net, preprocessor: Preprocessor, crops) -> dict:
+    return evaluate(
+        net,
+        preprocessor,
+        run.data.split("val"),
+        crops=crops,
+        device=run.devices[0],
+        batch_size=run.options.eval_batch_size,
+        rank=run.dist.rank,
+        world=run.dist.world,
+        workers=_eval_workers(run),
+        autocast=run.autocast,
+        show_progress=run.is_writer and run.options.show_progress,
+    )
+
+
+def _eval_workers(run: Run) -> int:
+    """As many as training's for a JPEG store (decoding is the work); 2 copy threads suffice for raw."""
+    val = run.data.split("val")
+    workers = default_workers(val, run.dist) if run.options.workers is None else run.options.workers
+    return workers if getattr(val, "store", "raw") != "raw" else min(workers, 2)
+
+
+def _epoch_totals(run: Run, first_step: int) -> tuple[torch.Tensor, float]:
+    """This rank's running sums (loss, wrong, images, non-finite steps) on its device, and the seconds
+    already spent, for an epoch that starts at ``first_step``."""
+    totals = torch.zeros(4, dtype=torch.float64, device=run.devices[0])
+    if first_step and run.running:
+        if run.is_writer:  # the saved sums are over all ranks; counted once, on rank 0
+            totals += torch.tensor(run.running["totals"], dtype=torch.float64, device=run.devices[0])
+        return totals, run.running["seconds"]
+    return totals, 0.0
+
+
+def _checked_sums(run: Run, totals: torch.Tensor, epoch: int, step: int) -> list[float]:
+    """The sums over all ranks (one all-reduce); stops every rank alike when any rank saw a non-finite
+    loss, so that none is left waiting in a collective for one that stopped."""
+    summed = totals.clone()
+    if run.dist.world > 1:
+        torch_distributed.all_reduce(summed)
+    values = summed.tolist()
+    if values[3] > 0 or not math.isfinite(values[0]):
+        raise RunDiverged(
+            f"training diverged: the loss was not finite in {values[3]:.0f} step(s) of epoch {epoch + 1} up to step "
+            f"{step}; the files in --out still hold the last good epoch. Start again with a lower --lr."
+        )
+    return values
 
 
 def _file_identity(path: Path):
@@ -624,72 +656,3 @@ def _file_identity(path: Path):
     except FileNotFoundError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def check_finite(loss: float, epoch: int, step: int) -> None:
-    """Stop a diverged run before it writes NaN weights over the last good checkpoint and state."""
-    if not math.isfinite(loss):
-        raise TrainingError(
-            f"training diverged: the loss is {loss} in epoch {epoch + 1} (step {step}); the files in --out still "
-            "hold the last good epoch. Start again with a lower --lr."
-        )
-
-
-def _all_ranks_sum(t: torch.Tensor, dist: Distributed) -> torch.Tensor:
-    if dist.world > 1:
-        torch_distributed.all_reduce(t)
-    return t
-
-
-def _final_evaluation(out, history, best, hp, options, dist, devices, val_split, autocast, log) -> dict:
-    """Evaluate best.safetensors with the centre crop and 10 patches, record it in the file, print a summary."""
-    summary_path = out / "summary.json"
-    if dist.world > 1:
-        torch_distributed.barrier()  # rank 0 has written best.safetensors
-    summary = None
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("epochs") != len(history) or summary.get("best_epoch") != best["epoch"]:
-            summary = None  # the run went on since
-    if summary is None:
-        best_checkpoint = load_checkpoint(out / "best.safetensors")
-        net = best_checkpoint.build(devices)
-        val = evaluate(
-            net,
-            best_checkpoint.preprocessor(),
-            val_split,
-            crops=("center", "ten"),
-            device=devices[0],
-            batch_size=options.eval_batch_size,
-            rank=dist.rank,
-            world=dist.world,
-            workers=min(options.workers, 2),
-            autocast=autocast,
-            show_progress=dist.rank == 0 and options.show_progress,
-        )
-        summary = {
-            "epochs": len(history),
-            "best_epoch": best["epoch"],
-            "best_checkpoint": str(out / "best.safetensors"),
-            "last_checkpoint": str(out / "last.safetensors"),
-            "val": val,
-            "lr_drops": sum(1 for m in history if m["lr_dropped_after"]),
-            "train_seconds": sum(m["seconds"] for m in history),
-            "hyperparameters": dataclasses.asdict(hp),
-        }
-        if dist.rank == 0:
-            best_checkpoint.provenance.update(
-                val_ten_crop_top1_error=val["ten"]["top1_error"], val_ten_crop_top5_error=val["ten"]["top5_error"]
-            )
-            best_checkpoint.save(out / "best.safetensors")
-            atomic_write(summary_path, (json.dumps(summary, indent=1) + "\n").encode())
-    log(
-        format_results(
-            summary["val"], f"best epoch {summary['best_epoch']} of {summary['epochs']} ({out / 'best.safetensors'}):"
-        )
-    )
-    log(
-        f"trained {summary['epochs']} epochs in {format_duration(summary['train_seconds'])}, "
-        f"{summary['lr_drops']} lr drops"
-    )
-    return summary
