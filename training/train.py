@@ -355,18 +355,8 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
     dist = Distributed.from_environment()
     out = Path(options.out)
     state_path = out / "state.safetensors"
-
-    # Resume state (read by every process; on several machines DIR must be on a shared filesystem).
     state_on_disk = _file_identity(state_path)  # to notice another job writing DIR meanwhile
-    saved_info, saved_tensors = None, None
-    if options.resume:
-        if not state_path.exists():
-            raise TrainingError(f"--resume: {out} holds no resume state ({state_path.name}); nothing to continue")
-        saved_info, saved_tensors = read_state(state_path)
-    elif state_path.exists():
-        raise TrainingError(
-            f"{out} already holds a run ({state_path.name}); pass --resume to continue it, or use another --out"
-        )
+    saved_info, saved_tensors = _saved_state(out, options.resume)
     hp = resolve_hyperparameters(given, saved_info["hyperparameters"] if saved_info else None)
     check_hyperparameters(hp)
     devices = resolve_devices(options.devices, dist)
@@ -406,18 +396,7 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
 
     stats = data.stats
     crop = model.config.input_size
-    record = {
-        **dataclasses.asdict(hp),
-        "devices": [str(d) for d in devices],
-        "processes": dist.world,
-        "steps_per_epoch": batches.steps_per_epoch,
-        "optimizer": "SGD",
-        "weight_decay_on": "weights and biases" if hp.decay_biases else "weights (biases undecayed)",
-        "lighting": "paper PCA, λ for [0,1] pixels",
-        "store": getattr(train_split, "store", "raw"),
-        **({"tf32": options.tf32, "compile": options.compile} if devices[0].type == "cuda" else {}),
-        "deterministic": options.deterministic,
-    }
+    record = _training_record(hp, options, dist, devices, batches, getattr(train_split, "store", "raw"))
     workers = default_workers(train_split, dist) if options.workers is None else options.workers
     loader = cleanup.enter_context(
         BatchLoader(train_split, workers, batches.local_batch, pin_memory=devices[0].type == "cuda")
@@ -460,6 +439,37 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
             f"batch {hp.batch_size}, lr {schedule.lr:g}, epochs {run.start_epoch + 1}..{hp.epochs}"
         )
     return run
+
+
+def _training_record(hp: Hyperparameters, options: Options, dist, devices, batches, store: str) -> dict:
+    """The training settings every checkpoint carries."""
+    return {
+        **dataclasses.asdict(hp),
+        "devices": [str(d) for d in devices],
+        "processes": dist.world,
+        "steps_per_epoch": batches.steps_per_epoch,
+        "optimizer": "SGD",
+        "weight_decay_on": "weights and biases" if hp.decay_biases else "weights (biases undecayed)",
+        "lighting": "paper PCA, λ for [0,1] pixels",
+        "store": store,
+        **({"tf32": options.tf32, "compile": options.compile} if devices[0].type == "cuda" else {}),
+        "deterministic": options.deterministic,
+    }
+
+
+def _saved_state(out: Path, resume: bool) -> tuple[dict | None, dict | None]:
+    """The resume state when resuming (read by every process: on several machines DIR must be on a
+    shared filesystem); a refusal when DIR already holds a run and this is not a resume."""
+    state_path = out / "state.safetensors"
+    if resume:
+        if not state_path.exists():
+            raise TrainingError(f"--resume: {out} holds no resume state ({state_path.name}); nothing to continue")
+        return read_state(state_path)
+    if state_path.exists():
+        raise TrainingError(
+            f"{out} already holds a run ({state_path.name}); pass --resume to continue it, or use another --out"
+        )
+    return None, None
 
 
 def resolve_hyperparameters(given: dict, saved: dict | None) -> Hyperparameters:
