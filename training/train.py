@@ -199,7 +199,7 @@ class Run:
             print(message, file=sys.stderr, flush=True)
 
 
-def train_one_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
+def train_one_epoch(run: Run, epoch: int) -> tuple[list[float], float]:
     """One pass over the training split; returns the sums over all ranks (loss, wrong, images, non-finite
     steps) and the seconds it took."""
     hp, batches, options = run.hp, run.batches, run.options
@@ -220,21 +220,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
         params = run.draws.draw(hp.batch_size, hp.seed, epoch, step)[batches.local_slice()]
         x, labels = run.feed(batch, params)
 
-        seed_dropout(hp.seed, run.dist.rank, epoch, step, run.devices)
-        with run.autocast():
-            logits = run.train_model(x)
-        loss = F.cross_entropy(logits.float(), labels)
-        if run.hooks.loss is not None:
-            loss = run.hooks.loss(loss, epoch, step)
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.scaler is not None:
-            run.scaler.scale(loss).backward()
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-        else:
-            loss.backward()
-            run.optimizer.step()
-
+        loss, logits = train_step(run, x, labels, epoch, step)
         with torch.no_grad():
             totals[0] += loss.detach().double() * len(labels)
             totals[1] += (logits.argmax(1) != labels).sum()
@@ -258,6 +244,26 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
     bar.close()
     summed = _checked_sums(run, totals, epoch, batches.steps_per_epoch)
     return summed, seconds_before + time.perf_counter() - started
+
+
+def train_step(run: Run, x, labels: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, SGD update; returns the loss and the logits (nothing here waits for a device,
+    except fp16's gradient scaler, which reads whether the gradients overflowed)."""
+    seed_dropout(run.hp.seed, run.dist.rank, epoch, step, run.devices)
+    with run.autocast():
+        logits = run.train_model(x)
+    loss = F.cross_entropy(logits.float(), labels)
+    if run.hooks.loss is not None:
+        loss = run.hooks.loss(loss, epoch, step)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        run.optimizer.step()
+    return loss, logits
 
 
 def end_of_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -> None:
