@@ -217,13 +217,12 @@ class BatchLoader:
         return n
 
     def _wait_done(self, slot: int) -> None:
+        """Return once the slot is filled (raising what filling it raised)."""
         if self.uses_processes:
             while slot not in self._done:
                 self._pump()
         elif slot in self._futures:
             self._futures.pop(slot).result()  # re-raises the thread's exception
-        else:
-            self._done.discard(slot)
         self._done.discard(slot)
 
     def _loaded(self, key: int, slot: int, n: int) -> LoadedBatch:
