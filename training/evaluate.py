@@ -51,29 +51,40 @@ def evaluate(
     net.eval()
     indices = torch.arange(rank, len(split), world)  # every image exactly once over all ranks
     batches = list(indices.split(batch_size))
-    sums = {crop: torch.zeros(4, dtype=torch.float64) for crop in crops}  # loss, top-1 wrong, top-5 wrong, n
+    # loss, top-1 wrong, top-5 wrong, n: summed on the device, read once at the end (no wait per batch)
+    sums = {crop: torch.zeros(4, dtype=torch.float64, device=device) for crop in crops}
     bar = Progress(len(indices), "evaluate", enabled=show_progress and rank == 0)
 
     with BatchLoader(split, workers, batch_size, pin_memory=device.type == "cuda") as loader:
+        copied = None  # (event, batch): the previous batch, handed back once its copy to the GPU is done
         for batch in loader.batches(enumerate(batches)):
             images = batch.images.to(device, non_blocking=True)
             labels = batch.labels if label_map is None else label_map[batch.labels]
             labels = labels.to(device, non_blocking=True)
+            if device.type == "cuda":
+                if copied is not None:
+                    copied[0].synchronize()
+                    copied[1].release()
+                copied = (torch.cuda.Event(), batch)
+                copied[0].record()
             for crop in crops:
                 x = preprocessor.from_uint8(images, crop)  # THE shared preprocessing
                 log_probs = _log_probs(net, x, batch_size, autocast)
-                sums[crop] += _score(log_probs, labels)  # .cpu(): the copies out of the slot have completed
-            batch.release()
+                sums[crop] += _score(log_probs, labels)
+            if device.type != "cuda":
+                batch.release()  # (on the CPU, ``images`` was the slot itself: released after use)
             bar.update(len(labels))
+        if copied is not None:
+            copied[0].synchronize()
+            copied[1].release()
     bar.close()
 
     if world > 1:
         import torch.distributed as dist
 
         for crop in crops:
-            total = sums[crop].to(device)
-            dist.all_reduce(total)
-            sums[crop] = total.cpu()
+            dist.all_reduce(sums[crop])
+    sums = {crop: total.cpu() for crop, total in sums.items()}
     net.train(was_training)
     results = {}
     for crop, (loss, wrong1, wrong5, n) in ((c, s.tolist()) for c, s in sums.items()):
@@ -102,9 +113,8 @@ def _score(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     hits = top == labels[:, None]
     wrong1 = (~hits[:, 0]).sum()
     wrong5 = (~hits.any(dim=1)).sum()
-    return torch.stack(
-        [loss.double(), wrong1.double(), wrong5.double(), torch.tensor(len(labels), device=loss.device).double()]
-    ).cpu()
+    count = torch.full((), len(labels), dtype=torch.float64, device=loss.device)  # (a fill: no host copy)
+    return torch.stack([loss.double(), wrong1.double(), wrong5.double(), count])
 
 
 def label_map_for(dataset_classes, checkpoint_classes, what: str) -> torch.Tensor | None:
