@@ -1,6 +1,7 @@
 """Command line: ``python -m training prepare|train|evaluate|plot`` (``--help`` on each for its flags).
 
     python -m training prepare /data/imagenet /data/imagenet-256 --workers 16
+    python -m training prepare /data/imagenet /data/imagenet-jpeg --store jpeg   # 31 GB instead of 252 GB
     python -m training train /data/imagenet-256 --out runs/alexnet            # the paper's recipe
     torchrun --nproc-per-node 2 -m training train /data/imagenet-256 --out runs/alexnet   # 2 replicas × 2 GPUs
     python -m training train /data/imagenet-256 --out runs/alexnet --resume   # continue after a crash
@@ -27,7 +28,15 @@ DEFAULTS = Hyperparameters()
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    for sub in (_prepare_flags(commands), _train_flags(commands), _evaluate_flags(commands)):
+        sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c = commands.add_parser("plot", help="draw a run's training curves (its metrics.jsonl) as a PNG")
+    c.add_argument("run", help="a run folder (the --out of train)")
+    c.add_argument("--output", help="PNG file to write (default RUN/curves.png)")
+    return parser
 
+
+def _prepare_flags(commands) -> argparse.ArgumentParser:
     p = commands.add_parser("prepare", help="decode a dataset once into the fast prepared format")
     p.add_argument("src", help="folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (or a flat val/)")
     p.add_argument("dest", help="output folder (created; a rerun continues an interrupted preparation)")
@@ -44,7 +53,10 @@ def _parser() -> argparse.ArgumentParser:
         "as a JPEG, ~1/8 of the bytes (fits in the page cache), decoded by the loader's worker processes",
     )
     p.add_argument("--quality", type=int, default=None, help="JPEG quality 1..100 of --store jpeg (default 90)")
+    return p
 
+
+def _train_flags(commands) -> argparse.ArgumentParser:
     t = commands.add_parser("train", help="train the network (the paper's recipe by default)")
     t.add_argument("data", help="a folder written by `prepare`")
     t.add_argument("--out", required=True, help="run folder: state, checkpoints, metrics")
@@ -139,7 +151,10 @@ def _parser() -> argparse.ArgumentParser:
         default=1800,
         help="seconds a collective waits for the slowest process, e.g. rank 0 writing a checkpoint (default 1800)",
     )
+    return t
 
+
+def _evaluate_flags(commands) -> argparse.ArgumentParser:
     e = commands.add_parser("evaluate", help="top-1/top-5 error of a checkpoint on a prepared split")
     e.add_argument("checkpoint", help="a .safetensors checkpoint")
     e.add_argument("data", help="a folder written by `prepare`")
@@ -148,15 +163,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     e.add_argument("--output", help="JSON result file (default: beside the checkpoint, <name>.eval-<split>.json)")
-    e.add_argument("--workers", type=int, default=2, help="data loading threads (default 2)")
-
-    for sub in (p, t, e):
-        sub.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    c = commands.add_parser("plot", help="draw a run's training curves (its metrics.jsonl) as a PNG")
-    c.add_argument("run", help="a run folder (the --out of train)")
-    c.add_argument("--output", help="PNG file to write (default RUN/curves.png)")
-    return parser
+    e.add_argument(
+        "--workers", type=int, default=2, help="loader workers: threads (raw store) or processes (jpeg store); default 2"
+    )
+    return e
 
 
 OUT_OF_SPACE = {

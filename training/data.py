@@ -441,30 +441,3 @@ class ShardedBatches:
     def local_slice(self) -> slice:
         """This rank's part of a global batch (to pick its augmentation parameters)."""
         return slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-
-
-def prefetch(load, items, workers: int):
-    """Yield ``load(item)`` for each item in order, computing up to 2·workers ahead in threads.
-
-    Threads suffice: the work is a memory copy out of the mapped file (and pinning), during which torch
-    releases the GIL. ``workers=0`` loads in the calling thread.
-    """
-    if workers <= 0:
-        for item in items:
-            yield load(item)
-        return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="loader") as pool:
-        pending = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(load, item))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
