@@ -84,7 +84,7 @@ def test_train_command_parses_with_the_training_cli():
         "train", "/data", "/checkpoints", "cuda:0,cuda:1", True)
     prepare = re.search(r"^    command: (\[.*\])$", _compose_service("prepare"), re.MULTILINE).group(1)
     args = training_main._parser().parse_args(json.loads(prepare))
-    assert (args.command, args.src, args.dest) == ("prepare", "/imagenet", "/data")
+    assert (args.command, args.src, args.dest, args.store) == ("prepare", "/imagenet", "/data", "jpeg")
 
 
 def test_baked_weights_default_is_a_published_file():
