@@ -377,6 +377,11 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
     batches = ShardedBatches(len(train_split), hp.batch_size, hp.seed, dist.rank, dist.world)
     if options.compile:
         check_compiler(devices[0])
+    # The loader's worker processes are forked here, before the process group and the model exist.
+    workers = default_workers(train_split, dist) if options.workers is None else options.workers
+    loader = cleanup.enter_context(
+        BatchLoader(train_split, workers, batches.local_batch, pin_memory=devices[0].type == "cuda")
+    )
 
     # Numerics and processes.
     cleanup.enter_context(
@@ -403,10 +408,6 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
     stats = data.stats
     crop = model.config.input_size
     record = _training_record(hp, options, dist, devices, batches, getattr(train_split, "store", "raw"))
-    workers = default_workers(train_split, dist) if options.workers is None else options.workers
-    loader = cleanup.enter_context(
-        BatchLoader(train_split, workers, batches.local_batch, pin_memory=devices[0].type == "cuda")
-    )
     run = Run(
         hp=hp, options=options, hooks=hooks, dist=dist, devices=devices, out=out, data=data, batches=batches,
         model=model, train_model=model, optimizer=optimizer, scaler=scaler, schedule=schedule,
