@@ -309,8 +309,8 @@ def end_of_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float
         run.log(note)
     run.log(
         f"epoch {epoch + 1}/{run.hp.epochs}: train loss {metrics['train_loss']:.4f}, "
-        f"val loss {metrics['val_loss']:.4f}, top-1 {metrics['val_top1_error']:.2%}, "
-        f"top-5 {metrics['val_top5_error']:.2%}, lr {lr_used:g}, {metrics['images_per_second']:,.1f} img/s"
+        f"val loss {metrics['val_loss']:.4f}, val top-1 error {metrics['val_top1_error']:.2%}, "
+        f"top-5 error {metrics['val_top5_error']:.2%}, lr {lr_used:g}, {metrics['images_per_second']:,.1f} img/s"
         + (f" — lr now {run.schedule.lr:g}" if dropped else "")
         + (" (best so far)" if improved else "")
     )
