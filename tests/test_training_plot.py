@@ -12,7 +12,7 @@ from PIL import Image
 from test_training import make_source, prepare_quietly, train_cli
 
 from training.__main__ import main
-from training.plot import CURVES_FILE, LR_DROP, TEN, VAL, lr_drops, write_curves
+from training.plot import CURVES_FILE, LR_DROP, TEN, VAL, draw_figure, lr_drops, write_curves
 
 pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install -e '.[train]')")
 
@@ -102,6 +102,66 @@ def test_lr_drops_come_from_the_records():
     for r in history:
         del r["lr_dropped_after"]
     assert [position for position, _ in lr_drops(history)] == [12.5, 22.5]
+
+
+def short_run(top1=(0.9375, 0.935, 0.93, 0.9275, 0.925, 0.9225), drops=(3, 4)) -> list[dict]:
+    """A few epochs near chance: the errors move by fractions of a percent; lr ÷ 10 twice in a row."""
+    records, lr = [], 0.001
+    for epoch, error in enumerate(top1, 1):
+        records.append({
+            "epoch": epoch, "lr": lr, "train_loss": 6.9 - 0.1 * epoch, "train_top1_error": error + 0.01,
+            "val_loss": 6.9 - 0.08 * epoch, "val_top1_error": error, "val_top5_error": error - 0.2 - 0.001 * epoch,
+            "lr_dropped_after": epoch in drops,
+        })
+        if epoch in drops:
+            lr /= 10
+    return records
+
+
+def visible_ticks(axis) -> list[tuple[float, str]]:
+    low, high = sorted(axis.get_view_interval())
+    return [(tick.get_loc(), tick.label1.get_text()) for tick in axis.get_major_ticks()
+            if low - 1e-12 <= tick.get_loc() <= high + 1e-12]
+
+
+@pytest.mark.parametrize(
+    "records, some_top1_labels",
+    [(short_run(), {"92.5%", "93.5%", "94.0%"}), (synthetic_history(30), {"40%", "90%"})],
+    ids=["short run", "30 epochs"],
+)
+def test_percent_tick_labels_read_their_ticks_value_and_differ(records, some_top1_labels):
+    figure = draw_figure(records)
+    figure.canvas.draw()
+    for ax in figure.axes[1:]:  # top-1 and top-5 error
+        ticks = visible_ticks(ax.yaxis)
+        assert len(ticks) >= 3
+        labels = [label for _, label in ticks]
+        assert len(set(labels)) == len(labels), labels
+        for value, label in ticks:
+            assert label.endswith("%") and float(label[:-1]) == pytest.approx(100 * value, abs=1e-9), (value, label)
+    # Half-percent steps get one decimal, whole tens none.
+    assert some_top1_labels <= {label for _, label in visible_ticks(figure.axes[1].yaxis)}
+
+
+@pytest.mark.parametrize(
+    "records",
+    [short_run(), synthetic_history(30, drops=(12, 13)), synthetic_history(30, drops=(12, 13, 14, 29))],
+    ids=["short run, drops after 3 and 4", "drops after 12 and 13", "three in a row and one at the end"],
+)
+def test_labels_of_close_lr_drops_do_not_overlap(records):
+    figure = draw_figure(records)
+    figure.canvas.draw()
+    loss = figure.axes[0]
+    labels = [text for text in loss.texts if text.get_text().startswith("lr ")]
+    assert len(labels) == len(lr_drops(records))
+    renderer = figure.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    panel = loss.get_window_extent(renderer)
+    for i, box in enumerate(boxes):
+        assert panel.x0 <= box.x0 and box.x1 <= panel.x1 + 1 and panel.y0 <= box.y0 and box.y1 <= panel.y1 + 1
+        for j, other in enumerate(boxes[:i]):
+            assert not box.overlaps(other), (labels[i].get_text(), labels[j].get_text(), box, other)
+    assert [label.get_text() for label in labels][:2] == [f"lr → {lr:g}" for _, lr in lr_drops(records)][:2]
 
 
 @pytest.mark.parametrize(

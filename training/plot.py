@@ -97,16 +97,28 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
 
 def plot_metrics(records: list[dict], output: Path, *, title: str = "") -> Path:
     """Draw the curves of ``records`` (metrics.jsonl's lines) into the PNG ``output``, atomically."""
+    figure = draw_figure(records, title=title)
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        figure.savefig(tmp, format="png")
+    return output
+
+
+def draw_figure(records: list[dict], *, title: str = ""):
+    """The matplotlib Figure of ``records``' curves (what plot_metrics saves), laid out and ready to save."""
     try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure  # the object API: no pyplot, no global backend or state
-        from matplotlib.ticker import MaxNLocator, PercentFormatter
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise TrainingError(f"drawing the curves needs matplotlib: {INSTALL_HINT}") from None
 
     epochs = [r["epoch"] for r in records]
     marker = "o" if len(records) <= 40 else None
     figure = Figure(figsize=(14, 4.4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)  # a PNG canvas of its own (text extents for placing labels); no global backend
     axes = figure.subplots(1, len(PANELS), sharex=True)
+    lr_labels = []
     for ax, (name, series) in zip(axes, PANELS):
         for key, legend, style in series:
             values = [_value(r, key) for r in records]
@@ -121,21 +133,24 @@ def plot_metrics(records: list[dict], output: Path, *, title: str = "") -> Path:
         if low < 0:  # losses and errors are never negative (a single point gets a symmetric margin)
             ax.set_ylim(0, max(high, 0.05))
         if name != "loss":
-            ax.yaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=0))
+            ax.yaxis.set_major_formatter(_percent_formatter())
         ax.grid(True, color="#e3e6ea", linewidth=0.8)
         ax.spines[["top", "right"]].set_visible(False)
         for position, lr in lr_drops(records):
             ax.axvline(position, color=LR_DROP, linestyle=":", linewidth=1.4)
             if name == "loss":
-                ax.annotate(
-                    f"lr → {lr:g}" if lr is not None else "lr ÷",
-                    xy=(position, 1),
-                    xycoords=("data", "axes fraction"),
-                    xytext=(3, -3),
-                    textcoords="offset points",
-                    va="top",
-                    fontsize=8,
-                    color=LR_DROP,
+                lr_labels.append(
+                    ax.annotate(
+                        f"lr → {lr:g}" if lr is not None else "lr ÷",
+                        xy=(position, 1),
+                        xycoords=("data", "axes fraction"),
+                        xytext=(LABEL_GAP, -LABEL_GAP),
+                        textcoords="offset points",
+                        va="top",
+                        fontsize=LABEL_SIZE,
+                        color=LR_DROP,
+                        bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none"},
+                    )
                 )
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, frameon=False)
@@ -146,11 +161,67 @@ def plot_metrics(records: list[dict], output: Path, *, title: str = "") -> Path:
             [best["epoch"]], [best["val_top1_error"]], marker="*", markersize=13, color="#e0a100", linestyle="none"
         )
     figure.suptitle(_headline(records, best, title), x=0.01, ha="left", fontsize=12)
+    if lr_labels:
+        _place_lr_labels(figure, axes[0], lr_labels)
+    return figure
 
-    output = Path(output)
-    with atomic_path(output) as tmp:
-        figure.savefig(tmp, format="png")
-    return output
+
+LABEL_SIZE = 8  # points: the lr-drop labels
+LABEL_GAP = 3  # points between a label and its dotted line (and the top of the panel)
+
+
+def _place_lr_labels(figure, ax, labels) -> None:
+    """Keep the lr-drop labels apart: each goes right of its line (left of it where it would leave the panel),
+    in the highest row where it reaches neither a label already placed nor that label's line; close drops
+    thus stack downwards."""
+    figure.draw_without_rendering()  # the constrained layout fixes the panel's size: text extents in pixels
+    renderer = figure.canvas.get_renderer()
+    points = figure.dpi / 72  # pixels per point
+    pad = (LABEL_GAP + 1) * points  # a label ends before the next label's line
+    row_height = LABEL_SIZE * 1.35 * points
+    panel_right = ax.get_window_extent(renderer).x1
+    rows: list[list[tuple[float, float]]] = []  # per row, the pixel spans (x0, x1) taken
+    for label in labels:
+        box = label.get_window_extent(renderer)
+        width, line_x = box.width, box.x0 - LABEL_GAP * points
+        if box.x1 > panel_right:  # would run into the next panel: put it on the line's left
+            label.set_horizontalalignment("right")
+            span = (line_x - LABEL_GAP * points - width, line_x - LABEL_GAP * points)
+            x_offset = -LABEL_GAP
+        else:
+            span, x_offset = (box.x0, box.x1), LABEL_GAP
+        row = next(
+            (i for i, taken in enumerate(rows) if all(span[0] > b + pad or span[1] < a - pad for a, b in taken)),
+            len(rows),
+        )
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(span)
+        label.xyann = (x_offset, -LABEL_GAP - row * row_height / points)
+
+
+def _percent_formatter():
+    """Percent tick labels with as many decimals as the ticks' spacing needs (0.5 % steps → 93.5 %), so that
+    every label reads its tick's value and no two read the same."""
+    from matplotlib.ticker import PercentFormatter
+
+    class Percent(PercentFormatter):
+        def set_locs(self, locs):
+            super().set_locs(locs)
+            self.decimals = _decimals_for([100 * v for v in locs])
+
+    return Percent(xmax=1, decimals=0)
+
+
+def _decimals_for(values: list[float], most: int = 6) -> int:
+    """The fewest decimals that write each of ``values`` exactly (ticks are round numbers), else distinctly."""
+    for decimals in range(most + 1):
+        if all(abs(round(v, decimals) - v) < 1e-6 for v in values):
+            return decimals
+    for decimals in range(most + 1):
+        if len({f"{v:.{decimals}f}" for v in values}) == len(set(values)):
+            return decimals
+    return most
 
 
 def lr_drops(records: list[dict]) -> list[tuple[float, float | None]]:
