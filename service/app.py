@@ -188,6 +188,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=model_package.__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # /docs is served by routes/page.py from this server's own files (FastAPI's loads Swagger UI from a
+        # CDN, and its inline script breaks the Content-Security-Policy); no ReDoc, no OAuth2 redirect page.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.service = state
     problems.install(app)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import struct
 import time
 import zlib
@@ -378,8 +379,32 @@ def test_openapi_schema_and_docs(client):
         "label",
         "score",
     }
+
+
+def test_docs_are_served_from_this_origin(client):
+    """/docs is Swagger UI from the app's own files: every URL in it is relative, no inline script (the
+    Content-Security-Policy allows scripts and styles from this origin only), and each file is served."""
     docs = client.get("/docs")
-    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert docs.status_code == 200 and docs.headers["content-type"] == "text/html; charset=utf-8"
+    csp = dict(d.strip().split(" ", 1) for d in docs.headers["content-security-policy"].split(";"))
+    assert csp["default-src"] == "'none'" and csp["script-src"] == "'self'" and csp["style-src"] == "'self'"
+    assert csp["connect-src"] == "'self'" and csp["img-src"] == "'self' data:"
+    html = docs.text
+    scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", html, re.S)
+    assert scripts and all("src=" in attrs and not body.strip() for attrs, body in scripts), scripts
+    assert not re.search(r"\bon[a-z]+=|style=|javascript:", html)
+    urls = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert {"static/swagger-ui-bundle.js", "static/swagger-ui.css", "static/docs.js"} <= set(urls)
+    for url in urls:
+        assert not re.match(r"[a-z]+:|//", url), url  # relative: this origin, under any path prefix
+        asset = client.get(httpx.URL("/docs").join(url))
+        assert asset.status_code == 200, url
+    bundle = client.get("/static/swagger-ui-bundle.js")
+    assert bundle.headers["content-type"].startswith("text/javascript") and "SwaggerUIBundle" in bundle.text
+    assert client.get("/static/swagger-ui.css").headers["content-type"].startswith("text/css")
+    # FastAPI's CDN pages are gone: no ReDoc, no OAuth2 redirect page (inline scripts, fonts from Google).
+    for path in ("/redoc", "/docs/oauth2-redirect"):
+        assert_problem(client.get(path), 404)
 
 
 def test_metrics_exposition(client, photos):

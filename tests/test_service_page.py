@@ -297,3 +297,46 @@ def test_an_untrained_model_is_flagged(page, api, server, checkpoint, photos, tm
     assert_shows_api_answer(card, api, photos[1].name, photos[1].read_bytes())
     assert "untrained: labels are noise" in card["meta"]
     page.screenshot(path=str(tmp_path / "untrained.png"))
+
+
+def test_docs_work_without_internet(browser, server):
+    """/docs with every request to another host refused: Swagger UI comes up from the app's own files,
+    lists the operations and runs one ("Try it out"), with no CSP violation or other console error."""
+    context = browser.new_context(viewport={"width": 1200, "height": 860})
+    elsewhere: list[str] = []
+
+    def only_this_server(route):
+        if route.request.url.startswith("http://127.0.0.1:"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_this_server)
+    tab = context.new_page()
+    tab.set_default_timeout(20_000)
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(f"page error: {error}"))
+    tab.on("console", lambda message: message.type == "error" and errors.append(f"console: {message.text}"))
+    try:
+        tab.goto(server.url + "/")
+        tab.click("text=API documentation")  # the try-it page's link
+        tab.wait_for_url(server.url + "/docs")
+        classify = tab.locator("#operations-classify-classify_classify_post")
+        classify.wait_for(state="visible")
+        assert "/classify" in classify.inner_text() and "POST" in classify.inner_text()
+        assert "AlexNet classification API" in tab.locator(".info .title").inner_text()
+        for path in ("/healthz", "/readyz", "/model", "/metrics"):
+            assert tab.locator(f".opblock-summary-path[data-path='{path}']").is_visible(), path
+        health = tab.locator("#operations-health-healthz_healthz_get")
+        health.locator(".opblock-summary").click()
+        health.locator("button.try-out__btn").click()
+        health.locator("button.execute").click()
+        status = health.locator(".live-responses-table td.response-col_status:not(.col_header)")
+        status.wait_for(state="visible")
+        assert status.inner_text().strip() == "200"
+        assert '"ok"' in health.locator(".live-responses-table td.response-col_description:not(.col_header)").inner_text()
+    finally:
+        context.close()
+    assert not elsewhere, elsewhere
+    assert not errors, errors
