@@ -14,6 +14,8 @@ import sys
 import time
 from datetime import UTC, datetime
 
+from starlette.routing import Match
+
 from .metrics import ServiceMetrics
 
 access_log = logging.getLogger("service.access")
@@ -45,6 +47,35 @@ def configure(level: str) -> None:
         logging.getLogger(name).propagate = True
 
 
+UNMATCHED = "unmatched"
+
+
+def route_template(scope) -> str:
+    """The path template of the route that answered (``/classify``, ``/static/{name}``, ``/openapi.json``),
+    or ``unmatched`` when no route matches the path: a 404, or the 307 that redirects ``/model/`` to
+    ``/model``. The template, not the raw path: unknown paths must not create a metric series each.
+
+    FastAPI records the route in the scope for its own routes (``@router.get``) only; the others, such as
+    the ``/openapi.json`` route FastAPI adds itself, are found by matching the request against the app's
+    routes again, as the router did: a full match first, else the first method-only match (its 405)."""
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return path
+    partial = None
+    for route in getattr(scope.get("router"), "routes", ()):
+        match, child_scope = route.matches(scope)
+        if match is Match.FULL:
+            return _template(route, child_scope)
+        if match is Match.PARTIAL and partial is None:
+            partial = _template(route, child_scope)
+    return partial or UNMATCHED
+
+
+def _template(route, child_scope) -> str:
+    # An included router's match names the route inside it; a plain route is its own template.
+    return getattr(child_scope.get("route"), "path", None) or getattr(route, "path", None) or UNMATCHED
+
+
 class ObserveRequests:
     """ASGI middleware: an access-log line and the request metrics for every HTTP request."""
 
@@ -68,9 +99,7 @@ class ObserveRequests:
             await self.app(scope, receive, send_and_observe)
         finally:
             seconds = time.perf_counter() - started
-            route = scope.get("route")
-            # The route's template, not the raw path: unknown paths must not create a metric series each.
-            route_name = getattr(route, "path", None) or "unmatched"
+            route_name = route_template(scope)
             method = scope["method"]
             self.metrics.requests.inc(method, route_name, str(status))
             self.metrics.latency.observe(seconds, method, route_name)

@@ -1,5 +1,13 @@
 """Prometheus metrics in the text exposition format (version 0.0.4), written by hand: three metric kinds
 are a few dozen lines, not worth a dependency.
+
+The ``route`` label of ``alexnet_http_requests_total`` and ``alexnet_http_request_duration_seconds`` is
+the path template of the route that answered, exactly as declared — ``/classify``, ``/model``,
+``/healthz``, ``/readyz``, ``/metrics``, ``/``, ``/docs``, ``/static/{name}``, ``/openapi.json`` — whatever
+its status (a 405 for a wrong method, a 404 for an unknown ``/static/`` file, a 4xx from /classify), and
+``unmatched`` only for a request whose path no route matches: a 404, or the 307 that redirects a path
+with a trailing slash (``/model/``) to the route without it. So the series stay bounded whatever paths
+clients send (``service.logs.route_template``).
 """
 
 from __future__ import annotations
@@ -118,6 +126,7 @@ class Registry:
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+ROUTE_EXAMPLES = "/classify, /model, /healthz, /readyz, /metrics, /, /docs, /static/{name}, /openapi.json"
 
 
 class ServiceMetrics:
@@ -126,11 +135,19 @@ class ServiceMetrics:
     def __init__(self, queue_depth: Callable[[], dict], model_info: Callable[[], dict]):
         self.registry = r = Registry()
         self.requests = r.add(
-            Counter("alexnet_http_requests_total", "HTTP requests by route and status", ("method", "route", "status"))
+            Counter(
+                "alexnet_http_requests_total",
+                "HTTP requests by method, route and status. route: the answering route's path template "
+                f"({ROUTE_EXAMPLES}), or unmatched when no route matches the path (404; 307 for a trailing slash)",
+                ("method", "route", "status"),
+            )
         )
         self.latency = r.add(
             Histogram(
-                "alexnet_http_request_duration_seconds", "HTTP request latency", LATENCY_BUCKETS, ("method", "route")
+                "alexnet_http_request_duration_seconds",
+                "HTTP request latency, by method and route (as in alexnet_http_requests_total)",
+                LATENCY_BUCKETS,
+                ("method", "route"),
             )
         )
         self.images = r.add(Counter("alexnet_images_classified_total", "images classified", ("crops",)))

@@ -432,6 +432,51 @@ def test_metrics_exposition(client, photos):
     assert text.count("# HELP") == text.count("# TYPE")
 
 
+def test_metrics_label_each_route_by_its_template(client):
+    """/docs, /openapi.json, the page and its files count as themselves; only paths that match no route
+    count as "unmatched" (and then never as a 200)."""
+    requests = [
+        ("GET", "/docs", "/docs", 200),
+        ("GET", "/openapi.json", "/openapi.json", 200),
+        ("GET", "/", "/", 200),
+        ("GET", "/static/page.js", "/static/{name}", 200),
+        ("GET", "/static/nothing.js", "/static/{name}", 404),
+        ("POST", "/openapi.json", "/openapi.json", 405),
+        ("POST", "/healthz", "/healthz", 405),
+        ("GET", "/no/such/path", "unmatched", 404),
+        ("GET", "/model/", "unmatched", 307),  # the redirect to /model
+    ]
+
+    def counts() -> dict:
+        text = client.get("/metrics").text
+        return {
+            (method, route, status): metric_value(
+                text, "alexnet_http_requests_total", method=method, route=route, status=str(status)
+            )
+            for method, _, route, status in requests
+        }
+
+    before = counts()
+    for method, path, _, status in requests:
+        assert client.request(method, path, follow_redirects=False).status_code == status, path
+    after = counts()
+    for method, path, route, status in requests:
+        assert after[method, route, status] - before[method, route, status] >= 1, (method, path, route, status)
+    text = client.get("/metrics").text
+    assert metric_value(text, "alexnet_http_requests_total", method="GET", route="unmatched", status="200") == 0
+    assert metric_value(text, "alexnet_http_request_duration_seconds_count", method="GET", route="/docs") >= 1
+    help_line = next(line for line in text.splitlines() if line.startswith("# HELP alexnet_http_requests_total "))
+    assert "unmatched" in help_line and "/static/{name}" in help_line and "/openapi.json" in help_line
+
+
+def test_the_metrics_help_names_every_route():
+    from service.metrics import ROUTE_EXAMPLES
+    from service.routes import classify, health, info, metrics, page
+
+    templates = {route.path for module in (classify, health, info, metrics, page) for route in module.router.routes}
+    assert templates | {"/openapi.json"} == set(ROUTE_EXAMPLES.split(", "))
+
+
 def test_access_log_is_structured(client, server):
     client.get("/healthz", params={"probe": "1"})
     for _ in range(100):  # the line is written just after the response is sent
