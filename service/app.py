@@ -59,12 +59,24 @@ class ServiceState:
         else:
             loaded = reload.fingerprint(path)
             self.model = await loop.run_in_executor(None, engine.load, path, devices)
+        identity = self.model.identity
         log.info(
-            "serving %s on %s (trained=%s)",
+            "serving %s on %s (trained=%s, epoch %s, val top-1 error %s, top-5 %s)",
             path if loaded else "an untrained net",
             ",".join(map(str, devices)),
-            self.model.identity.trained,
-            extra={"fields": {"sha256": self.model.identity.sha256, "devices": [str(d) for d in devices]}},
+            identity.trained,
+            identity.epoch,
+            identity.val_top1_error,
+            identity.val_top5_error,
+            extra={
+                "fields": {
+                    "sha256": identity.sha256,
+                    "devices": [str(d) for d in devices],
+                    "trained": identity.trained,
+                    "val_top1_error": identity.val_top1_error,
+                    "val_top5_error": identity.val_top5_error,
+                }
+            },
         )
         self.batcher = Batcher(
             max_batch=s.max_batch,
@@ -131,7 +143,8 @@ class ServiceState:
         if self.model is None:
             return {}
         identity = self.model.identity
-        return {(identity.checkpoint or "", identity.sha256 or "", str(identity.trained).lower()): 1}
+        errors = tuple("" if e is None else repr(e) for e in (identity.val_top1_error, identity.val_top5_error))
+        return {(identity.checkpoint or "", identity.sha256 or "", str(identity.trained).lower(), *errors): 1}
 
 
 def _missing(path) -> bool:

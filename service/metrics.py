@@ -176,9 +176,10 @@ class ServiceMetrics:
         r.add(
             Gauge(
                 "alexnet_model_info",
-                "the model being served (value 1)",
+                "the model being served (value 1). trained: weights from training or an import, not a fresh "
+                "init; val_top1_error, val_top5_error: how good they are, as the checkpoint records ('' if not)",
                 model_info,
-                ("checkpoint", "sha256", "trained"),
+                ("checkpoint", "sha256", "trained", "val_top1_error", "val_top5_error"),
             )
         )
 

@@ -72,10 +72,22 @@ async def watch_checkpoint(
             continue
         switch(model)
         on_result("ok")
+        identity = model.identity
         log.info(
-            "now serving %s (sha256 %s, trained=%s)",
+            "now serving %s (sha256 %s, trained=%s, epoch %s, val top-1 error %s, top-5 %s)",
             path,
-            model.identity.sha256,
-            model.identity.trained,
-            extra={"fields": {"event": "reloaded", "sha256": model.identity.sha256}},
+            identity.sha256,
+            identity.trained,
+            identity.epoch,
+            identity.val_top1_error,
+            identity.val_top5_error,
+            extra={
+                "fields": {
+                    "event": "reloaded",
+                    "sha256": identity.sha256,
+                    "trained": identity.trained,
+                    "val_top1_error": identity.val_top1_error,
+                    "val_top5_error": identity.val_top5_error,
+                }
+            },
         )

@@ -32,16 +32,36 @@ class ImageResult(BaseModel):
 
 
 class ModelIdentity(BaseModel):
-    """Which weights answered. ``trained: false`` means a freshly initialised net: its labels are noise."""
+    """Which weights answered, and how good they are. ``trained`` says where the weights came from (training
+    or an import, not a fresh initialisation); ``val_top1_error`` and ``val_top5_error`` say how good: a
+    checkpoint of a first epoch is ``trained`` and may still be at chance level."""
 
     checkpoint: str | None = Field(description="checkpoint file name; null for the untrained fallback net")
     path: str | None = Field(description="where the checkpoint was loaded from")
     sha256: str | None = Field(description="sha256 of the checkpoint file")
     format_version: int | None = Field(description="checkpoint format version")
-    trained: bool
-    epoch: int | None = Field(None, description="training epoch the weights come from")
-    val_top1_error: float | None = Field(None, description="validation top-1 error recorded by training")
-    val_top5_error: float | None = Field(None, description="validation top-5 error recorded by training")
+    trained: bool = Field(
+        description=(
+            "where the weights came from, not how good they are: true when the checkpoint records that they "
+            "were trained — written by `python -m training train` (after any epoch, the first included) or by "
+            "`python -m model.import_weights` (published weights); false for the freshly initialised net served "
+            "when there is no checkpoint (its labels are noise), or a checkpoint that does not record it. How "
+            "good trained weights are: val_top1_error and val_top5_error (chance level is 1 - 1/classes, "
+            "0.999 and 0.995 for 1000 classes)"
+        )
+    )
+    epoch: int | None = Field(None, description="training epoch the weights come from; null: not recorded")
+    val_top1_error: float | None = Field(
+        None,
+        description=(
+            "fraction of validation images whose most probable class is wrong (centre crop), as recorded in the "
+            "checkpoint: by training, on its validation split after `epoch`; by an import, the publisher's "
+            "figure. Null: not recorded (the untrained net; imported weights not matching a published checksum)"
+        ),
+    )
+    val_top5_error: float | None = Field(
+        None, description="likewise, the fraction whose true class is not among the 5 most probable"
+    )
 
 
 class Timing(BaseModel):

@@ -362,6 +362,25 @@ def test_health_readiness_and_model_info(client, checkpoint, direct):
     assert info["provenance"]["epoch"] == 7 and info["provenance"]["trained"] is True
 
 
+def test_trained_is_shown_with_its_validation_error(client, checkpoint):
+    """Wherever the API says "trained", the validation errors that say how good the weights are come with
+    it, and the schema says what the flag means."""
+    identities = [client.get("/model").json()["model"], client.get("/readyz").json()["model"]]
+    for identity in identities:
+        assert identity["trained"] is True
+        assert (identity["epoch"], identity["val_top1_error"], identity["val_top5_error"]) == (7, 0.61, 0.38)
+    info = (
+        'alexnet_model_info{checkpoint="%s",sha256="%s",trained="true",val_top1_error="0.61",val_top5_error="0.38"} 1'
+        % (checkpoint.name, hashlib.sha256(checkpoint.read_bytes()).hexdigest())
+    )
+    assert info in client.get("/metrics").text.splitlines()
+    fields = client.get("/openapi.json").json()["components"]["schemas"]["ModelIdentity"]["properties"]
+    trained = fields["trained"]["description"]
+    assert "not how good" in trained and "val_top1_error" in trained and "val_top5_error" in trained
+    assert "python -m training train" in trained and "import" in trained and "freshly initialised" in trained
+    assert "validation" in fields["val_top1_error"]["description"]
+
+
 def test_openapi_schema_and_docs(client):
     schema = client.get("/openapi.json").json()
     for name in ("ClassifyResponse", "Prediction", "ModelIdentity", "Problem", "ModelInfo"):

@@ -7,6 +7,7 @@ Skipped, with the reason, where Playwright or /usr/bin/chromium is missing (``.c
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import re
@@ -40,7 +41,8 @@ def chromium_path() -> str | None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("page") / "small.safetensors"
-    return write_checkpoint(path, seed=3, epoch=12, val_top1_error=0.58, val_top5_error=0.34)
+    # "trained", but after one epoch at chance level: the page must not let the flag read as "usable".
+    return write_checkpoint(path, seed=3, epoch=1, val_top1_error=0.999, val_top5_error=0.995)
 
 
 @pytest.fixture(scope="module")
@@ -192,11 +194,14 @@ def test_chosen_photos_show_the_apis_top5(page, api, photos, checkpoint, tmp_pat
     assert [c["name"] for c in cards] == [p.name for p in chosen]
     for card, path in zip(cards, chosen):
         assert_shows_api_answer(card, api, path.name, path.read_bytes())
-        assert f"answered by {checkpoint.name} (epoch 12)" in card["meta"] and " ms on the server" in card["meta"]
+        assert f"answered by {checkpoint.name} (epoch 1, val top-1 error 99.9%)" in card["meta"]
+        assert " ms on the server" in card["meta"]
     assert page.locator(".card .bars li").first.is_visible()
     assert page.locator("#untrained").is_hidden()
     header = page.locator("#model").inner_text()
-    assert checkpoint.name in header and "trained" in header and "epoch 12" in header
+    assert checkpoint.name in header and "epoch 1" in header and "val top-5 error 99.5%" in header
+    assert page.locator("#model .pill").inner_text() == "trained · val top-1 error 99.9%"
+    assert "not a fresh initialisation" in page.locator("#model .pill").get_attribute("title")
     assert page.locator("#announce").get_attribute("aria-live") == "polite"
     assert page.locator("#announce").text_content().startswith(f"{chosen[1].name}: ") or page.locator(
         "#announce"
@@ -281,13 +286,31 @@ def test_api_errors_are_shown_in_words(page, api, photos, tmp_path):
     page.screenshot(path=str(tmp_path / "errors.png"))
 
 
+def wait_for_model(api, **expected) -> None:
+    deadline = time.monotonic() + 30
+    while any(api.get("/model").json()["model"][k] != v for k, v in expected.items()):
+        assert time.monotonic() < deadline, f"the server did not pick up the new checkpoint ({expected})"
+        time.sleep(0.1)
+
+
+def test_trained_weights_without_a_validation_error_say_so(page, api, checkpoint, photos):
+    """Weights that record no validation error (an import of unverified weights, say) are "trained",
+    and the page says that nothing tells how good they are."""
+    write_checkpoint(checkpoint, seed=5, source="model.import_weights")
+    wait_for_model(api, sha256=hashlib.sha256(checkpoint.read_bytes()).hexdigest())
+    page.reload()
+    page.wait_for_function("() => document.querySelector('#model .pill')")
+    assert page.locator("#model .pill").inner_text() == "trained · no validation error recorded"
+    assert page.locator("#untrained").is_hidden()
+    page.set_input_files("#file-input", str(photos[3]))
+    (card,) = settled_cards(page, 1)
+    assert f"answered by {checkpoint.name} (no validation error recorded)" in card["meta"]
+
+
 def test_an_untrained_model_is_flagged(page, api, server, checkpoint, photos, tmp_path):
     """The server hot-reloads an untrained checkpoint: the page warns, in the header and on each answer."""
     write_checkpoint(checkpoint, seed=4, trained=False)
-    deadline = time.monotonic() + 30
-    while api.get("/model").json()["model"]["trained"]:
-        assert time.monotonic() < deadline, "the server did not pick up the new checkpoint"
-        time.sleep(0.1)
+    wait_for_model(api, trained=False)
     page.reload()
     page.wait_for_selector("#untrained", state="visible")
     assert "Untrained model" in page.locator("#untrained").inner_text()

@@ -32,15 +32,24 @@ function modelName(model) {
 function modelDetails(model) {
   const parts = [];
   if (model.epoch != null) parts.push(`epoch ${model.epoch}`);
-  if (model.val_top1_error != null) parts.push(`val top-1 error ${percent(model.val_top1_error)}`);
-  if (model.val_top5_error != null) parts.push(`top-5 ${percent(model.val_top5_error)}`);
+  if (model.val_top5_error != null) parts.push(`val top-5 error ${percent(model.val_top5_error)}`);
   return parts.join(" · ");
 }
 
-function pill(trained) {
+// "trained" says where the weights came from (training or an import, not a fresh initialisation), not
+// how good they are: the validation error, shown with it, says that (a first epoch is at chance level).
+function validation(model) {
+  return model.val_top1_error != null ? `val top-1 error ${percent(model.val_top1_error)}` : "no validation error recorded";
+}
+
+const TRAINED_TITLE =
+  "The weights come from training or an import, not a fresh initialisation; the validation error says how good they are.";
+
+function pill(model) {
   const span = document.createElement("span");
-  span.className = trained ? "pill" : "pill untrained";
-  span.textContent = trained ? "trained" : "untrained: labels are noise";
+  span.className = model.trained ? "pill" : "pill untrained";
+  span.textContent = model.trained ? `trained · ${validation(model)}` : "untrained: labels are noise";
+  if (model.trained) span.title = TRAINED_TITLE;
   return span;
 }
 
@@ -51,7 +60,7 @@ function showModel(model) {
   const details = document.createElement("span");
   details.className = "model-details";
   details.textContent = modelDetails(model);
-  el.model.replaceChildren(name, pill(model.trained), details);
+  el.model.replaceChildren(name, pill(model), details);
   el.model.title = model.sha256 ? `sha256 ${model.sha256}` : "";
   el.untrained.hidden = model.trained;
 }
@@ -212,10 +221,10 @@ function showResult(item, body, roundTrip) {
   const parts = [
     `${milliseconds(body.timing.total_ms)} on the server, ${milliseconds(roundTrip)} round trip`,
     body.crops === "ten" ? "10 patches" : "centre crop",
-    `answered by ${modelName(model)}${model.epoch != null ? ` (epoch ${model.epoch})` : ""}`,
+    `answered by ${modelName(model)}${answeredDetails(model)}`,
   ];
   meta.replaceChildren(document.createTextNode(parts.join(" · ")));
-  if (!model.trained) meta.append(pill(false));
+  if (!model.trained) meta.append(pill(model));
   meta.title = model.sha256 ? `sha256 ${model.sha256}` : "";
   showModel(model); // the model that answered last (the server may have hot-reloaded a new checkpoint)
 
@@ -224,6 +233,12 @@ function showResult(item, body, roundTrip) {
   card.removeAttribute("aria-busy");
   const top = result.predictions[0];
   el.announce.textContent = `${item.name}: ${top.label}, ${percent(top.score)}` + (model.trained ? "" : " (untrained model)");
+}
+
+function answeredDetails(model) {
+  if (!model.trained) return "";
+  const epoch = model.epoch != null ? `epoch ${model.epoch}, ` : "";
+  return ` (${epoch}${validation(model)})`;
 }
 
 function showError(item, title, detail) {
