@@ -25,6 +25,9 @@ Files are parsed with model/protobuf_wire.py (about a hundred lines) rather than
 packages: we need a dozen fields of two schemas, and the field numbers are written down below.
 Downloads stream to a temporary file with a progress bar and are checked against the published
 checksum; the checkpoint is written atomically, so an error never leaves a partial file at ``--out``.
+An existing ``--out`` is replaced only when it is an earlier import: a checkpoint from training (the
+default ``--out`` of both is checkpoints/best.safetensors) or any other file is refused, exit status 2,
+unless ``--force``.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from urllib.parse import unquote, urlsplit
 
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .classes import ImageClass, imagenet_classes, parse_synset_words
 from .download import ChecksumMismatch, Digests, DownloadError, download, is_url, read_file
 from .lrn import CAFFE_LRN, LRNConfig
@@ -117,6 +120,10 @@ CONV_GEOMETRY = {
 
 class WeightsError(ValueError):
     """The source is readable but is not the AlexNet we can import (format, layers, shapes, settings)."""
+
+
+class OverwriteRefused(Exception):
+    """--out already holds something that importing must not silently replace (a trained checkpoint)."""
 
 
 @dataclass
@@ -392,6 +399,57 @@ def _shortest(value: float) -> float:
     return value
 
 
+# What each accepted format looks like, for the message when a file is neither.
+FORMATS_EXPECTED = (
+    "a Caffe .caffemodel is a protobuf NetParameter (its first byte is usually 0x0a, the net's name, or "
+    "0x12, its layers; bvlc_alexnet.caffemodel is 243,862,414 bytes), an ONNX model a protobuf ModelProto "
+    "(first byte 0x08, its ir_version; bvlcalexnet-12.onnx is 243,863,787 bytes)"
+)
+# First bytes of the top-level fields a model file starts with: Caffe name = 1, layers = 2, layer = 100
+# (tag 802, varint a2 06); ONNX ir_version = 1 (varint).
+_PROTOBUF_STARTS = (b"\x0a", b"\x12", b"\xa2\x06", b"\x08")
+
+
+def describe_content(data: bytes | bytearray | memoryview) -> str | None:
+    """What a file that is not a model file appears to be, from its first bytes (None: no idea)."""
+    head = bytes(data[:512])
+    magic = [
+        (b"\xff\xd8\xff", "a JPEG image"),
+        (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+        (b"GIF8", "a GIF image"),
+        (b"PK\x03\x04", "a zip archive (a PyTorch .pt/.pth file is one: it is not importable)"),
+        (b"\x1f\x8b", "gzip-compressed (unpack it first)"),
+        (b"\x89HDF\r\n\x1a\n", "an HDF5 file (e.g. a Keras .h5 model)"),
+        (b"version https://git-lfs", "a Git LFS pointer, not the file itself (git lfs pull, or download the URL)"),
+    ]
+    for prefix, what in magic:
+        if head.startswith(prefix):
+            return what
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return "a tar archive (unpack it first)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle (e.g. a PyTorch state dict: it is not importable)"
+    if len(head) > 10 and head[8:10] == b'{"':
+        return "a safetensors file (if it is a checkpoint already, serve it: ALEXNET_CHECKPOINT=…)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text.lstrip().startswith("<"):
+        return "an HTML or XML text (a web page saved instead of the file?)"
+    return "a text file" if text.strip() else None
+
+
+def _not_a_model(data, problem: str) -> str:
+    what = describe_content(data)
+    return (
+        f"neither a Caffe .caffemodel nor an ONNX model ({f'it looks like {what}' if what else problem}): "
+        + FORMATS_EXPECTED
+    )
+
+
 def detect_format(top: Message, name: str) -> str:
     """"caffe" or "onnx", by extension, else by which top-level fields are present."""
     suffix = Path(name).suffix.lower()
@@ -405,7 +463,9 @@ def detect_format(top: Message, name: str) -> str:
         return "onnx"
     if 100 in top or 2 in top:
         return "caffe"
-    raise WeightsError("cannot tell whether this is a Caffe or an ONNX model; pass --format")
+    raise WeightsError(
+        _not_a_model(top.buf, "a protobuf message without the fields of either") + "; pass --format if it is one"
+    )
 
 
 def parse(data: bytes | bytearray | memoryview, format: str = "auto", name: str = "") -> Imported:
@@ -415,7 +475,16 @@ def parse(data: bytes | bytearray | memoryview, format: str = "auto", name: str 
         format = detect_format(top, name) if format == "auto" else format
         imported = read_caffemodel(top) if format == "caffe" else read_onnx(top)
     except WireError as e:
-        raise WeightsError(f"not a readable {'protobuf' if format == 'auto' else format} file: {e}") from None
+        if not bytes(data[:2]).startswith(_PROTOBUF_STARTS):  # not even the start of either kind of file
+            problem = str(e).removesuffix(": not a protobuf message")
+            raise WeightsError(_not_a_model(data, f"its bytes are not a protobuf message: {problem}")) from None
+        if format == "auto":
+            suffix = Path(name).suffix.lower()
+            format = "onnx" if suffix == ".onnx" else "caffe" if suffix in (".caffemodel", ".binaryproto") else format
+        what = {"caffe": "Caffe .caffemodel", "onnx": "ONNX model"}.get(format, "Caffe or ONNX model")
+        raise WeightsError(
+            f"not a readable {what} ({e}): the file is cut short or damaged; download it again"
+        ) from None
     return imported
 
 
@@ -463,6 +532,55 @@ def to_checkpoint(
     )
 
 
+TRAINING_SOURCE = "python -m training train"  # a training checkpoint's provenance["source"]
+IMPORTED_BY = "model.import_weights"  # an imported checkpoint's provenance["imported_by"]
+
+
+def check_out(out: str | Path, force: bool = False) -> str | None:
+    """May an import write ``out``? Nothing there, an earlier import, or ``force``: yes (returns what is
+    replaced, None for nothing). A checkpoint from training, of unknown origin, or a file that is not a
+    readable checkpoint: OverwriteRefused, naming the file, what it holds, and --force."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return None
+    try:
+        checkpoint = load_checkpoint(out)
+    except CheckpointError as e:
+        what = f"a file that is not a readable checkpoint ({e.problem})"
+        try:
+            with open(out, "rb") as f:
+                looks = describe_content(f.read(512))
+        except OSError:
+            looks = None
+        if looks:
+            what += f"; it looks like {looks}"
+    else:
+        p = checkpoint.provenance
+        if p.get("imported_by") == IMPORTED_BY:
+            return f"an earlier import (of {p.get('source_name') or p.get('source')})"
+        what = describe_checkpoint(p)
+    if force:
+        return what
+    raise OverwriteRefused(
+        f"{out} holds {what}; importing would replace it. Pass --force to overwrite it, or choose another --out "
+        "(an earlier import is replaced without --force)"
+    )
+
+
+def describe_checkpoint(provenance: dict) -> str:
+    """e.g. "a checkpoint trained by `python -m training train`, epoch 12, val top-1 error 41.2%"."""
+    source = provenance.get("source")
+    parts = [f"a checkpoint trained by `{source}`" if source == TRAINING_SOURCE else
+             f"a checkpoint of unknown origin (source: {source})" if source else "a checkpoint of unknown origin"]
+    if provenance.get("dataset"):
+        parts[0] += f" on {provenance['dataset']}"
+    if isinstance(provenance.get("epoch"), (int, float)):
+        parts.append(f"epoch {provenance['epoch']:g}")
+    if isinstance(provenance.get("val_top1_error"), (int, float)):
+        parts.append(f"val top-1 error {provenance['val_top1_error']:.1%}")
+    return ", ".join(parts)
+
+
 def published_match(digests: Digests) -> PublishedFile | None:
     return next((p for p in PUBLISHED if getattr(digests, p.checksum[0]) == p.checksum[1]), None)
 
@@ -477,6 +595,7 @@ def import_weights(
     classes: tuple[ImageClass, ...] | None = None,
     progress: TextIO | None = sys.stderr,
     timeout: float = 60.0,
+    force: bool = False,
 ) -> Checkpoint:
     """Convert ``source`` (path or URL) into a checkpoint at ``out``; return it.
 
@@ -484,7 +603,11 @@ def import_weights(
     one (bvlc_alexnet.caffemodel, bvlcalexnet-12.onnx) is checked against the published checksum, and a
     download of any other file is refused unless ``allow_unverified``. Raises DownloadError (network),
     ChecksumMismatch, FileNotFoundError or WeightsError; ``out`` is written only on success.
+
+    An existing ``out`` is replaced only when it is an earlier import, or with ``force``: a checkpoint from
+    training (or anything else) raises OverwriteRefused, before anything is downloaded (see ``check_out``).
     """
+    check_out(out, force)
     url = source if is_url(source) else None
     name = Path(unquote(urlsplit(source).path) if url else source).name
     known = PUBLISHED_BY_NAME.get(name)
@@ -510,7 +633,10 @@ def import_weights(
         data, digests = read_file(source)
         digests.verify(verify_with, name)
 
-    imported = parse(data, format, name)
+    try:
+        imported = parse(data, format, name)
+    except WeightsError as e:
+        raise WeightsError(f"{source}: {e}") from None
     del data  # the tensors own copies; free the file's 244 MB before writing the checkpoint
 
     match = published_match(digests)
@@ -528,8 +654,14 @@ def import_weights(
         provenance.update(
             dataset="ILSVRC-2012", dataset_size=1_281_167, **PUBLISHED_VAL_ERRORS, val_errors_note=PUBLISHED_VAL_NOTE
         )
-    checkpoint = to_checkpoint(imported, provenance=provenance, classes=classes)
+    try:
+        checkpoint = to_checkpoint(imported, provenance=provenance, classes=classes)
+    except WeightsError as e:
+        raise WeightsError(f"{source}: {e}") from None
+    replaced = check_out(out, force)  # again: training may have written it meanwhile
     checkpoint.save(out)
+    if replaced and progress is not None:
+        print(f"replaced {out}: {replaced}", file=progress)
     checkpoint.path = str(out)
     return checkpoint
 
@@ -541,11 +673,17 @@ def _parse_args(argv):
         "into this project's checkpoint format.",
         epilog="Published sources: "
         + "; ".join(f"{p.url} ({p.checksum[0]} {p.checksum[1][:12]}…)" for p in PUBLISHED)
-        + ". Exit status: 0 written, 1 the source is unusable (checksum, format, shapes), 2 usage, "
-        "3 download failed (network).",
+        + ". Exit status: 0 written, 1 the source is unusable (checksum, format, shapes), 2 usage, or --out "
+        "holds a checkpoint that is not an earlier import (see --force), 3 download failed (network).",
     )
     parser.add_argument("source", help="path or http(s) URL of bvlc_alexnet.caffemodel or bvlcalexnet-12.onnx")
-    parser.add_argument("--out", required=True, type=Path, help="checkpoint to write (.safetensors), atomically")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="checkpoint to write (.safetensors), atomically. An existing file there is replaced "
+                        "only when it is an earlier import; a checkpoint from training (e.g. "
+                        "checkpoints/best.safetensors after `python -m training train`) or any other file is "
+                        "refused (exit status 2) unless --force")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out even when it holds a trained checkpoint or another file")
     parser.add_argument("--format", choices=("auto", "caffe", "onnx"), default="auto",
                         help="source format (default: from the extension, else from the content)")
     parser.add_argument("--expected-sha1", metavar="HEX", help="check the source against this sha1")
@@ -573,7 +711,11 @@ def main(argv: list[str] | None = None) -> int:
             classes=classes,
             progress=None if args.quiet else sys.stderr,
             timeout=args.timeout,
+            force=args.force,
         )
+    except OverwriteRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except DownloadError as e:
         print(f"error: download failed: {e}", file=sys.stderr)
         return 3

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import http.server
 import math
+import random
 import struct
 import threading
 from pathlib import Path
@@ -441,7 +442,7 @@ def write_and_convert(tmp_path, capsys, payload: bytes, name="net.caffemodel") -
     source.write_bytes(payload)
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"previous checkpoint")
-    code = convert(source, out)
+    code = convert(source, out, "--force")  # --force: past the refusal to replace a non-import (below)
     assert out.read_bytes() == b"previous checkpoint"  # an error leaves --out as it was
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.safetensors")]  # no temporary left
     return code, capsys.readouterr().err, out
@@ -466,21 +467,131 @@ def test_caffenet_layer_order_is_refused(tmp_path, capsys, small_weights):
     assert code == 1 and "pools before it normalises" in err
 
 
+NEITHER = "neither a Caffe .caffemodel nor an ONNX model"
+
+
 @pytest.mark.parametrize(
-    "payload, message",
+    "payload, name, message",
     [
-        (b"", "no layers"),
-        (b"\xff\xff\xff\xff garbage", "not a readable"),
-        (None, "not a readable"),  # a real file cut short
+        (b"", "net.caffemodel", "no layers"),
+        (b"\xff\xff\xff\xff garbage", "net.caffemodel", NEITHER),
+        # a real file cut short, and one under a name that does not say its format
+        ("truncated caffe", "net.caffemodel", "not a readable Caffe .caffemodel (field 2 at byte"),
+        ("truncated onnx", "net.bin", "not a readable Caffe or ONNX model (field 7 at byte"),
+        ("jpeg", "some.jpg", f"{NEITHER} (it looks like a JPEG image)"),
+        ("random", "some.bin", f"{NEITHER} (its bytes are not a protobuf message"),
+        (b"<!DOCTYPE html><html>Not Found</html>", "bvlc.caffemodel", f"{NEITHER} (it looks like an HTML"),
     ],
-    ids=["empty", "garbage", "truncated"],
+    ids=["empty", "garbage", "truncated", "truncated, no extension", "jpeg", "random bytes", "html"],
 )
-def test_unreadable_files(tmp_path, capsys, small_weights, payload, message):
-    if payload is None:
+def test_unreadable_files(tmp_path, capsys, small_weights, photos, payload, name, message):
+    if payload == "truncated caffe":
         full = caffemodel(small_weights, v1=True)
         payload = full[: len(full) // 2]
-    code, err, _ = write_and_convert(tmp_path, capsys, payload)
+    elif payload == "truncated onnx":
+        full = onnx_model(small_weights)
+        payload = full[: len(full) // 2]
+    elif payload == "jpeg":
+        payload = photos[0].read_bytes()
+    elif payload == "random":
+        payload = random.Random(0).randbytes(4096)
+        assert payload[:1] not in (b"\x08", b"\x0a", b"\x12", b"\xa2")  # not the start of a model file
+    code, err, _ = write_and_convert(tmp_path, capsys, payload, name)
     assert code == 1 and message in err, err
+    assert err.startswith(f"error: {tmp_path / name}: "), err  # which file
+    if "not a readable" in message:
+        assert "the file is cut short or damaged; download it again" in err
+    if NEITHER in message:  # and what each accepted format looks like
+        assert "protobuf NetParameter" in err and "protobuf ModelProto" in err, err
+
+
+# ----------------------------------------------------------------------------------------- --out already there
+
+
+def trained_checkpoint(tmp_path, small_weights, path: Path, **provenance) -> Path:
+    """A checkpoint as training writes it (``source``: ``python -m training train``), in ``path``."""
+    source = tmp_path / "for-training.onnx"
+    source.write_bytes(onnx_model(small_weights))
+    assert convert(source, path) == 0
+    checkpoint = load_checkpoint(path)
+    checkpoint.provenance = {"trained": True, "source": "python -m training train", **provenance}
+    checkpoint.save(path)
+    return path
+
+
+def test_a_checkpoint_from_training_is_not_replaced_without_force(tmp_path, capsys, small_weights):
+    out = trained_checkpoint(tmp_path, small_weights, tmp_path / "best.safetensors", epoch=12, val_top1_error=0.412)
+    before = out.read_bytes()
+    source = tmp_path / "net.caffemodel"
+    source.write_bytes(caffemodel(small_weights, v1=True))
+    capsys.readouterr()
+    assert convert(source, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} holds a checkpoint trained by `python -m training train`, epoch 12, "
+                          "val top-1 error 41.2%"), err
+    assert "--force" in err
+    assert out.read_bytes() == before
+    # A URL is refused before anything is downloaded (no server at all: a download would fail with 3).
+    assert iw.main(["http://127.0.0.1:9/bvlc_alexnet.caffemodel", "--out", str(out), "--quiet"]) == 2
+    assert out.read_bytes() == before
+
+    assert convert(source, out, "--force") == 0
+    assert load_checkpoint(out).provenance["imported_by"] == "model.import_weights"
+
+
+def test_an_earlier_import_is_replaced_without_force(tmp_path, capsys, small_weights):
+    out = tmp_path / "best.safetensors"
+    first = tmp_path / "net.onnx"
+    first.write_bytes(onnx_model(small_weights))
+    assert convert(first, out) == 0
+    second = tmp_path / "net.caffemodel"
+    second.write_bytes(caffemodel(random_weights(alexnet_shapes(scale=8), seed=2), v1=True))
+    capsys.readouterr()
+    assert iw.main([str(second), "--out", str(out), "--expected-sha256", sha256(second)]) == 0
+    captured = capsys.readouterr()
+    assert f"replaced {out}: an earlier import (of net.onnx)" in captured.err
+    assert load_checkpoint(out).provenance["source"] == str(second.resolve())
+
+
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        ("jpeg", "a file that is not a readable checkpoint (not a safetensors file"),
+        (b"my notes about the run", "a file that is not a readable checkpoint (not a safetensors file"),
+        ("other", "a checkpoint of unknown origin (source: somewhere else)"),
+    ],
+    ids=["a JPEG", "a text file", "a checkpoint from elsewhere"],
+)
+def test_anything_else_at_out_is_not_replaced_without_force(tmp_path, capsys, small_weights, photos, content, what):
+    out = tmp_path / "best.safetensors"
+    if content == "jpeg":
+        out.write_bytes(photos[0].read_bytes())
+    elif content == "other":
+        trained_checkpoint(tmp_path, small_weights, out)
+        checkpoint = load_checkpoint(out)
+        checkpoint.provenance = {"trained": True, "source": "somewhere else"}
+        checkpoint.save(out)
+    else:
+        out.write_bytes(content)
+    before = out.read_bytes()
+    source = tmp_path / "net.onnx"
+    source.write_bytes(onnx_model(small_weights))
+    capsys.readouterr()
+    assert convert(source, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} holds {what}") and "--force" in err, err
+    if content == "jpeg":
+        assert "it looks like a JPEG image" in err
+    assert out.read_bytes() == before
+    assert convert(source, out, "--force") == 0
+    assert load_checkpoint(out).provenance["imported_by"] == "model.import_weights"
+
+
+def test_the_help_says_what_out_may_replace(capsys):
+    with pytest.raises(SystemExit):
+        iw.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--force" in text and "only when it is an earlier import" in text
 
 
 def test_local_checksum_mismatch(tmp_path, capsys, small_weights):
