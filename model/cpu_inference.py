@@ -33,7 +33,7 @@ from torch import nn
 
 from .lrn import LRNConfig, lrn_inference
 from .malloc import keep_freed_memory
-from .network import CONV1_PADDING, AlexNet, AlexNetConfig, GroupedAlexNet
+from .network import CONV1_PADDING, AlexNet, AlexNetConfig, GroupedAlexNet, check_feature_layer
 from .winograd import WinogradConvReLU
 
 CHANNELS_LAST = torch.channels_last
@@ -139,8 +139,15 @@ class CPUInferenceNet(nn.Module):
         weight, bias = getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
         return torch._C._nn.mkldnn_linear(x.to_mkldnn(), weight, bias).to_dense()
 
-    @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images, "fc8")
+
+    def features(self, images: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
+        """Hidden layer ``layer`` (fc6 or fc7, after the ReLU), as ``AlexNet.features``."""
+        return self._run(images, check_feature_layer(layer))
+
+    @torch.inference_mode()
+    def _run(self, images: torch.Tensor, last: str) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape [N, 3, H, W], got {list(images.shape)}")
         images = images.float()
@@ -148,5 +155,9 @@ class CPUInferenceNet(nn.Module):
         x = F.max_pool2d(self.conv5(self.conv4(self.conv3(x))), kernel_size=3, stride=2)  # each with its ReLU
         x = x.contiguous().flatten(1)  # NCHW order, which fc6's weights expect
         x = F.relu_(self._fc("fc6", x))
+        if last == "fc6":
+            return x
         x = F.relu_(self._fc("fc7", x))
+        if last == "fc7":
+            return x
         return self._fc("fc8", x)

@@ -267,11 +267,24 @@ class AlexNet(nn.Module):
 
     def forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """images: [n, 3, h, w] anywhere, or [tower 0's copy, tower 1's copy]; logits on tower 0's device."""
+        return self._run(images, "fc8")
+
+    def features(self, images: torch.Tensor | list[torch.Tensor], layer: str = "fc7") -> torch.Tensor:
+        """The activations of hidden layer ``layer`` (fc6 or fc7: after the ReLU; 4096 at full width), both
+        towers' halves side by side (tower 0's first), on tower 0's device. The paper's Fig. 4 compares
+        images by the Euclidean distance between their fc7 activations. (In training mode, after dropout.)"""
+        return self._run(images, check_feature_layer(layer))
+
+    def _run(self, images, last: str) -> torch.Tensor:
         towers, devices = self.towers, self.devices
         x = self._conv1_to_pool2(images)
         x = [t.conv3_to_pool5(self._both(x, d)) for t, d in zip(towers, devices)]
         x = [t.fc(t.fc6, self._both(x, d).flatten(1)) for t, d in zip(towers, devices)]
+        if last == "fc6":
+            return self._both(x, devices[0])
         x = [t.fc(t.fc7, self._both(x, d)) for t, d in zip(towers, devices)]
+        if last == "fc7":
+            return self._both(x, devices[0])
         logits = [t.fc8(self._both(x, d)) for t, d in zip(towers, devices)]
         return self._both(logits, devices[0])
 
@@ -336,6 +349,13 @@ class GroupedAlexNet(nn.Module):
         return self.lrn(x.reshape(n * 2, c // 2, h, w)).view(n, c, h, w)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images, "fc8")
+
+    def features(self, images: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
+        """Hidden layer ``layer`` (fc6 or fc7, after the ReLU): the same numbers as ``AlexNet.features``."""
+        return self._run(images, check_feature_layer(layer))
+
+    def _run(self, images: torch.Tensor, last: str) -> torch.Tensor:
         x = F.pad(images, self.conv1_padding) if any(self.conv1_padding) else images
         x = _max_pool(self._lrn(_relu(self.conv1(x))))
         x = _max_pool(self._lrn(_relu(self.conv2(x))))
@@ -343,13 +363,26 @@ class GroupedAlexNet(nn.Module):
         x = _relu(self.conv4(x))
         x = _max_pool(_relu(self.conv5(x)))
         x = self.dropout(_relu(self.fc6(x.flatten(1))))
+        if last == "fc6":
+            return x
         x = self.dropout(_relu(self.fc7(x)))
+        if last == "fc7":
+            return x
         return self.fc8(x)
 
     def to_towers(self, devices=None) -> AlexNet:
         net = AlexNet.from_config(self.config)
         net.load_grouped_state_dict(self.state_dict())
         return net.place(devices or (self.conv1.weight.device,) * 2)
+
+
+FEATURE_LAYERS = ("fc6", "fc7")  # the hidden layers whose activations ``features`` returns
+
+
+def check_feature_layer(layer: str) -> str:
+    if layer not in FEATURE_LAYERS:
+        raise ValueError(f"layer must be one of {', '.join(FEATURE_LAYERS)}, got {layer!r}")
+    return layer
 
 
 def check_grouped_shapes(state: dict[str, torch.Tensor], config: AlexNetConfig, source: str = "weights") -> None:

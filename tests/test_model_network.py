@@ -269,3 +269,33 @@ def test_lrn_under_autocast_computes_in_float32(dtype):
     from model.lrn import lrn_inference
 
     torch.testing.assert_close(lrn_inference(x32.detach().to(dtype), PAPER_LRN).float(), expected.detach(), **tolerance)
+
+
+@pytest.mark.parametrize("layer", ["fc6", "fc7"])
+def test_features_are_the_towers_hidden_activations_in_every_form(layer):
+    """The paper's Fig. 4 retrieval features: the towers' activations after the ReLU, tower 0's half first;
+    the grouped net and the CPU inference net give the same numbers, and batching does not change them."""
+    from model import CPUInferenceNet
+
+    torch.manual_seed(7)
+    net = AlexNet(num_classes=10, width=0.25).eval()
+    x = torch.randn(5, 3, 224, 224) * 50
+    captured = {}
+    towers = net.towers
+    handles = [getattr(t, layer).register_forward_hook(lambda m, i, o, k=k: captured.__setitem__(k, o.relu()))
+               for k, t in enumerate(towers)]  # fmt: skip
+    with torch.no_grad():
+        net(x)
+        features = net.features(x, layer)
+    for h in handles:
+        h.remove()
+    assert features.shape == (5, net.config.channels[5 if layer == "fc6" else 6])
+    torch.testing.assert_close(features, torch.cat([captured[0], captured[1]], dim=1), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(net.to_grouped().eval().features(x, layer), features, rtol=1e-5, atol=1e-5)
+    cpu = CPUInferenceNet(net)
+    torch.testing.assert_close(cpu.features(x, layer), features, rtol=1e-4, atol=1e-4)
+    one_by_one = torch.cat([cpu.features(x[i : i + 1], layer) for i in range(len(x))])
+    torch.testing.assert_close(one_by_one, cpu.features(x, layer), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fc6, fc7"):
+        net.features(x, "conv5")
