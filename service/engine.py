@@ -157,11 +157,26 @@ def load(path: str | Path, devices: tuple[torch.device, ...]) -> LoadedModel:
     return from_checkpoint(load_checkpoint(path), devices)
 
 
+# The untrained fallback's weights are drawn from this seed, so that they, and the answer to a given photo,
+# are the same on every start (its labels are noise all the same). Recorded in /model's provenance.
+UNTRAINED_SEED = 0
+
+
 def untrained(devices: tuple[torch.device, ...]) -> LoadedModel:
-    """The paper's net, freshly initialised: what the service answers with until a checkpoint exists."""
-    net = GroupedAlexNet(AlexNetConfig())  # the paper's initialisation
-    provenance = {"trained": False, "source": "fresh initialisation (no checkpoint found)"}
-    return from_checkpoint(Checkpoint.from_model(net, provenance=provenance), devices, net)
+    """The paper's net, freshly initialised (N(0, 0.01²) weights) from ``UNTRAINED_SEED``: what the service
+    answers with until a checkpoint exists. The process's random state is left exactly as it was: the seed
+    is set on a fork of the CPU generator (the net is initialised on the CPU), restored on return."""
+    provenance = {
+        "trained": False,
+        "source": "fresh initialisation (no checkpoint found)",
+        "init_seed": UNTRAINED_SEED,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(UNTRAINED_SEED)
+        net = GroupedAlexNet(AlexNetConfig())  # the paper's initialisation
+        # Inside the fork too: laying the net out for the CPU builds modules whose (discarded) default
+        # initialisation draws from the generator.
+        return from_checkpoint(Checkpoint.from_model(net, provenance=provenance), devices, net)
 
 
 def _number(value, kind):

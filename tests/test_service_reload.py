@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from test_service_support import (
     Direct,
     ServiceProcess,
@@ -22,6 +23,7 @@ from test_service_support import (
 )
 
 from model import atomic_write
+from service import engine
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,11 @@ def test_without_a_checkpoint_serves_an_untrained_net_and_says_so(client, server
     body = classify(client, photos[0].read_bytes())
     assert body["model"]["trained"] is False and body["model"]["sha256"] is None
     assert len(body["results"][0]["predictions"]) == 5
+    assert info["provenance"]["init_seed"] == engine.UNTRAINED_SEED
+    # Seeded: this process builds the same net, so another start gives the same answer.
+    here = engine.untrained((torch.device("cpu"),))
+    (expected,) = here.predict([[here.preprocessor.load(photos[0].read_bytes())]], ["center"], 1)
+    assert_same_predictions(body["results"][0], expected[0])
 
 
 def test_full_queue_answers_503_with_retry_after(server, photos):

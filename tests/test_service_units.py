@@ -152,6 +152,33 @@ def test_predict_splits_batches_larger_than_max_batch(tmp_path, photos):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_the_untrained_net_is_the_same_on_every_start(monkeypatch, photos):
+    """Without a checkpoint the net is initialised from engine.UNTRAINED_SEED: two builds have the same
+    weights and answer a photo alike, and building one leaves the process's random state alone."""
+    built = []
+    real = engine.from_checkpoint
+    monkeypatch.setattr(engine, "from_checkpoint", lambda ck, *a, **k: built.append(ck) or real(ck, *a, **k))
+    cpu = (torch.device("cpu"),)
+    torch.manual_seed(1234)
+    state = torch.random.get_rng_state()
+    first = engine.untrained(cpu)
+    assert torch.equal(torch.random.get_rng_state(), state)  # not reseeded, nothing drawn from it
+    second = engine.untrained(cpu)
+    a, b = (ck.state_dict for ck in built)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert first.metadata["provenance"]["init_seed"] == engine.UNTRAINED_SEED and not first.identity.trained
+    tabby = next(p for p in photos if "tabby" in p.name)
+    image = first.preprocessor.load(tabby.read_bytes())
+    (p1,), (p2,) = first.predict([[image]], ["center"], 1), second.predict([[image]], ["center"], 1)
+    assert torch.equal(p1, p2)
+    assert torch.equal(p1.topk(5).indices, p2.topk(5).indices)
+    # Another seed would give other weights: the seed, not a coincidence, makes the builds agree.
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(engine.UNTRAINED_SEED + 1)
+        other = engine.GroupedAlexNet(engine.AlexNetConfig()).state_dict()
+    assert not torch.equal(other["conv1.weight"], a["conv1.weight"])
+
+
 def test_sigterm_lets_requests_in_flight_finish(tmp_path, photos):
     """Graceful shutdown: admitted requests are answered, then the process exits 0."""
     service = ServiceProcess(
