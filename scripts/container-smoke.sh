@@ -10,8 +10,12 @@
 #   6. tear everything down (containers, network, volume, temporary files), also on failure.
 #
 # Each step's wall time is printed at the end. It takes ~10 minutes from scratch on a 2-core machine
-# (README, "Containers": what it did and how long it took). Needs root (rootful podman), debootstrap to
-# make the base image if it is missing, and PyPI for podman-compose and the images' Python packages.
+# (README, "Containers": what it did and how long it took). Needs root (rootful podman), an OCI runtime
+# that can start containers here (runc or crun), debootstrap to make the base image if it is missing,
+# curl, python3-venv, and PyPI for podman-compose and the images' Python packages. On Debian 12:
+#   apt-get install podman runc debootstrap curl python3-venv
+# These are checked first, before anything is built: `scripts/container-smoke.sh --check` does only that.
+# Exit status: 0 passed, 2 a prerequisite is missing (each one is listed), 1 any other failure.
 #
 # Environment (defaults in brackets):
 #   SMOKE_PORT        [18080]   host port for the API under test
@@ -21,12 +25,79 @@
 #   WHEELS_DIR        [/opt/wheels if it holds a torch wheel]  passed as the `wheels` build context
 #   BAKE_WEIGHTS      [1]       build argument (without network it falls back to an untrained net)
 #   BUILD_ARGS        []        extra `podman build` arguments, e.g. "--network host -v ...:ro"
-#   CONTAINERS_CONF   [docker/containers.conf]
+#   CONTAINERS_CONF   [docker/containers.conf]  plus `runtime = "…"` when it pins none (see SMOKE_RUNTIME)
+#   SMOKE_RUNTIME     [runc crun]  OCI runtimes to try, in order: the first installed one that starts a
+#                                  container is used (crun 1.8 cannot on a cgroup v1 + v2 hybrid host)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
+check_only=0
+case "${1:-}" in
+    --check) check_only=1 ;;
+    "") ;;
+    *) echo "usage: $0 [--check]   (--check: only the prerequisites)" >&2; exit 2 ;;
+esac
 
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$repo/docker/containers.conf}"
+BASE_IMAGE=docker.io/library/debian:bookworm-slim  # what docker/make-base-image.sh makes when it is missing
+INSTALL="apt-get install podman runc debootstrap curl python3-venv"
+
+# --- prerequisites: all checked up front, each missing one named ----------------------------------------
+probe_runtime() {  # probe_runtime NAME: start a container (/bin/true in a throwaway root filesystem) with it
+    local rootfs file status=0
+    rootfs="$(mktemp -d /var/tmp/alexnet-runtime-probe.XXXXXX)"
+    for file in /bin/true $(ldd /bin/true 2>/dev/null | grep -o '/[^ ]*'); do
+        mkdir -p "$rootfs$(dirname "$file")" && cp -L "$file" "$rootfs$file"
+    done
+    podman --runtime "$1" run --rm --network none --rootfs "$rootfs" /bin/true >"$rootfs.log" 2>&1 || status=$?
+    probe_error="$(grep -v '^[[:space:]]*$' "$rootfs.log" | tail -n 1 | sed 's/^Error: //')"
+    rm -rf "$rootfs" "$rootfs.log"
+    return "$status"
+}
+missing=()
+[[ "$(id -u)" -eq 0 ]] || missing+=("root: the images are built and run with rootful podman (run it as root, e.g. with sudo)")
+command -v podman >/dev/null || missing+=("podman: not found (apt-get install podman runc)")
+command -v curl >/dev/null || missing+=("curl: not found, it talks to the API (apt-get install curl)")
+python3 -c 'import ensurepip, venv' 2>/dev/null \
+    || missing+=("python3-venv: python3 cannot make the virtual environment for podman-compose (apt-get install python3-venv)")
+pinned="$(sed -n 's/^[[:space:]]*runtime[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\1/p' "$CONTAINERS_CONF" 2>/dev/null | tail -n 1)"
+installed=()
+for candidate in ${pinned:-${SMOKE_RUNTIME:-runc crun}}; do
+    command -v "$candidate" >/dev/null && installed+=("$candidate")
+done
+runtime="" runtime_notes=()
+if [[ ${#installed[@]} -eq 0 ]]; then
+    missing+=("an OCI runtime: none of ${pinned:-${SMOKE_RUNTIME:-runc crun}} is installed (apt-get install runc)")
+elif [[ ${#missing[@]} -eq 0 ]]; then  # podman and root are there: find one that starts a container here
+    for candidate in "${installed[@]}"; do
+        if probe_runtime "$candidate"; then runtime="$candidate"; break; fi
+        runtime_notes+=("$candidate: $probe_error")
+    done
+    if [[ -z "$runtime" ]]; then
+        missing+=("an OCI runtime that can start a container here: $(IFS=';'; echo "${runtime_notes[*]}" | sed 's/;/; /g')
+    (crun cannot on a cgroup v1 + v2 hybrid host: apt-get install runc)")
+    fi
+fi
+if command -v podman >/dev/null && [[ -n "$runtime" ]] && ! podman --runtime "$runtime" image exists "$BASE_IMAGE" 2>/dev/null \
+    && ! command -v debootstrap >/dev/null; then
+    missing+=("debootstrap: not found, it makes the base image $BASE_IMAGE, which is missing (apt-get install debootstrap)")
+fi
+if [[ ${#missing[@]} -gt 0 ]]; then
+    echo "error: the container smoke test cannot run here; missing:" >&2
+    printf '  - %s\n' "${missing[@]}" >&2
+    echo "On Debian 12, as root: $INSTALL" >&2
+    exit 2
+fi
+if [[ -z "$pinned" ]]; then  # podman would take crun whenever it is installed: pin the runtime that works
+    runtime_conf="$(mktemp /var/tmp/alexnet-containers.XXXXXX.conf)"
+    trap 'rm -f "$runtime_conf"' EXIT
+    awk -v rt="$runtime" '{ print } /^\[engine\]/ && !done { print "runtime = \"" rt "\""; done = 1 }
+        END { if (!done) { print "[engine]"; print "runtime = \"" rt "\"" } }' "$CONTAINERS_CONF" >"$runtime_conf"
+    export CONTAINERS_CONF="$runtime_conf"
+fi
+echo "prerequisites: root, $(podman --version), runtime $runtime$([[ ${#runtime_notes[@]} -gt 0 ]] && printf ' (not %s)' "${runtime_notes[*]}"), $(
+    command -v debootstrap >/dev/null && echo "debootstrap" || echo "base image present"), curl, python3-venv"
+[[ "$check_only" -eq 1 ]] && exit 0
 PORT="${SMOKE_PORT:-18080}"
 PROJECT="${SMOKE_PROJECT:-alexnet-smoke}"
 PODMAN_COMPOSE_VERSION=1.6.0
@@ -84,6 +155,7 @@ teardown() {
     step "tear down (compose down -v, remove temporary files)"
     compose --profile train down -v >/dev/null 2>&1 || true
     rm -rf "$work"
+    [[ -n "${runtime_conf:-}" ]] && rm -f "$runtime_conf"
     if [[ "${SMOKE_KEEP_IMAGES:-1}" == 0 ]]; then podman rmi -f alexnet-api:latest alexnet-train:latest >/dev/null 2>&1 || true; fi
     step
     report
@@ -92,7 +164,6 @@ teardown() {
 trap teardown EXIT
 
 step "tools: podman-compose $PODMAN_COMPOSE_VERSION, base image"
-command -v podman >/dev/null || { echo "error: podman not found (apt-get install podman)" >&2; exit 1; }
 if ! "$tools/bin/podman-compose" --version 2>/dev/null | grep -q "podman-compose version $PODMAN_COMPOSE_VERSION"; then
     python3 -m venv "$tools"
     "$tools/bin/pip" install --quiet --disable-pip-version-check "podman-compose==$PODMAN_COMPOSE_VERSION"
