@@ -202,7 +202,7 @@ def test_prepare_resumes_where_it_was_interrupted(tiny, tmp_path, monkeypatch):
     assert len(calls) == 13 - 6 + 6  # train resumed after the 6 recorded images (2 chunks of 3), then val
     for name in ("train.u8", "val.u8", "train.json", "val.json", "stats.safetensors", "skipped.txt"):
         assert digest(dest / name) == digest(tiny / name), name  # identical to an uninterrupted run
-    assert [p.name for p in dest.glob(".*")] == [".lock"]  # no partial or progress files left
+    assert [p.name for p in dest.glob(".*")] == []  # no partial or progress files left, and no .lock
 
     calls.clear()
     before = tree_digest(dest)
@@ -381,7 +381,7 @@ def test_prepare_refuses_to_overwrite_or_to_start_without_disk_space(tiny, tmp_p
     expect_error(
         capsys, ["prepare", str(other), str(dest), "--no-progress"], "not enough disk space", "0.00 GB are free"
     )
-    assert [p.name for p in dest.iterdir()] == [".lock"]
+    assert [p.name for p in dest.iterdir()] == []
 
 
 def test_data_from_another_format_version_is_refused(tiny, tmp_path, capsys):
@@ -518,4 +518,4 @@ def test_a_directory_in_use_by_another_job_is_refused(tiny, tmp_path, capsys):
     finally:
         for lock in held:
             lock.release()
-    assert sorted(p.name for p in dest.iterdir()) == [".lock"] and sorted(p.name for p in run.iterdir()) == [".lock"]
+    assert sorted(p.name for p in dest.iterdir()) == [] and sorted(p.name for p in run.iterdir()) == []

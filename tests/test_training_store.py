@@ -230,7 +230,7 @@ def test_jpeg_prepare_resumes_where_it_was_interrupted(stores, tmp_path, monkeyp
     names = ("train.jpg", "train.offsets", "train.crc32", "val.jpg", "val.offsets", "val.crc32")
     for name in (*names, "train.json", "val.json", "stats.safetensors", "skipped.txt"):
         assert digest(dest / name) == digest(stores / "jpeg" / name), name  # identical to an uninterrupted run
-    assert [p.name for p in dest.glob(".*")] == [".lock"]  # no partial or progress files left
+    assert [p.name for p in dest.glob(".*")] == []  # no partial or progress files left, and no .lock
 
     calls.clear()
     before = tree_digest(dest)
