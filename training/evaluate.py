@@ -203,8 +203,8 @@ def run_evaluate(
 
 def format_results(results: dict[str, dict], title: str) -> str:
     names = {"center": "centre crop", "ten": "10 patches"}
-    lines = [title, f"  {'':<12} {'top-1 err':>9} {'top-5 err':>9} {'loss':>8}"]
+    lines = [title, f"  {'':<12} {'top-1 error':>11} {'top-5 error':>11} {'loss':>8}"]
     for crop, r in results.items():
         loss = f"{r['loss']:.4f}" if math.isfinite(r["loss"]) else str(r["loss"])
-        lines.append(f"  {names.get(crop, crop):<12} {r['top1_error']:>9.2%} {r['top5_error']:>9.2%} {loss:>8}")
+        lines.append(f"  {names.get(crop, crop):<12} {r['top1_error']:>11.2%} {r['top5_error']:>11.2%} {loss:>8}")
     return "\n".join(lines)
