@@ -229,3 +229,27 @@ def test_training_draws_the_curves_after_each_epoch(tmp_path, capsys, monkeypatc
     assert err.count("note: no curves.png: drawing the curves needs matplotlib") == 1, err
     assert "epoch 3/3" in err
     assert (run / CURVES_FILE).read_bytes() == first  # the last picture drawn stays
+
+
+def test_training_draws_the_kernels_after_each_epoch_and_plot_draws_any_checkpoints(tmp_path, capsys):
+    """filters.png: the paper's Fig. 3 for the epoch's weights; `plot CHECKPOINT` for any checkpoint."""
+    from model import load_checkpoint
+    from model.visualize import filters_image
+
+    data = tmp_path / "prepared"
+    prepare_quietly(make_source(tmp_path / "src", classes=2, train=3, val=1), data)
+    run = tmp_path / "run"
+    assert train_cli(data, run, "--epochs", "1") == 0
+    checkpoint = load_checkpoint(run / "last.safetensors")
+    expected = filters_image(checkpoint.state_dict["conv1.weight"])
+    with Image.open(run / "filters.png") as image:
+        assert image.size == expected.size and image.convert("RGB").tobytes() == expected.tobytes()
+    capsys.readouterr()
+    assert main(["plot", str(run)]) == 0
+    assert capsys.readouterr().out.split() == [str(run / CURVES_FILE), str(run / "filters.png")]
+    assert main(["plot", str(run / "last.safetensors")]) == 0
+    beside = run / "last.filters.png"
+    assert capsys.readouterr().out.strip() == str(beside) and beside.read_bytes() == (run / "filters.png").read_bytes()
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
+    assert main(["plot", str(tmp_path / "broken.safetensors")]) == 2
+    assert "broken.safetensors" in capsys.readouterr().err

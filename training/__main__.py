@@ -30,9 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for sub in (_prepare_flags(commands), _train_flags(commands), _evaluate_flags(commands)):
         sub.add_argument("--no-progress", action="store_true", help="no progress bar")
-    c = commands.add_parser("plot", help="draw a run's training curves (its metrics.jsonl) as a PNG")
-    c.add_argument("run", help="a run folder (the --out of train)")
-    c.add_argument("--output", help="PNG file to write (default RUN/curves.png)")
+    c = commands.add_parser(
+        "plot", help="draw a run's training curves and conv1 kernels, or a checkpoint's kernels, as PNGs"
+    )
+    c.add_argument("run", help="a run folder (the --out of train), or a .safetensors checkpoint")
+    c.add_argument(
+        "--output", help="PNG file to write (default RUN/curves.png; for a checkpoint, <name>.filters.png beside it)"
+    )
     return parser
 
 
@@ -227,7 +231,8 @@ def main(argv: list[str] | None = None, hooks=None) -> int:
         elif args.command == "plot":
             from .plot import plot_run
 
-            print(plot_run(args.run, args.output))
+            for path in plot_run(args.run, args.output):
+                print(path)
         else:
             from .evaluate import run_evaluate
 

@@ -1,9 +1,14 @@
-"""``python -m training plot RUN_DIR``: a run's training curves, from RUN_DIR/metrics.jsonl, as a PNG.
+"""``python -m training plot RUN_DIR | CHECKPOINT``: a run's training curves (RUN_DIR/metrics.jsonl) and its
+conv1 kernels, or the kernels of any checkpoint, as PNGs.
 
 Three panels over epochs: loss (train, validation), top-1 error (train, validation centre crop and
 10 patches) and top-5 error (validation centre crop and 10 patches); a dotted line marks each division
 of the learning rate, and a star the best epoch. The training job redraws RUN_DIR/curves.png after
 every epoch.
+
+``filters.png``: the 96 conv1 kernels of the run's last checkpoint as the paper's Fig. 3 draws them,
+tower 0's 48 above tower 1's (``model.visualize.filters_image``; Pillow only). The training job redraws
+it after every epoch too; ``plot CHECKPOINT.safetensors`` draws any checkpoint's.
 
 matplotlib is an optional dependency (``pip install -e '.[train]'``): without it ``plot`` says so and
 exits 2, and training goes on without the picture.
@@ -21,6 +26,7 @@ from .data import TrainingError
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+FILTERS_FILE = "filters.png"
 INSTALL_HINT = "pip install matplotlib (or pip install -e '.[train]')"
 
 # (panel title, [(record key, legend, style)]): training grey, validation blue, 10 patches teal and dashed.
@@ -86,13 +92,43 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Draw RUN_DIR/metrics.jsonl into ``output`` (default RUN_DIR/curves.png); return the PNG's path."""
+def plot_run(run_dir: str | Path, output: str | Path | None = None) -> list[Path]:
+    """Draw RUN_DIR/metrics.jsonl into ``output`` (default RUN_DIR/curves.png), and the kernels of
+    RUN_DIR/last.safetensors, when there is one, into RUN_DIR/filters.png. Given a checkpoint file instead,
+    draw its kernels into ``output`` (default beside it: <name>.filters.png). Returns the PNGs written."""
     run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.suffix == ".safetensors":
+        return [plot_filters(run_dir, Path(output) if output else run_dir.with_suffix(".filters.png"))]
     if not run_dir.is_dir():
-        raise TrainingError(f"{run_dir}: no such directory (expected a run folder, the --out of train)")
+        raise TrainingError(
+            f"{run_dir}: no such directory (expected a run folder, the --out of train, or a .safetensors checkpoint)"
+        )
     records = read_metrics(run_dir / METRICS_FILE)
-    return plot_metrics(records, Path(output) if output else run_dir / CURVES_FILE, title=run_dir.resolve().name)
+    written = [plot_metrics(records, Path(output) if output else run_dir / CURVES_FILE, title=run_dir.resolve().name)]
+    if (run_dir / "last.safetensors").is_file():
+        written.append(plot_filters(run_dir / "last.safetensors", run_dir / FILTERS_FILE))
+    return written
+
+
+def plot_filters(checkpoint_path: Path, output: Path) -> Path:
+    """The kernels of a checkpoint file (the paper's Fig. 3) into the PNG ``output``, atomically."""
+    from model import CheckpointError, load_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(checkpoint_path)
+    except CheckpointError as e:
+        raise TrainingError(str(e)) from None
+    return save_filters(checkpoint, output)
+
+
+def save_filters(checkpoint, output: Path) -> Path:
+    from model.visualize import filters_image
+
+    image = filters_image(checkpoint.state_dict["conv1.weight"], checkpoint.preprocessing.channel_order)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output) as tmp:
+        image.save(tmp, format="PNG")
+    return output
 
 
 def plot_metrics(records: list[dict], output: Path, *, title: str = "") -> Path:
@@ -245,6 +281,15 @@ def write_curves(run_dir: Path, records: list[dict]) -> str | None:
         return f"note: no {CURVES_FILE}: {e}"
     except Exception as e:  # noqa: BLE001 — a bug or a full disk in plotting is reported, never raised
         return f"note: could not draw {CURVES_FILE}: {type(e).__name__}: {e}"
+    return None
+
+
+def write_filters(run_dir: Path, checkpoint) -> str | None:
+    """For the training loop: redraw RUN_DIR/filters.png from this epoch's checkpoint; a problem is a note."""
+    try:
+        save_filters(checkpoint, run_dir / FILTERS_FILE)
+    except Exception as e:  # noqa: BLE001 — as write_curves: a picture never stops training
+        return f"note: could not draw {FILTERS_FILE}: {type(e).__name__}: {e}"
     return None
 
 

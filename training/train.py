@@ -19,6 +19,7 @@ Files in DIR (only rank 0 writes, each file atomically):
     best.safetensors   the same, for the epoch with the lowest centre-crop validation top-1 error
     metrics.jsonl      one JSON line per epoch
     curves.png         its plot (losses, errors, learning-rate drops), when matplotlib is installed
+    filters.png        conv1's kernels after the epoch, tower 0 above tower 1 (the paper's Fig. 3)
     summary.json       at the end: best.safetensors evaluated with the centre crop and 10 patches
 """
 
@@ -56,7 +57,7 @@ from .devices import (
 from .evaluate import evaluate, format_results
 from .feed import DeviceFeed
 from .loader import BatchLoader
-from .plot import write_curves
+from .plot import write_curves, write_filters
 from .progress import Progress, format_duration
 from .schedule import PlateauSchedule
 from .state import read_state, restore_state, save_state
@@ -303,10 +304,10 @@ def end_of_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float
         artifact.save(run.out / "best.safetensors")
     save_state(run.state_path, run.model, run.optimizer, run.scaler, state_info(run, epoch + 1, 0, None))
     atomic_write(run.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.history).encode())
-    note = write_curves(run.out, run.history)  # never raises: a missing picture is no reason to stop training
-    if note is not None and note not in run.curves_notes:
-        run.curves_notes.add(note)  # said once per run, not every epoch
-        run.log(note)
+    for note in (write_curves(run.out, run.history), write_filters(run.out, artifact)):
+        if note is not None and note not in run.curves_notes:  # never raised: pictures never stop training
+            run.curves_notes.add(note)  # said once per run, not every epoch
+            run.log(note)
     run.log(
         f"epoch {epoch + 1}/{run.hp.epochs}: train loss {metrics['train_loss']:.4f}, "
         f"val loss {metrics['val_loss']:.4f}, val top-1 error {metrics['val_top1_error']:.2%}, "
