@@ -1,4 +1,4 @@
-"""Command line: ``python -m training prepare|train|evaluate|plot`` (``--help`` on each for its flags).
+"""Command line: ``python -m training prepare|train|evaluate|predict|plot`` (``--help`` on each for its flags).
 
     python -m training prepare /data/imagenet /data/imagenet-256 --workers 16
     python -m training prepare /data/imagenet /data/imagenet-jpeg --store jpeg   # 31 GB instead of 252 GB
@@ -7,6 +7,7 @@
     python -m training train /data/imagenet-256 --out runs/alexnet --resume   # continue after a crash
     python -m training evaluate runs/alexnet/best.safetensors /data/imagenet-256
     python -m training plot runs/alexnet                                      # → runs/alexnet/curves.png
+    python -m training predict runs/alexnet/best.safetensors photos/ --output photos.jsonl   # a folder's top-5
 
 Exit status: 0 done, 2 bad input (message on stderr, nothing written is damaged), 1 other failures,
 130 interrupted (rerun the same command, with --resume for train, to continue).
@@ -28,7 +29,8 @@ DEFAULTS = Hyperparameters()
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for sub in (_prepare_flags(commands), _train_flags(commands), _evaluate_flags(commands)):
+    flagged = (_prepare_flags(commands), _train_flags(commands), _evaluate_flags(commands), _predict_flags(commands))
+    for sub in flagged:
         sub.add_argument("--no-progress", action="store_true", help="no progress bar")
     c = commands.add_parser(
         "plot", help="draw a run's training curves and conv1 kernels, or a checkpoint's kernels, as PNGs"
@@ -173,6 +175,36 @@ def _evaluate_flags(commands) -> argparse.ArgumentParser:
     return e
 
 
+def _predict_flags(commands) -> argparse.ArgumentParser:
+    from .predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, FORMATS
+
+    p = commands.add_parser(
+        "predict", help="classify a folder or files with a checkpoint → JSON lines or CSV (resumable; features)"
+    )
+    p.add_argument("checkpoint", help="a .safetensors checkpoint")
+    p.add_argument("sources", nargs="*", metavar="SOURCE", help="image files, or folders (searched recursively)")
+    p.add_argument("--output", "-o", required=True, help="OUT.jsonl or OUT.csv; an existing OUT is continued")
+    p.add_argument("--files-from", metavar="LIST", help="also the files named in LIST, one path a line (-: stdin)")
+    p.add_argument("--format", choices=FORMATS, help="(default: csv for a .csv OUT, else jsonl)")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help=f"classes per file (default {DEFAULT_TOP_K})")
+    p.add_argument("--crops", choices=("center", "ten"), default="center", help="ten: the paper's 10 patches")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"(default {DEFAULT_BATCH_SIZE})")
+    p.add_argument(
+        "--workers", type=int, default=None, help="decoding processes (default: CPU cores less one; 0: inline)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 …")
+    p.add_argument(
+        "--ground-truth", metavar="FILE", help="lines '<file> <class index>' (Caffe's val.txt) or '<file> <wnid>'"
+    )
+    p.add_argument("--features", metavar="OUT.npy", help="also write hidden activations (float32 [n, 4096])")
+    p.add_argument("--layer", choices=("fc6", "fc7"), default="fc7", help="of --features (default fc7)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise each --features row")
+    p.add_argument(
+        "--max-pixels", type=int, default=64_000_000, help="width × height limit per image (default 64,000,000)"
+    )
+    return p
+
+
 OUT_OF_SPACE = {
     errno.ENOSPC: "no space left on device",
     errno.EDQUOT: "disk quota exceeded",
@@ -228,6 +260,31 @@ def main(argv: list[str] | None = None, hooks=None) -> int:
             if options.log_every < 1 or not options.dist_timeout > 0:
                 raise TrainingError("--log-every must be at least 1 and --dist-timeout positive")
             train(given, options, hooks)
+        elif args.command == "predict":
+            if argv is None and "OMP_WAIT_POLICY" not in os.environ and getattr(sys, "orig_argv", None):
+                # As the service does: idle OpenMP threads sleep instead of spinning, so the decoding processes
+                # get the cores between forward passes (2-3x the img/s of a loaded 2-core machine; BENCHMARKS.md,
+                # "Predictions over a folder"). libgomp reads this when torch loads: run the command again with it.
+                os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+                os.execv(sys.executable, sys.orig_argv)
+            from model import CheckpointError
+
+            from .predict import Options as PredictOptions
+            from .predict import run_predict
+
+            if not args.sources and args.files_from is None:
+                raise TrainingError("predict needs a SOURCE folder or file, or --files-from LIST")
+            flags = {k: getattr(args, k) for k in PredictOptions.__dataclass_fields__ if k != "show_progress"}
+            try:
+                run_predict(args.checkpoint, args.sources, PredictOptions(**flags, show_progress=not args.no_progress))
+            except CheckpointError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            except KeyboardInterrupt:
+                again = "starts afresh (--features)" if args.features else "continues where this one stopped"
+                print(f"\ninterrupted; {args.output} keeps the files done so far: rerunning the same command {again}",
+                      file=sys.stderr)  # fmt: skip
+                return 130
         elif args.command == "plot":
             from .plot import plot_run
 
