@@ -7,7 +7,9 @@ import contextlib
 import functools
 import gc
 import logging
+import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -18,10 +20,11 @@ from model import ImageError
 
 from . import engine, problems, reload
 from .batcher import Batcher
-from .engine import LoadedModel
+from .engine import Explanation, LoadedModel
 from .logs import ObserveRequests
 from .metrics import ServiceMetrics
-from .routes import classify, health, info, metrics, page
+from .problems import ProblemError
+from .routes import ROUTERS
 from .settings import Settings
 from .uploads import Upload
 
@@ -46,6 +49,9 @@ class ServiceState:
         self.batcher: Batcher | None = None
         self._decoder: ThreadPoolExecutor | None = None
         self._watcher: asyncio.Task | None = None
+        self._explainers: ThreadPoolExecutor | None = None
+        self.explaining = 0  # /explain requests between explain_admission() and their answer
+        self._seconds_per_explanation = 1.0  # running estimate, for Retry-After
 
     async def start(self) -> None:
         s = self.settings
@@ -87,6 +93,11 @@ class ServiceState:
         )
         self.batcher.start()
         self._decoder = ThreadPoolExecutor(s.decode_threads, "decode")
+        # Grad-CAM's own threads: autograd through the two-tower net, beside (never in) the inference thread.
+        # No more of them than explanations admitted at once, so nothing ever waits in this pool's queue.
+        self._explainers = ThreadPoolExecutor(
+            s.explain_concurrency, "explain", initializer=torch.set_num_threads, initargs=(s.torch_threads,)
+        )
         if s.reload_interval_s > 0:
             self._watcher = loop.create_task(
                 reload.watch_checkpoint(
@@ -111,6 +122,8 @@ class ServiceState:
             await self.batcher.close()
         if self._decoder is not None:
             self._decoder.shutdown(wait=True)
+        if self._explainers is not None:
+            self._explainers.shutdown(wait=True)
 
     def _switch(self, new: LoadedModel) -> None:
         self.model = new  # requests already under way keep the model they started with
@@ -133,11 +146,47 @@ class ServiceState:
                 raise result
         return results
 
+    @contextlib.contextmanager
+    def explain_admission(self):
+        """Hold one of the ``explain_concurrency`` places from before the body is read until the answer;
+        none free: 503 with Retry-After (never a queue)."""
+        limit = self.settings.explain_concurrency
+        if self.explaining >= limit:
+            self.metrics.explain_rejected.inc()
+            retry_after = max(1, math.ceil(self._seconds_per_explanation * self.explaining / limit))
+            raise ProblemError(
+                503,
+                "explain-busy",
+                f"{limit} explanation(s) already under way (ALEXNET_EXPLAIN_CONCURRENCY); retry later",
+                {"Retry-After": str(retry_after)},
+            )
+        self.explaining += 1
+        try:
+            yield
+        finally:
+            self.explaining -= 1
+
+    async def explain(
+        self, model: LoadedModel, image: torch.Tensor, class_index: int | None, *, as_png: bool
+    ) -> tuple[Explanation, bytes | None]:
+        """Grad-CAM of one decoded image in an explain thread, and the PNG of its overlay if asked for."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        explanation, png = await loop.run_in_executor(self._explainers, _explain, model, image, class_index, as_png)
+        seconds = time.perf_counter() - started
+        self.metrics.explain_seconds.observe(seconds)
+        self._seconds_per_explanation = 0.8 * self._seconds_per_explanation + 0.2 * seconds
+        return explanation, png
+
     def _queue_depth(self) -> dict:
         batcher = self.batcher
         if batcher is None:
-            return {("admitted",): 0, ("waiting_inputs",): 0}
-        return {("admitted",): batcher.admitted, ("waiting_inputs",): batcher.waiting_rows}
+            return {("admitted",): 0, ("waiting_inputs",): 0, ("explaining",): self.explaining}
+        return {
+            ("admitted",): batcher.admitted,
+            ("waiting_inputs",): batcher.waiting_rows,
+            ("explaining",): self.explaining,
+        }
 
     def _model_info(self) -> dict:
         if self.model is None:
@@ -157,6 +206,11 @@ def _missing(path) -> bool:
     return False
 
 
+def _explain(model: LoadedModel, image: torch.Tensor, class_index: int | None, as_png: bool):
+    explanation = model.explain(image, class_index)
+    return explanation, explanation.png() if as_png else None
+
+
 def _decode(model: LoadedModel, data: bytes, *, max_pixels: int) -> torch.Tensor:
     try:
         return model.preprocessor.load(data, max_pixels=max_pixels)
@@ -171,7 +225,9 @@ DESCRIPTION = """\
 ImageNet classification with the 2012 AlexNet (Krizhevsky, Sutskever & Hinton).
 
 `POST /classify` with one or more images (multipart field `file`, or a raw `image/*` body) answers the
-top-k ImageNet classes per image. Errors are RFC 9457 `application/problem+json` bodies.
+top-k ImageNet classes per image; `POST /embed`, their fc6 or fc7 feature vectors; `POST /explain` (one
+image), a Grad-CAM heat map of where the net finds a class. `GET /model/filters.png` shows conv1's kernels.
+Errors are RFC 9457 `application/problem+json` bodies.
 """
 
 
@@ -210,6 +266,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = state
     problems.install(app)
     app.add_middleware(ObserveRequests, metrics=state.metrics)
-    for module in (classify, health, info, metrics, page):
-        app.include_router(module.router)
+    for router in ROUTERS:
+        app.include_router(router)
     return app

@@ -12,6 +12,11 @@ though, a closed loop of N clients settles into two groups of N/2 taking turns (
 come back while the other's forward pass runs); so a batch holding fewer requests than were in the
 service at once during the last cycle waits up to ``max_wait_ms`` for the others to join. A lone client
 never waits.
+
+Each request says what it wants computed (``engine.Task``: probabilities over one or ten crops for
+/classify, a hidden layer's features for /embed). Requests of every kind wait in the same queue, in arrival
+order, and share batches: no kind can starve another, and embeddings batch with each other as
+classifications do.
 """
 
 from __future__ import annotations
@@ -26,9 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import LoadedModel, rows_per_image
+from .engine import LoadedModel, Task
 from .metrics import ServiceMetrics
-from .schemas import Crops
 
 log = logging.getLogger("service")
 
@@ -47,7 +51,7 @@ class InferenceFailed(RuntimeError):
 class _Job:
     model: LoadedModel
     images: list[torch.Tensor]  # n uint8 [3, S, S]
-    crops: Crops
+    task: Task
     future: asyncio.Future
     rows: int
     enqueued: float = field(default_factory=time.perf_counter)
@@ -107,10 +111,11 @@ class Batcher:
         finally:
             self.admitted -= 1
 
-    async def infer(self, model: LoadedModel, images: list[torch.Tensor], crops: Crops) -> torch.Tensor:
-        """Softmax probabilities [n, classes] for n uint8 images [3, S, S], computed in some batch."""
+    async def infer(self, model: LoadedModel, images: list[torch.Tensor], task: Task) -> torch.Tensor:
+        """What ``task`` asks for n uint8 images [3, S, S] (softmax probabilities [n, classes], or features
+        [n, units]), computed in some batch."""
         future = asyncio.get_running_loop().create_future()
-        job = _Job(model, images, crops, future, rows=len(images) * rows_per_image(crops))
+        job = _Job(model, images, task, future, rows=len(images) * task.rows_per_image)
         self.waiting_rows += job.rows
         self._queue.put_nowait(job)  # bounded by admission()
         return await future
@@ -164,9 +169,9 @@ class Batcher:
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(
                 self._thread,
-                model.predict,
+                model.run,
                 [job.images for job in jobs],
-                [job.crops for job in jobs],
+                [job.task for job in jobs],
                 self.max_batch,
             )
         except Exception as e:

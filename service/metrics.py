@@ -2,8 +2,9 @@
 are a few dozen lines, not worth a dependency.
 
 The ``route`` label of ``alexnet_http_requests_total`` and ``alexnet_http_request_duration_seconds`` is
-the path template of the route that answered, exactly as declared — ``/classify``, ``/model``,
-``/healthz``, ``/readyz``, ``/metrics``, ``/``, ``/docs``, ``/static/{name}``, ``/openapi.json`` — whatever
+the path template of the route that answered, exactly as declared — ``/classify``, ``/embed``,
+``/explain``, ``/model``, ``/model/filters.png``, ``/healthz``, ``/readyz``, ``/metrics``, ``/``, ``/docs``,
+``/static/{name}``, ``/openapi.json`` — whatever
 its status (a 405 for a wrong method, a 404 for an unknown ``/static/`` file, a 4xx from /classify), and
 ``unmatched`` only for a request whose path no route matches: a 404, or the 307 that redirects a path
 with a trailing slash (``/model/``) to the route without it. So the series stay bounded whatever paths
@@ -126,7 +127,10 @@ class Registry:
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-ROUTE_EXAMPLES = "/classify, /model, /healthz, /readyz, /metrics, /, /docs, /static/{name}, /openapi.json"
+ROUTE_EXAMPLES = (
+    "/classify, /embed, /explain, /model, /model/filters.png, /healthz, /readyz, /metrics, /, /docs, "
+    "/static/{name}, /openapi.json"
+)
 
 
 class ServiceMetrics:
@@ -151,6 +155,25 @@ class ServiceMetrics:
             )
         )
         self.images = r.add(Counter("alexnet_images_classified_total", "images classified", ("crops",)))
+        self.images_embedded = r.add(
+            Counter("alexnet_images_embedded_total", "images embedded (/embed), by layer", ("layer",))
+        )
+        self.images_explained = r.add(
+            Counter("alexnet_images_explained_total", "images explained (/explain), by answer format", ("format",))
+        )
+        self.explain_seconds = r.add(
+            Histogram(
+                "alexnet_explain_duration_seconds",
+                "time of one Grad-CAM in an explain thread (the first per model also builds its net)",
+                LATENCY_BUCKETS,
+            )
+        )
+        self.explain_rejected = r.add(
+            Counter(
+                "alexnet_explain_rejections_total",
+                "/explain requests refused with 503: ALEXNET_EXPLAIN_CONCURRENCY already under way",
+            )
+        )
         self.batch_rows = r.add(
             Histogram("alexnet_batch_size", "network inputs (images × crops) per forward pass", BATCH_BUCKETS)
         )
@@ -168,7 +191,8 @@ class ServiceMetrics:
         r.add(
             Gauge(
                 "alexnet_queue_depth",
-                "requests admitted (reading, decoding, waiting or in a forward pass) and network inputs waiting",
+                "requests admitted to the batcher (reading, decoding, waiting or in a forward pass), network "
+                "inputs waiting, and /explain requests under way",
                 queue_depth,
                 ("kind",),
             )

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 Crops = Literal["center", "ten"]
+FeatureLayer = Literal["fc6", "fc7"]  # model.network.FEATURE_LAYERS
+ExplainFormat = Literal["png", "json"]
 
 
 class Problem(BaseModel):
@@ -75,6 +78,77 @@ class ClassifyResponse(BaseModel):
     crops: Crops
     top_k: int
     results: list[ImageResult] = Field(description="one entry per uploaded image, in upload order")
+    timing: Timing
+
+
+class EmbedParams(BaseModel):
+    """The query of POST /embed."""
+
+    layer: FeatureLayer = Field(
+        "fc7",
+        description="the hidden layer whose activations (after its ReLU) are returned: fc6 or fc7 (4096 "
+        "numbers each at full width, both towers' halves side by side). The paper's Fig. 4 finds similar "
+        "images by the Euclidean distance between their fc7 vectors",
+    )
+    normalize: bool = Field(False, description="scale each vector to unit L2 norm (an all-zero vector stays zero)")
+    crops: Literal["center"] = Field(
+        "center", description="center only: the features of the centre 224×224 crop (no ten-crop average)"
+    )
+
+
+class EmbeddedImage(BaseModel):
+    filename: str | None = Field(description="the upload's filename, when the client sent one")
+    features: list[float] = Field(description="`dimension` float32 activations (exact float32 values)")
+
+
+class EmbedResponse(BaseModel):
+    model: ModelIdentity
+    layer: FeatureLayer
+    normalize: bool
+    crops: Literal["center"]
+    dimension: int = Field(description="length of every features vector (4096 for the paper's net)")
+    results: list[EmbeddedImage] = Field(description="one entry per uploaded image, in upload order")
+    timing: Timing
+
+
+class ExplainParams(BaseModel):
+    """The query of POST /explain. The class explained: ``class_index`` or ``wnid`` (at most one), else the
+    most probable class of the centre crop."""
+
+    class_index: int | None = Field(
+        None, ge=0, description="explain this class (its index in sorted wnid order, 0..number of classes - 1)"
+    )
+    wnid: str | None = Field(
+        None, min_length=1, max_length=100, description="explain the class with this WordNet id, e.g. n02123045"
+    )
+    format: ExplainFormat = Field(
+        "png",
+        description="png: the heat map over the centre crop the net saw (image/png, crop × crop pixels); json: "
+        "the map itself, with the class",
+    )
+
+    @model_validator(mode="after")
+    def _one_class(self):
+        if self.class_index is not None and self.wnid is not None:
+            raise PydanticCustomError("one_class", "give class_index or wnid, not both")
+        return self
+
+
+class ExplainedClass(BaseModel):
+    index: int = Field(description="class index (position of the wnid in sorted order)")
+    wnid: str = Field(description="WordNet id, e.g. n02123045")
+    label: str = Field(description="the class's first name, e.g. 'tabby'")
+    probability: float = Field(description="its softmax probability for the centre crop")
+
+
+class ExplainResponse(BaseModel):
+    model: ModelIdentity
+    explained: ExplainedClass = Field(description="the class whose evidence the map shows")
+    size: int = Field(description="the map's height and width in pixels: the crop size, 224")
+    heatmap: list[list[float]] = Field(
+        description="Grad-CAM on conv5 (after its ReLU), upsampled to the crop: `size` rows of `size` values in "
+        "[0, 1] (1: the strongest evidence for the class), rounded to 3 decimals; row 0 is the top of the crop"
+    )
     timing: Timing
 
 

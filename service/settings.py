@@ -50,6 +50,13 @@ class Settings(BaseModel):
     )
     threads: int = Field(0, ge=0, description="torch threads for inference; 0: one per CPU core")
     decode_workers: int = Field(0, ge=0, description="threads decoding images; 0: one per CPU core")
+    explain_concurrency: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Grad-CAM requests (/explain) computed at once, each in its own thread (not the inference "
+        "thread); more → 503 + Retry-After",
+    )
     reload_interval_s: float = Field(2.0, ge=0, description="checkpoint file poll interval; 0 turns hot reload off")
     log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
 

@@ -7,9 +7,7 @@ import asyncio
 import hashlib
 import json
 import re
-import struct
 import time
-import zlib
 
 import httpx
 import pytest
@@ -21,6 +19,7 @@ from test_service_support import (
     assert_same_predictions,
     encode,
     metric_value,
+    png_header_only,
     write_checkpoint,
 )
 
@@ -256,18 +255,6 @@ def test_too_many_files(client, photos):
     assert post_files(client, [(f"{i}.jpg", small) for i in range(4)]).status_code == 200
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A tiny PNG that declares width × height pixels: a decompression bomb's calling card."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
-
-
 def test_pixel_limit_stops_decompression_bombs(client):
     body = assert_problem(post_files(client, [("bomb.png", png_header_only(3000, 3000))]), 413, "image-too-large")
     assert "9,000,000 pixels; the limit is 2,000,000" in body["detail"] and "bomb.png" in body["detail"]
@@ -389,6 +376,11 @@ def test_openapi_schema_and_docs(client):
     assert {"multipart/form-data", "image/*"} <= set(classify["requestBody"]["content"])
     assert {p["name"] for p in classify["parameters"]} == {"top_k", "crops"}
     assert {"200", "413", "415", "422", "503"} <= set(classify["responses"])
+    for path in ("/embed", "/explain"):
+        operation = schema["paths"][path]["post"]
+        assert {"multipart/form-data", "image/*"} <= set(operation["requestBody"]["content"]), path
+        assert {"200", "400", "408", "413", "415", "422", "503"} <= set(operation["responses"]), path
+    assert "image/png" in schema["paths"]["/model/filters.png"]["get"]["responses"]["200"]["content"]
     problem = {"schema": {"$ref": "#/components/schemas/Problem"}}
     assert classify["responses"]["413"]["content"] == {"application/problem+json": problem}
     assert set(schema["components"]["schemas"]["Prediction"]["properties"]) == {
@@ -398,6 +390,28 @@ def test_openapi_schema_and_docs(client):
         "label",
         "score",
     }
+
+
+def test_filters_png_is_the_papers_figure_3_of_the_served_model(client, checkpoint, direct):
+    """GET /model/filters.png: model.visualize.filters_image of the checkpoint's conv1 weights, in its
+    channel order, as a PNG with an ETag keyed by the checkpoint's sha256 (If-None-Match → 304)."""
+    from model.visualize import filters_image
+
+    response = client.get("/model/filters.png")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    expected = filters_image(
+        direct.checkpoint.state_dict["conv1.weight"], direct.checkpoint.preprocessing.channel_order
+    )
+    with Image.open(__import__("io").BytesIO(response.content)) as image:
+        assert image.format == "PNG" and image.size == expected.size
+        assert image.convert("RGB").tobytes() == expected.tobytes()
+    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    etag = response.headers["etag"]
+    assert sha256 in etag and etag.startswith('"') and etag.endswith('"')
+    assert response.headers["cache-control"] == "no-cache"
+    again = client.get("/model/filters.png", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+    assert client.get("/model/filters.png", headers={"If-None-Match": '"other"'}).status_code == 200
 
 
 def test_docs_are_served_from_this_origin(client):
@@ -464,6 +478,12 @@ def test_metrics_label_each_route_by_its_template(client):
         ("POST", "/healthz", "/healthz", 405),
         ("GET", "/no/such/path", "unmatched", 404),
         ("GET", "/model/", "unmatched", 307),  # the redirect to /model
+        ("GET", "/model/filters.png", "/model/filters.png", 200),
+        ("POST", "/model/filters.png", "/model/filters.png", 405),
+        ("POST", "/embed", "/embed", 415),  # no body
+        ("GET", "/embed", "/embed", 405),
+        ("POST", "/explain", "/explain", 415),
+        ("GET", "/explain", "/explain", 405),
     ]
 
     def counts() -> dict:
@@ -486,14 +506,16 @@ def test_metrics_label_each_route_by_its_template(client):
     assert metric_value(text, "alexnet_http_request_duration_seconds_count", method="GET", route="/docs") >= 1
     help_line = next(line for line in text.splitlines() if line.startswith("# HELP alexnet_http_requests_total "))
     assert "unmatched" in help_line and "/static/{name}" in help_line and "/openapi.json" in help_line
+    assert "/embed" in help_line and "/explain" in help_line and "/model/filters.png" in help_line
 
 
 def test_the_metrics_help_names_every_route():
     from service.metrics import ROUTE_EXAMPLES
-    from service.routes import classify, health, info, metrics, page
+    from service.routes import ROUTERS
 
-    templates = {route.path for module in (classify, health, info, metrics, page) for route in module.router.routes}
+    templates = {route.path for router in ROUTERS for route in router.routes}
     assert templates | {"/openapi.json"} == set(ROUTE_EXAMPLES.split(", "))
+    assert {"/embed", "/explain", "/model/filters.png"} <= templates
 
 
 def test_access_log_is_structured(client, server):

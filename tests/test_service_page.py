@@ -222,8 +222,95 @@ def test_chosen_photos_show_the_apis_top5(page, api, photos, checkpoint, tmp_pat
     print(f"screenshot: {shot}")
 
 
+def test_conv1_filters_under_the_model_chip(page, api, checkpoint):
+    """A collapsible "conv1 filters (paper Fig. 3)" under the model chip: GET /model/filters.png of the model
+    being served, loaded (within the Content-Security-Policy), with the towers named."""
+    summary = page.locator("#filters summary")
+    assert summary.inner_text() == "conv1 filters (paper Fig. 3)"
+    chip, box = page.locator("#model").bounding_box(), summary.bounding_box()
+    assert box["y"] >= chip["y"] + chip["height"] - 1  # under the chip
+    assert page.locator("#filters-image").is_hidden()  # closed until asked for
+    summary.click()
+    image = page.locator("#filters-image")
+    image.wait_for(state="visible")
+    page.wait_for_function(
+        "() => { const i = document.getElementById('filters-image'); return i.complete && i.naturalWidth > 0; }"
+    )
+    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    src = image.get_attribute("src")
+    assert src.startswith("model/filters.png") and sha256 in src
+    with Image.open(io.BytesIO(api.get("/model/filters.png").content)) as png:
+        size = png.size
+    assert page.evaluate(
+        "() => { const i = document.getElementById('filters-image'); return [i.naturalWidth, i.naturalHeight]; }"
+    ) == list(size)
+    towers = page.locator("#filters .towers span").all_inner_texts()
+    assert [t.strip() for t in towers] == ["tower 0", "tower 1"]
+    caption = page.locator("#filters figcaption").inner_text()
+    assert "tower 0" in caption and "tower 1" in caption and "above" in caption and "below" in caption
+    summary.click()
+    assert image.is_hidden()
+
+
+def test_where_it_looks(page, api, photos):
+    """Each answered card has a "Where it looks" button: POST /explain for its image and its top class, the
+    overlay (a blob: URL, as the previews are) shown in place of the preview; pressed again, the photo."""
+    path = photos[4]
+    page.set_input_files("#file-input", str(path))
+    (card,) = settled_cards(page, 1)
+    top = card["bars"][0]
+    button = page.locator(".card .look")
+    assert button.inner_text() == "Where it looks" and button.get_attribute("aria-pressed") == "false"
+    photo_src = page.locator(".card .preview img").get_attribute("src")
+    with page.expect_response(lambda r: "/explain" in r.url) as answer:
+        button.click()
+    assert answer.value.status == 200 and answer.value.headers["content-type"] == "image/png"
+    assert f"class_index={card_index(page)}" in answer.value.url
+    page.wait_for_function(
+        "() => { const i = document.querySelector('.card .preview img.look-image'); return i && i.complete && i.naturalWidth > 0; }"
+    )
+    look = page.locator(".card .preview img.look-image")
+    assert look.get_attribute("src").startswith("blob:")
+    assert page.evaluate("() => document.querySelector('.card .preview img').naturalWidth") == 224
+    assert top["label"] in look.get_attribute("alt")
+    assert button.get_attribute("aria-pressed") == "true" and button.inner_text() == "Show the photo"
+    assert f"evidence for “{top['label']}”" in page.locator(".card .look-status").inner_text()
+    # The same picture as the API draws for the same bytes and class.
+    expected = api.post(
+        "/explain", params={"class_index": card_index(page)}, files={"file": (path.name, path.read_bytes())}
+    )
+    # (Read back through a canvas: the page's connect-src does not allow fetching blob: URLs.)
+    shown = page.evaluate(
+        """() => {
+            const img = document.querySelector('.card .preview img');
+            const canvas = document.createElement('canvas');
+            canvas.width = img.naturalWidth;
+            canvas.height = img.naturalHeight;
+            const context = canvas.getContext('2d');
+            context.drawImage(img, 0, 0);
+            const rgba = context.getImageData(0, 0, canvas.width, canvas.height).data;
+            return [...rgba.filter((_, i) => i % 4 !== 3)];
+        }"""
+    )
+    with Image.open(io.BytesIO(expected.content)) as png:
+        assert bytes(shown) == png.convert("RGB").tobytes()
+    button.click()  # back to the photo
+    assert page.locator(".card .preview img").get_attribute("src") == photo_src
+    assert page.locator(".card .preview img.look-image").count() == 0
+    assert button.get_attribute("aria-pressed") == "false" and button.inner_text() == "Where it looks"
+    button.click()  # shown again without another request
+    assert page.locator(".card .preview img.look-image").count() == 1
+
+
+def card_index(page) -> str:
+    return page.locator(".card .bars li").first.get_attribute("data-index")
+
+
 def test_keyboard_drop_and_paste(page, api, photos):
-    # Keyboard: Tab reaches the drop zone first, with a visible focus ring; Enter opens the file chooser.
+    # Keyboard: Tab reaches the header's filters toggle, then the drop zone, with a visible focus ring;
+    # Enter opens the file chooser.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.closest('#filters') !== null")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "drop"
     assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") == "solid"
@@ -315,6 +402,8 @@ def test_an_untrained_model_is_flagged(page, api, server, checkpoint, photos, tm
     page.wait_for_selector("#untrained", state="visible")
     assert "Untrained model" in page.locator("#untrained").inner_text()
     assert "untrained" in page.locator("#model .pill").inner_text()
+    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert sha256 in page.locator("#filters-image").get_attribute("src")  # the new model's kernels
     page.set_input_files("#file-input", str(photos[1]))
     (card,) = settled_cards(page, 1)
     assert_shows_api_answer(card, api, photos[1].name, photos[1].read_bytes())
@@ -358,7 +447,9 @@ def test_docs_work_without_internet(browser, server):
         status = health.locator(".live-responses-table td.response-col_status:not(.col_header)")
         status.wait_for(state="visible")
         assert status.inner_text().strip() == "200"
-        assert '"ok"' in health.locator(".live-responses-table td.response-col_description:not(.col_header)").inner_text()
+        assert (
+            '"ok"' in health.locator(".live-responses-table td.response-col_description:not(.col_header)").inner_text()
+        )
     finally:
         context.close()
     assert not elsewhere, elsewhere

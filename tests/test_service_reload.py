@@ -80,6 +80,8 @@ def test_without_a_checkpoint_serves_an_untrained_net_and_says_so(client, server
     assert body["model"]["trained"] is False and body["model"]["sha256"] is None
     assert len(body["results"][0]["predictions"]) == 5
     assert info["provenance"]["init_seed"] == engine.UNTRAINED_SEED
+    filters = client.get("/model/filters.png")  # the untrained net's kernels: no sha256 to key them by
+    assert filters.status_code == 200 and filters.headers["etag"].startswith('"conv1-untrained-')
     # Seeded: this process builds the same net, so another start gives the same answer.
     here = engine.untrained((torch.device("cpu"),))
     (expected,) = here.predict([[here.preprocessor.load(photos[0].read_bytes())]], ["center"], 1)
@@ -153,6 +155,15 @@ def test_hot_reload_switches_without_failing_a_request(client, server, directory
         if sha is not None:  # None: the untrained net, before the first checkpoint arrived
             assert_same_predictions(body["results"][0], expected[sha])
     assert set(expected) <= seen, "traffic should have been answered by both checkpoints"
+
+    # What is cached per model follows the reload: conv1's picture (and its ETag), Grad-CAM's net.
+    filters = client.get("/model/filters.png")
+    assert filters.headers["etag"] == f'"conv1-{sha_second}"'
+    assert filters.content == engine.load(second, (torch.device("cpu"),)).filters_png
+    assert client.get("/model/filters.png", headers={"If-None-Match": f'"conv1-{sha_first}"'}).status_code == 200
+    explained = client.post("/explain", params={"format": "json"}, files={"file": ("photo.jpg", data)})
+    assert explained.status_code == 200 and explained.json()["model"]["sha256"] == sha_second
+    assert explained.json()["explained"]["index"] == int(expected[sha_second].argmax())
 
     metrics = client.get("/metrics").text
     assert metric_value(metrics, "alexnet_model_reloads_total", result="ok") == 2

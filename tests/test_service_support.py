@@ -11,9 +11,11 @@ import math
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -149,3 +151,63 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if line.startswith(sample + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that declares width × height pixels: a decompression bomb's calling card."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def hostile_requests(photo: bytes, *, max_body_bytes: int, max_files: int) -> dict[str, dict]:
+    """Requests every image endpoint must refuse as /classify does, as httpx keyword arguments by name: not
+    images, broken images, bombs, bodies over the limit (declared and chunked), request shapes we refuse.
+    ``photo``: a valid JPEG; the limits: the server's."""
+    png = encode(Image.open(io.BytesIO(photo)).convert("RGB").resize((64, 48)), "PNG")
+    part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n' + photo
+    multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+
+    def chunks(total: int):
+        for _ in range(total // 50_000 + 1):
+            yield b"\xff" * 50_000
+
+    def file(name: str, data: bytes) -> dict:
+        return {"files": {"file": (name, data)}}
+
+    return {
+        "text": file("notes.txt", b"this is not an image, it is text\n"),
+        "html": file("page.html", b"<!doctype html><html><body>hi</body></html>"),
+        "ppm": file("image.ppm", encode(Image.new("RGB", (40, 30)), "PPM")),
+        "empty-file": file("empty.jpg", b""),
+        "truncated-jpeg": file("cut.jpg", photo[: len(photo) // 3]),
+        "truncated-png": file("cut.png", png[: len(png) // 2]),
+        "bomb-header": file("bomb.png", png_header_only(50_000, 50_000)),
+        "declared-too-large": {"content": b"\xff" * (max_body_bytes + 1), "headers": {"Content-Type": "image/jpeg"}},
+        "chunked-too-large": {"content": chunks(max_body_bytes + 1), "headers": {"Content-Type": "image/jpeg"}},
+        "too-many-files": {"files": [("file", (f"{i}.jpg", photo)) for i in range(max_files + 1)]},
+        "empty-raw-body": {"content": b"", "headers": {"Content-Type": "image/png"}},
+        "json-body": {"json": {"image": "x"}},
+        "no-content-type": {"content": photo},
+        "other-field": {"files": {"image": ("a.jpg", photo)}},
+        "form-field": {"data": {"note": "hi"}, "files": {"x": ("", b"")}},
+        "no-parts": {"content": b"--b--\r\n", "headers": multipart},
+        "no-boundary": {"content": b"x", "headers": {"Content-Type": "multipart/form-data"}},
+        "broken-multipart": {"content": b"--b\r\nno header end", "headers": multipart},
+        "truncated-multipart": {"content": part[: len(part) // 2], "headers": multipart},  # cut in its one part
+    }
+
+
+def same_refusal(expected: httpx.Response, response: httpx.Response, *, detail: bool = True) -> None:
+    """``response`` refuses the request as ``expected`` (a /classify answer) did: status, type (and detail)."""
+    want = assert_problem(expected, expected.status_code)
+    assert 400 <= expected.status_code < 500, expected.text
+    got = assert_problem(response, expected.status_code)
+    assert got["type"] == want["type"], (got, want)
+    if detail:
+        assert got["detail"] == want["detail"], (got, want)

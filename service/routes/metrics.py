@@ -18,7 +18,8 @@ router = APIRouter(tags=["metrics"])
 )
 async def prometheus(request: Request) -> PlainTextResponse:
     """Every metric family with its HELP and TYPE lines. The `route` label of the HTTP metrics is the
-    path template of the route that answered (`/classify`, `/model`, `/healthz`, `/readyz`, `/metrics`,
-    `/`, `/docs`, `/static/{name}`, `/openapi.json`), whatever the status; `unmatched` only when the path
+    path template of the route that answered (`/classify`, `/embed`, `/explain`, `/model`,
+    `/model/filters.png`, `/healthz`, `/readyz`, `/metrics`, `/`, `/docs`, `/static/{name}`, `/openapi.json`),
+    whatever the status; `unmatched` only when the path
     matches no route (404, or a 307 redirect for a trailing slash)."""
     return PlainTextResponse(request.app.state.service.metrics.render(), media_type=CONTENT_TYPE)

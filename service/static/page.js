@@ -1,4 +1,6 @@
-// The try-it page: images in (drop, pick, paste), one POST /classify per image, the top-5 as bars.
+// The try-it page: images in (drop, pick, paste), one POST /classify per image, the top-5 as bars; on
+// request, POST /explain for a card's image ("Where it looks": the Grad-CAM overlay in place of the
+// preview), and GET /model/filters.png under the model chip (conv1's kernels, the paper's Fig. 3).
 // No framework and no dependency; it uses the HTTP API exactly as documented at /docs.
 "use strict";
 
@@ -15,6 +17,7 @@ const el = {
   announce: document.getElementById("announce"),
   model: document.getElementById("model"),
   untrained: document.getElementById("untrained"),
+  filters: document.getElementById("filters-image"),
   template: document.getElementById("card-template"),
 };
 
@@ -22,6 +25,7 @@ const items = []; // {file, name, card, url, state}
 const queue = [];
 let running = 0;
 let pasted = 0;
+let filtersKey = null; // which model's conv1 picture is shown
 
 // Model shown in the header ------------------------------------------------------------------------------
 
@@ -63,6 +67,16 @@ function showModel(model) {
   el.model.replaceChildren(name, pill(model), details);
   el.model.title = model.sha256 ? `sha256 ${model.sha256}` : "";
   el.untrained.hidden = model.trained;
+  showFilters(model);
+}
+
+// conv1's kernels of the model that answered last: a new picture when a reload brought other weights (the
+// query only tells the browser's image cache apart; the server revalidates by ETag anyway).
+function showFilters(model) {
+  const key = model.sha256 || `untrained ${model.checkpoint || ""}`;
+  if (key === filtersKey) return;
+  filtersKey = key;
+  el.filters.src = `model/filters.png?model=${encodeURIComponent(key)}`;
 }
 
 function showModelText(text) {
@@ -98,7 +112,7 @@ function addFiles(files) {
     let name = file.name;
     if (!name || name === "image.png") name = `pasted image ${++pasted}`;
     const url = URL.createObjectURL(file); // the preview: the file itself, never uploaded for it
-    const item = { file, name, url, card: newCard(name, url), state: "pending" };
+    const item = { file, name, url, card: newCard(name, url), state: "pending", top: null, look: null };
     items.push(item);
     added.push(item);
   }
@@ -122,6 +136,93 @@ function newCard(name, url) {
   });
   img.src = url;
   return card;
+}
+
+// Where it looks ----------------------------------------------------------------------------------------------
+// One POST /explain per press, for the class the card shows first; the PNG replaces the preview until pressed
+// again. The server computes one explanation at a time: a busy answer (503, Retry-After) is retried.
+
+function lookFor(item) {
+  const look = item.look;
+  if (look && look.url) return showLook(item, !look.shown);
+  if (look && look.busy) return;
+  explain(item);
+}
+
+async function explain(item, attempt = 0) {
+  const top = item.top;
+  const look = (item.look = { busy: true, url: null, shown: false, top });
+  const button = item.card.querySelector(".look");
+  const status = item.card.querySelector(".look-status");
+  button.disabled = true;
+  status.className = "look-status";
+  status.textContent = "looking…";
+  const form = new FormData();
+  form.append("file", item.file, item.name);
+  let response;
+  try {
+    response = await fetch(`explain?class_index=${encodeURIComponent(top.index)}`, { method: "POST", body: form });
+  } catch (error) {
+    return lookFailed(item, look, `cannot reach the server (${error.message})`);
+  }
+  if (item.look !== look || !item.card.isConnected) return; // classified again, or cleared, meanwhile
+  const retryAfter = Number(response.headers.get("Retry-After"));
+  if (response.status === 503 && retryAfter > 0 && attempt < MAX_RETRIES) {
+    status.textContent = `server busy, retrying in ${retryAfter} s…`;
+    await new Promise((resolve) => setTimeout(resolve, retryAfter * 1000));
+    if (item.look !== look) return;
+    return explain(item, attempt + 1);
+  }
+  if (!response.ok) return lookFailed(item, look, await problemText(response));
+  const blob = await response.blob();
+  if (item.look !== look) return;
+  look.busy = false;
+  look.url = URL.createObjectURL(blob);
+  look.probability = Number(response.headers.get("X-Class-Probability"));
+  button.disabled = false;
+  showLook(item, true);
+}
+
+function lookFailed(item, look, detail) {
+  if (item.look !== look) return;
+  item.look = null;
+  const status = item.card.querySelector(".look-status");
+  status.className = "look-status error";
+  status.textContent = detail;
+  item.card.querySelector(".look").disabled = false;
+}
+
+function showLook(item, shown) {
+  const look = item.look;
+  const preview = item.card.querySelector(".preview");
+  if (!look.photo) look.photo = [...preview.childNodes]; // the preview (or its "no preview" text) to go back to
+  look.shown = shown;
+  if (shown) {
+    const img = document.createElement("img");
+    img.className = "look-image";
+    img.alt = `Where the network finds “${look.top.label}” in ${item.name} (red: most evidence)`;
+    img.src = look.url;
+    preview.replaceChildren(img);
+  } else {
+    preview.replaceChildren(...look.photo);
+  }
+  preview.classList.toggle("explained", shown);
+  const button = item.card.querySelector(".look");
+  button.setAttribute("aria-pressed", String(shown));
+  button.textContent = shown ? "Show the photo" : "Where it looks";
+  const status = item.card.querySelector(".look-status");
+  status.className = "look-status";
+  status.textContent = shown ? `evidence for “${look.top.label}” (centre crop, ${percent(look.probability)})` : "";
+}
+
+function forgetLook(item) {
+  const look = item.look;
+  if (!look) return;
+  if (look.shown) showLook(item, false);
+  if (look.url) URL.revokeObjectURL(look.url);
+  item.look = null;
+  item.card.querySelector(".look-status").textContent = "";
+  item.card.querySelector(".look").disabled = false;
 }
 
 // Classifying ------------------------------------------------------------------------------------------------
@@ -183,6 +284,8 @@ async function classify(item, attempt = 0) {
 }
 
 function setPending(item, text = "classifying…") {
+  forgetLook(item); // the card's classes may change: an explanation of the old top class would mislead
+  item.card.querySelector(".look-row").hidden = true;
   item.state = "pending";
   item.card.dataset.state = "pending";
   item.card.setAttribute("aria-busy", "true");
@@ -232,6 +335,8 @@ function showResult(item, body, roundTrip) {
   card.dataset.state = "done";
   card.removeAttribute("aria-busy");
   const top = result.predictions[0];
+  item.top = top;
+  card.querySelector(".look-row").hidden = false;
   el.announce.textContent = `${item.name}: ${top.label}, ${percent(top.score)}` + (model.trained ? "" : " (untrained model)");
 }
 
@@ -275,6 +380,12 @@ function milliseconds(ms) {
 // Wiring -----------------------------------------------------------------------------------------------------
 
 el.drop.addEventListener("click", () => el.input.click());
+el.results.addEventListener("click", (event) => {
+  const button = event.target.closest(".look");
+  if (!button) return;
+  const item = items.find((candidate) => candidate.card.contains(button));
+  if (item && item.top) lookFor(item);
+});
 el.input.addEventListener("change", () => {
   addFiles([...el.input.files]);
   el.input.value = ""; // choosing the same file again still fires "change"
@@ -321,7 +432,10 @@ el.crops.addEventListener("change", () => {
 
 el.clear.addEventListener("click", () => {
   queue.length = 0;
-  for (const item of items) URL.revokeObjectURL(item.url);
+  for (const item of items) {
+    URL.revokeObjectURL(item.url);
+    if (item.look && item.look.url) URL.revokeObjectURL(item.look.url);
+  }
   items.length = 0;
   el.results.replaceChildren();
   el.clear.disabled = true;

@@ -1,0 +1,120 @@
+"""What the image endpoints (/classify, /embed, /explain) share: the request body and its OpenAPI
+description, the errors, and the way in — a place in the queue (503 when full) held from before the body
+is read until the answer, the body read under the limits, the images decoded in the decode threads, and for
+/classify and /embed the batched forward pass."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from fastapi import Request
+
+from ..batcher import InferenceFailed, QueueFull
+from ..engine import LoadedModel, Task
+from ..problems import ProblemError
+from ..schemas import Problem, Timing
+from ..uploads import Upload, read_uploads
+
+IMAGE_FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF"
+
+
+def request_body(one: bool = False) -> dict:
+    """The body is read by hand (to count bytes while streaming), so FastAPI cannot infer its schema.
+
+    ``one``: exactly one image. Said in words, not as ``maxItems``: a second part is refused like one part
+    too many for /classify (413 too-many-files, as soon as it begins), and a schema bound would make it a
+    schema violation, which clients and fuzzers expect to see answered 400 or 422."""
+    files = {
+        "type": "array",
+        "minItems": 1,  # an empty form is refused (422 no-image)
+        "items": {"type": "string", "format": "binary"},
+        "description": f"one or more images ({IMAGE_FORMATS})",
+    }
+    if one:
+        files["description"] = f"exactly one image ({IMAGE_FORMATS}); a second part: 413 too-many-files"
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": files}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+
+
+ERRORS = {
+    400: "malformed multipart body",
+    408: "the body did not arrive within the body timeout",
+    413: "body too large, too many files, or an image with too many pixels",
+    415: "not an image format we read, or a Content-Type other than multipart/form-data or image/*",
+    422: "corrupt, truncated or empty image; no file part; a bad query parameter",
+    503: "queue full (see Retry-After) or the model is not loaded",
+}
+
+
+def error_responses(**overrides: str) -> dict:
+    """OpenAPI ``responses`` for the errors (problem+json), ``overrides`` keyed ``e422`` etc."""
+    texts = {**ERRORS, **{int(k[1:]): v for k, v in overrides.items()}}
+    return {status: {"model": Problem, "description": text} for status, text in texts.items()}
+
+
+def serving_model(request: Request) -> LoadedModel:
+    """The model this request uses throughout, even across a reload; 503 before it is loaded."""
+    state = request.app.state.service
+    model: LoadedModel | None = state.model
+    if model is None or not state.ready or not state.batcher.running:
+        raise ProblemError(503, "not-ready", "the model is not loaded yet", {"Retry-After": "1"})
+    return model
+
+
+@dataclass
+class Clock:
+    """When a request started, its decoding started, and its forward pass (or Grad-CAM) started and ended."""
+
+    started: float = field(default_factory=time.perf_counter)
+    decode_started: float = 0.0
+    compute_started: float = 0.0
+    done: float = 0.0
+
+    def timing(self) -> Timing:
+        ms = 1000.0
+        return Timing(
+            total_ms=round((time.perf_counter() - self.started) * ms, 3),
+            preprocess_ms=round((self.compute_started - self.decode_started) * ms, 3),
+            inference_ms=round((self.done - self.compute_started) * ms, 3),
+        )
+
+
+async def receive(request: Request, model: LoadedModel, clock: Clock, *, max_files: int | None = None):
+    """The request's uploads and their decoded uint8 images [3, S, S], read under the service's limits."""
+    state = request.app.state.service
+    settings = state.settings
+    uploads = await read_uploads(
+        request,
+        max_body_bytes=settings.max_body_bytes,
+        max_files=settings.max_files if max_files is None else max_files,
+        timeout=settings.body_timeout_s,
+    )
+    clock.decode_started = time.perf_counter()
+    images = await state.decode(model, uploads)
+    return uploads, images
+
+
+async def batched(request: Request, model: LoadedModel, task: Task, clock: Clock) -> tuple[list[Upload], torch.Tensor]:
+    """Read and decode the request's images, then run ``task`` on them in the batcher's next batch."""
+    state = request.app.state.service
+    try:
+        # Admitted before the body is read: at most queue_size bodies are held in memory at once.
+        with state.batcher.admission():
+            uploads, images = await receive(request, model, clock)
+            clock.compute_started = time.perf_counter()
+            outputs = await state.batcher.infer(model, images, task)
+            clock.done = time.perf_counter()
+    except QueueFull as e:
+        raise ProblemError(
+            503, "queue-full", "the server is at capacity; retry later", {"Retry-After": str(e.retry_after)}
+        ) from None
+    except InferenceFailed as e:
+        raise ProblemError(503, "inference-failed", str(e), {"Retry-After": "1"}) from None
+    return uploads, outputs
