@@ -286,10 +286,16 @@ def main(argv: list[str] | None = None, hooks=None) -> int:
                       file=sys.stderr)  # fmt: skip
                 return 130
         elif args.command == "plot":
+            from model import CheckpointError
+
             from .plot import plot_run
 
-            for path in plot_run(args.run, args.output):
-                print(path)
+            try:
+                for path in plot_run(args.run, args.output):
+                    print(path)
+            except CheckpointError as e:  # a bad checkpoint: 1, as predict and model.export
+                print(f"error: {e}", file=sys.stderr)
+                return 1
         else:
             from .evaluate import run_evaluate
 

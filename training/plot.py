@@ -111,14 +111,11 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> list[Path
 
 
 def plot_filters(checkpoint_path: Path, output: Path) -> Path:
-    """The kernels of a checkpoint file (the paper's Fig. 3) into the PNG ``output``, atomically."""
-    from model import CheckpointError, load_checkpoint
+    """The kernels of a checkpoint file (the paper's Fig. 3) into the PNG ``output``, atomically.
+    An unusable checkpoint raises model.CheckpointError (the command's exit status 1)."""
+    from model import load_checkpoint
 
-    try:
-        checkpoint = load_checkpoint(checkpoint_path)
-    except CheckpointError as e:
-        raise TrainingError(str(e)) from None
-    return save_filters(checkpoint, output)
+    return save_filters(load_checkpoint(checkpoint_path), output)
 
 
 def save_filters(checkpoint, output: Path) -> Path:
