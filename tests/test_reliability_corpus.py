@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,21 +16,14 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from test_service_support import ServiceProcess, assert_problem, write_checkpoint
+from test_service_support import ServiceProcess, assert_problem, corpus_request, write_checkpoint, write_corpus
 
 from model import decode_image
-
-CORPUS_SCRIPT = Path(__file__).parent / "corpus" / "make_corpus.py"
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("corpus")
-    made = subprocess.run(
-        [sys.executable, str(CORPUS_SCRIPT), str(out)], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert made.returncode == 0, made.stderr
-    return out, json.loads((out / "manifest.json").read_text())
+    return out, write_corpus(out)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +54,6 @@ def memory_kib(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0])
     return fields
-
-
-def request_for(entry: dict, data: bytes) -> dict:
-    """httpx.request keyword arguments that send a corpus entry as the manifest says."""
-    if entry["send"] == "multipart":
-        return {"files": {"file": (entry["name"], data, entry["content_type"])}}
-    return {"content": data, "headers": {"Content-Type": entry["content_type"]}}  # raw body, or a whole form
 
 
 def check_answer(entry: dict, response: httpx.Response) -> str | None:
@@ -111,7 +95,7 @@ def test_every_corpus_entry_is_answered_and_memory_stays_bounded(corpus, server)
         # One at a time: each entry's own answer.
         wrong = {}
         for entry, data in payloads:
-            problem = check_answer(entry, client.post("/classify", **request_for(entry, data)))
+            problem = check_answer(entry, client.post("/classify", **corpus_request(entry, data)))
             if problem:
                 wrong[entry["name"]] = problem
             assert client.get("/readyz").status_code == 200, f"not ready after {entry['name']}"
@@ -126,7 +110,7 @@ def test_every_corpus_entry_is_answered_and_memory_stays_bounded(corpus, server)
 
                 async def send(entry, data):
                     async with limit:
-                        return entry, await aclient.post("/classify", **request_for(entry, data))
+                        return entry, await aclient.post("/classify", **corpus_request(entry, data))
 
                 return await asyncio.gather(*(send(entry, data) for entry, data in payloads))
 

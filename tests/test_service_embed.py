@@ -8,9 +8,6 @@ import asyncio
 import hashlib
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,11 +16,13 @@ from test_service_support import (
     Direct,
     ServiceProcess,
     assert_problem,
+    corpus_request,
     assert_same_predictions,
     hostile_requests,
     metric_value,
     same_refusal,
     write_checkpoint,
+    write_corpus,
 )
 
 from service import engine
@@ -252,21 +251,9 @@ def _limits() -> dict:
 def test_the_hostile_corpus_gets_the_answers_classify_gives(client, tmp_path):
     """Every entry of tests/corpus/make_corpus.py: the same status (and problem type) from /embed as from
     /classify, a 200 with as many vectors as /classify has results."""
-    made = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "corpus" / "make_corpus.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr
     wrong = {}
-    for entry in json.loads((tmp_path / "manifest.json").read_text()):
-        data = (tmp_path / entry["name"]).read_bytes()
-        if entry["send"] == "multipart":
-            request = {"files": {"file": (entry["name"], data, entry["content_type"])}}
-        else:
-            request = {"content": data, "headers": {"Content-Type": entry["content_type"]}}
+    for entry in write_corpus(tmp_path):
+        request = corpus_request(entry, (tmp_path / entry["name"]).read_bytes())
         classify, response = client.post("/classify", **request), client.post("/embed", **request)
         if classify.status_code == 200:
             if response.status_code != 200 or len(response.json()["results"]) != len(classify.json()["results"]):

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,10 +18,12 @@ from test_service_support import (
     Direct,
     ServiceProcess,
     assert_problem,
+    corpus_request,
     hostile_requests,
     metric_value,
     same_refusal,
     write_checkpoint,
+    write_corpus,
 )
 
 from model.visualize import grad_cam, overlay
@@ -207,21 +206,9 @@ def test_hostile_requests_are_refused_as_classify_refuses_them(client, photos):
 def test_the_hostile_corpus_gets_the_answers_classify_gives(client, tmp_path):
     """Every entry of tests/corpus/make_corpus.py: what /classify refuses, /explain refuses alike; what it
     answers for one image, /explain draws; a form of several images is one too many for /explain."""
-    made = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "corpus" / "make_corpus.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr
     wrong = {}
-    for entry in json.loads((tmp_path / "manifest.json").read_text()):
-        data = (tmp_path / entry["name"]).read_bytes()
-        if entry["send"] == "multipart":
-            request = {"files": {"file": (entry["name"], data, entry["content_type"])}}
-        else:
-            request = {"content": data, "headers": {"Content-Type": entry["content_type"]}}
+    for entry in write_corpus(tmp_path):
+        request = corpus_request(entry, (tmp_path / entry["name"]).read_bytes())
         classify, response = client.post("/classify", **request), client.post("/explain", **request)
         try:
             if classify.status_code == 200 and len(classify.json()["results"]) == 1:
