@@ -214,109 +214,19 @@ OUT_OF_SPACE = {
 
 def main(argv: list[str] | None = None, hooks=None) -> int:
     """``hooks``: a ``training.train.Hooks`` for tests (instrumenting the training loop)."""
+    from model import CheckpointError
+
     args = _parser().parse_args(argv)
+    commands = {"prepare": _prepare, "train": _train, "predict": _predict, "plot": _plot, "evaluate": _evaluate}
     try:
-        if args.command == "prepare":
-            from .prepare import prepare
-
-            if args.workers is not None and args.workers < 0 or args.chunk < 1:
-                raise TrainingError("--workers must be at least 0 and --chunk at least 1")
-            if args.quality is not None and args.store == "raw":
-                raise TrainingError("--quality applies only to --store jpeg")
-            prepare(
-                args.src,
-                args.dest,
-                workers=args.workers,
-                val_labels=args.val_labels,
-                name=args.name,
-                chunk=args.chunk,
-                show_progress=not args.no_progress,
-                store=args.store,
-                quality=args.quality,
-            )
-        elif args.command == "train":
-            from .train import train
-
-            given = {k: v for k, v in vars(args).items() if k in Hyperparameters.__dataclass_fields__}
-            options = Options(
-                data=args.data,
-                out=args.out,
-                devices=args.devices,
-                workers=args.workers,
-                ten_crop=args.ten_crop,
-                resume=args.resume,
-                save_every=args.save_every,
-                eval_batch_size=args.eval_batch_size,
-                show_progress=not args.no_progress,
-                log_every=args.log_every,
-                tf32=not args.no_tf32,
-                cudnn_benchmark=not args.no_cudnn_benchmark,
-                deterministic=args.deterministic,
-                compile=args.compile,
-                dist_timeout=args.dist_timeout,
-            )
-            if (options.workers or 0) < 0 or options.save_every < 0 or options.eval_batch_size < 1:
-                raise TrainingError("--workers and --save-every must be at least 0, --eval-batch-size at least 1")
-            if options.log_every < 1 or not options.dist_timeout > 0:
-                raise TrainingError("--log-every must be at least 1 and --dist-timeout positive")
-            train(given, options, hooks)
-        elif args.command == "predict":
-            if argv is None and "OMP_WAIT_POLICY" not in os.environ and getattr(sys, "orig_argv", None):
-                # As the service does: idle OpenMP threads sleep instead of spinning, so the decoding processes
-                # get the cores between forward passes (2-3x the img/s of a loaded 2-core machine; BENCHMARKS.md,
-                # "Predictions over a folder"). libgomp reads this when torch loads: run the command again with it.
-                os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-                os.execv(sys.executable, sys.orig_argv)
-            from model import CheckpointError
-
-            from .predict import Options as PredictOptions
-            from .predict import run_predict
-
-            if not args.sources and args.files_from is None:
-                raise TrainingError("predict needs a SOURCE folder or file, or --files-from LIST")
-            flags = {k: getattr(args, k) for k in PredictOptions.__dataclass_fields__ if k != "show_progress"}
-            try:
-                run_predict(args.checkpoint, args.sources, PredictOptions(**flags, show_progress=not args.no_progress))
-            except CheckpointError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-            except KeyboardInterrupt:
-                again = "starts afresh (--features)" if args.features else "continues where this one stopped"
-                print(f"\ninterrupted; {args.output} keeps the files done so far: rerunning the same command {again}",
-                      file=sys.stderr)  # fmt: skip
-                return 130
-        elif args.command == "plot":
-            from model import CheckpointError
-
-            from .plot import plot_run
-
-            try:
-                for path in plot_run(args.run, args.output):
-                    print(path)
-            except CheckpointError as e:  # a bad checkpoint: 1, as predict and model.export
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-        else:
-            from .evaluate import run_evaluate
-
-            crops = ("center", "ten") if args.crops == "both" else (args.crops,)
-            if args.batch_size < 1 or args.workers < 0:
-                raise TrainingError("--batch-size must be at least 1 and --workers at least 0")
-            run_evaluate(
-                args.checkpoint,
-                args.data,
-                split=args.split,
-                crops=crops,
-                batch_size=args.batch_size,
-                device=args.device,
-                output=args.output,
-                workers=args.workers,
-                show_progress=not args.no_progress,
-            )
+        return commands[args.command](args, argv=argv, hooks=hooks)
     except TrainingError as e:
         if not getattr(e, "rank_zero_only", False) or os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)  # (said once for an error every process of a run stops on)
         return 2
+    except CheckpointError as e:  # a bad checkpoint (predict, plot): 1, as model.export
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         if e.errno in OUT_OF_SPACE:  # a full disk, a user's quota, or a file-size limit (ulimit -f)
             print(
@@ -330,6 +240,106 @@ def main(argv: list[str] | None = None, hooks=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; rerun the same command (train: with --resume) to continue", file=sys.stderr)
         return 130
+
+
+def _prepare(args, **_) -> int:
+    from .prepare import prepare
+
+    if args.workers is not None and args.workers < 0 or args.chunk < 1:
+        raise TrainingError("--workers must be at least 0 and --chunk at least 1")
+    if args.quality is not None and args.store == "raw":
+        raise TrainingError("--quality applies only to --store jpeg")
+    prepare(
+        args.src,
+        args.dest,
+        workers=args.workers,
+        val_labels=args.val_labels,
+        name=args.name,
+        chunk=args.chunk,
+        show_progress=not args.no_progress,
+        store=args.store,
+        quality=args.quality,
+    )
+    return 0
+
+
+def _train(args, hooks=None, **_) -> int:
+    from .train import train
+
+    given = {k: v for k, v in vars(args).items() if k in Hyperparameters.__dataclass_fields__}
+    options = Options(
+        data=args.data,
+        out=args.out,
+        devices=args.devices,
+        workers=args.workers,
+        ten_crop=args.ten_crop,
+        resume=args.resume,
+        save_every=args.save_every,
+        eval_batch_size=args.eval_batch_size,
+        show_progress=not args.no_progress,
+        log_every=args.log_every,
+        tf32=not args.no_tf32,
+        cudnn_benchmark=not args.no_cudnn_benchmark,
+        deterministic=args.deterministic,
+        compile=args.compile,
+        dist_timeout=args.dist_timeout,
+    )
+    if (options.workers or 0) < 0 or options.save_every < 0 or options.eval_batch_size < 1:
+        raise TrainingError("--workers and --save-every must be at least 0, --eval-batch-size at least 1")
+    if options.log_every < 1 or not options.dist_timeout > 0:
+        raise TrainingError("--log-every must be at least 1 and --dist-timeout positive")
+    train(given, options, hooks)
+    return 0
+
+
+def _predict(args, argv=None, **_) -> int:
+    if argv is None and "OMP_WAIT_POLICY" not in os.environ and getattr(sys, "orig_argv", None):
+        # As the service does: idle OpenMP threads sleep instead of spinning, so the decoding processes
+        # get the cores between forward passes (2-3x the img/s of a loaded 2-core machine; BENCHMARKS.md,
+        # "Predictions over a folder"). libgomp reads this when torch loads: run the command again with it.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, sys.orig_argv)
+    from .predict import Options as PredictOptions
+    from .predict import run_predict
+
+    if not args.sources and args.files_from is None:
+        raise TrainingError("predict needs a SOURCE folder or file, or --files-from LIST")
+    flags = {k: getattr(args, k) for k in PredictOptions.__dataclass_fields__ if k != "show_progress"}
+    try:
+        run_predict(args.checkpoint, args.sources, PredictOptions(**flags, show_progress=not args.no_progress))
+    except KeyboardInterrupt:
+        again = "starts afresh (--features)" if args.features else "continues where this one stopped"
+        print(f"\ninterrupted; {args.output} keeps the files done so far: rerunning the same command {again}",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    return 0
+
+
+def _plot(args, **_) -> int:
+    from .plot import plot_run
+
+    for path in plot_run(args.run, args.output):
+        print(path)
+    return 0
+
+
+def _evaluate(args, **_) -> int:
+    from .evaluate import run_evaluate
+
+    crops = ("center", "ten") if args.crops == "both" else (args.crops,)
+    if args.batch_size < 1 or args.workers < 0:
+        raise TrainingError("--batch-size must be at least 1 and --workers at least 0")
+    run_evaluate(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        crops=crops,
+        batch_size=args.batch_size,
+        device=args.device,
+        output=args.output,
+        workers=args.workers,
+        show_progress=not args.no_progress,
+    )
     return 0
 
 
