@@ -543,22 +543,7 @@ def run_predict(checkpoint_path: str, sources: list[str], options: Options) -> d
     header = csv_header(top_k, labelled)
 
     summary_path = Path(str(out) + SUMMARY_SUFFIX)
-    fresh = o.features is not None or not out.exists()
-    existing: list[dict] = []
-    if not fresh:
-        _check_settings(summary_path, settings, o.output)
-        existing = read_existing(out, fmt, header)
-    elif out.exists() and out.stat().st_size:
-        print(f"{o.output}: replaced — a run with --features starts afresh (features are not resumable)",
-              file=sys.stderr)  # fmt: skip
-    counts = Counts()
-    done = set()
-    for record in existing:
-        counts.add(record)
-        done.add(record["path"])
-    todo = [item for item in items if item.path not in done]
-    if existing:
-        print(f"{o.output}: {len(existing):,} files already done, {len(todo):,} to go", file=sys.stderr)
+    fresh, counts, todo = _what_is_left(o, items, fmt, header, settings, summary_path)
 
     summary = {
         "checkpoint": str(checkpoint_path), "output": o.output, **settings, "sources": list(sources),
@@ -624,6 +609,28 @@ def run_predict(checkpoint_path: str, sources: list[str], options: Options) -> d
     print(format_summary(summary))
     print(f"written to {o.output} (summary: {summary_path})", file=sys.stderr)
     return summary
+
+
+def _what_is_left(o: Options, items: list, fmt: str, header, settings: dict, summary_path: Path):
+    """(whether OUT starts afresh, the counts of the records already in it, the items still to do)."""
+    out = Path(o.output)
+    fresh = o.features is not None or not out.exists()
+    existing: list[dict] = []
+    if not fresh:
+        _check_settings(summary_path, settings, o.output)
+        existing = read_existing(out, fmt, header)
+    elif out.exists() and out.stat().st_size:
+        print(f"{o.output}: replaced — a run with --features starts afresh (features are not resumable)",
+              file=sys.stderr)  # fmt: skip
+    counts = Counts()
+    done = set()
+    for record in existing:
+        counts.add(record)
+        done.add(record["path"])
+    todo = [item for item in items if item.path not in done]
+    if existing:
+        print(f"{o.output}: {len(existing):,} files already done, {len(todo):,} to go", file=sys.stderr)
+    return fresh, counts, todo
 
 
 def _check_settings(summary_path: Path, settings: dict, output: str) -> None:
