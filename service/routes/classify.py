@@ -13,6 +13,9 @@ from .images import Clock, batched, error_responses, request_body, serving_model
 router = APIRouter(tags=["classify"])
 
 
+DEFAULT_TOP_K = 5  # the paper's top-5; a checkpoint with fewer classes answers with all of them
+
+
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
@@ -22,11 +25,17 @@ router = APIRouter(tags=["classify"])
 )
 async def classify(
     request: Request,
-    top_k: int = Query(5, ge=1, description="how many classes to return per image (1..number of classes)"),
+    top_k: int | None = Query(
+        None,
+        ge=1,
+        description="how many classes to return per image: 1..number of classes (more: 422); "
+        "default 5, or every class of a checkpoint with fewer",
+    ),
     crops: Crops = Query("center", description="center: one 224 crop; ten: the paper's 10-patch average"),
 ) -> ClassifyResponse:
     clock = Clock()
     model = serving_model(request)
+    top_k = min(DEFAULT_TOP_K, len(model.classes)) if top_k is None else top_k
     if top_k > len(model.classes):
         raise ProblemError(422, "invalid-parameter", f"top_k: at most {len(model.classes)} (the number of classes)")
     uploads, probabilities = await batched(request, model, Task.probabilities(crops), clock)
