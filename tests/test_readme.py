@@ -42,11 +42,8 @@ def test_the_readme_has_the_examples_this_test_checks():
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("readme") / "service.log"
     service = ServiceProcess(log, "--checkpoint", str(log.with_name("none.safetensors")), "--device", "cpu")
-    try:
-        service.wait_ready()
+    with service:
         yield service
-    finally:
-        assert service.stop() == 0, service.log()
 
 
 @pytest.mark.parametrize("command", CURLS)

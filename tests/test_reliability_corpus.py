@@ -39,11 +39,8 @@ def server(tmp_path_factory):
         "--decode-workers", "2",
         "--reload-interval-s", "0",
     )  # fmt: skip
-    try:
-        service.wait_ready()
+    with service:
         yield service
-    finally:
-        assert service.stop() == 0, service.log()
 
 
 def memory_kib(pid: int) -> dict[str, int]:

@@ -221,11 +221,8 @@ def server(tmp_path_factory):
         "--decode-workers", "1",
         "--reload-interval-s", "0",
     )  # fmt: skip
-    try:
-        service.wait_ready()
+    with service:
         yield service
-    finally:
-        assert service.stop() == 0, service.log()
 
 
 def test_the_fuzzed_schema_is_the_served_one(server):

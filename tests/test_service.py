@@ -50,11 +50,8 @@ def server(checkpoint):
         "--reload-interval-s", "0",
         env={f"ALEXNET_{k.upper()}": str(v) for k, v in LIMITS.items()},  # settings from the environment too
     )  # fmt: skip
-    try:
-        service.wait_ready()
+    with service:  # stopped by SIGTERM on exit: graceful shutdown, exit status 0
         yield service
-    finally:
-        assert service.stop() == 0, service.log()  # SIGTERM: graceful shutdown, exit status 0
 
 
 @pytest.fixture(scope="module")

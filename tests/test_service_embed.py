@@ -59,11 +59,8 @@ def server(checkpoint):
         "--reload-interval-s", "0",
         env={f"ALEXNET_{k.upper()}": str(v) for k, v in LIMITS.items()},
     )  # fmt: skip
-    try:
-        service.wait_ready()
+    with service:
         yield service
-    finally:
-        assert service.stop() == 0, service.log()
 
 
 @pytest.fixture(scope="module")

@@ -61,11 +61,8 @@ def server(checkpoint):
         "--reload-interval-s", "0",
         env={"ALEXNET_EXPLAIN_CONCURRENCY": "1", **{f"ALEXNET_{k.upper()}": str(v) for k, v in LIMITS.items()}},
     )  # fmt: skip
-    try:
-        service.wait_ready()
+    with service:
         yield service
-    finally:
-        assert service.stop() == 0, service.log()
 
 
 @pytest.fixture(scope="module")
@@ -311,11 +308,8 @@ def full_size_server(tmp_path_factory):
         "--decode-workers", "1",
         "--reload-interval-s", "0",
     )  # fmt: skip
-    try:
-        service.wait_ready()
+    with service:
         yield service
-    finally:
-        assert service.stop() == 0, service.log()
 
 
 def test_classify_answers_while_an_explanation_runs(full_size_server, photos):

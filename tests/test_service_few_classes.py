@@ -20,12 +20,8 @@ def client(tmp_path_factory):
     Checkpoint.from_model(AlexNet(3, width=0.0625), classes=classes, provenance={"trained": True}).save(path)
     service = ServiceProcess(directory / "service.log", "--checkpoint", str(path), "--device", "cpu",
                              "--threads", "1", "--decode-workers", "1", "--reload-interval-s", "0")  # fmt: skip
-    try:
-        service.wait_ready()
-        with httpx.Client(base_url=service.url, timeout=60) as c:
-            yield c
-    finally:
-        assert service.stop() == 0, service.log()
+    with service, httpx.Client(base_url=service.url, timeout=60) as c:
+        yield c
 
 
 def test_the_default_top_k_is_every_class_of_a_small_checkpoint(client):

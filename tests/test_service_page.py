@@ -55,11 +55,8 @@ def server(checkpoint):
         "--decode-workers", "1",
         "--reload-interval-s", "0.2",  # the last test swaps in an untrained checkpoint
     )  # fmt: skip
-    try:
-        service.wait_ready()
+    with service:
         yield service
-    finally:
-        assert service.stop() == 0, service.log()
 
 
 @pytest.fixture(scope="module")

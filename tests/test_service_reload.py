@@ -42,11 +42,8 @@ def server(directory):
         "--max-batch", "4",
         env={"ALEXNET_CHECKPOINT": str(directory / "best.safetensors"), "ALEXNET_RELOAD_INTERVAL_S": "0.1"},
     )  # fmt: skip
-    try:
-        service.wait_ready()
+    with service:
         yield service
-    finally:
-        assert service.stop() == 0, service.log()
 
 
 @pytest.fixture(scope="module")

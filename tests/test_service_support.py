@@ -47,6 +47,18 @@ class ServiceProcess:
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=self._log, stderr=subprocess.STDOUT)
 
+    def __enter__(self) -> "ServiceProcess":
+        """``with ServiceProcess(...) as service``: ready on entry; stopped on exit, which must be clean (0)."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self.stop() == 0, self.log()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
