@@ -41,6 +41,18 @@ async def read_uploads(request: Request, *, max_body_bytes: int, max_files: int,
         raise ProblemError(408, "body-timeout", f"the request body did not arrive within {timeout:g} s") from None
 
 
+async def read_body(request: Request, *, max_body_bytes: int, timeout: float) -> bytes:
+    """The whole raw body, whatever its Content-Type, under the same limit and timeout as an upload."""
+    try:
+        async with asyncio.timeout(timeout):
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+                raise _too_large(max_body_bytes)
+            return b"".join([chunk async for chunk in _limited(request, max_body_bytes)])
+    except TimeoutError:
+        raise ProblemError(408, "body-timeout", f"the request body did not arrive within {timeout:g} s") from None
+
+
 async def _read_uploads(request: Request, *, max_body_bytes: int, max_files: int) -> list[Upload]:
     content_type, params = parse_options_header(request.headers.get("content-type"))
     content_type = content_type.decode("latin-1")
