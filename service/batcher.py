@@ -50,7 +50,7 @@ class InferenceFailed(RuntimeError):
 @dataclass(eq=False)
 class _Job:
     model: LoadedModel
-    images: list[torch.Tensor]  # n uint8 [3, S, S]
+    images: list[torch.Tensor]  # n uint8 [3, S, S] (a preprocessed task: n float32 [3, crop, crop])
     task: Task
     future: asyncio.Future
     rows: int

@@ -83,16 +83,24 @@ LOGITS = "fc8"  # the layer a classifying forward pass stops at
 class Task:
     """What one request wants from the forward pass: where it stops (``fc8``: the logits, turned into
     softmax probabilities; ``fc6``/``fc7``: that layer's activations after the ReLU), over which crops, and
-    whether features are scaled to unit L2 norm. Build one with ``Task.probabilities`` or ``Task.features``."""
+    whether features are scaled to unit L2 norm. Build one with ``Task.probabilities``, ``Task.features`` or
+    ``Task.probabilities_of_inputs``. ``preprocessed``: the request's tensors are network inputs already
+    (float32 [3, crop, crop], normalised as ``Preprocessor.from_uint8`` does), not uint8 images."""
 
     layer: str = LOGITS
     crops: Crops = "center"
     normalize: bool = False
+    preprocessed: bool = False
 
     @classmethod
     def probabilities(cls, crops: Crops = "center") -> Task:
         """/classify: softmax probabilities [n, classes]; ten crops are averaged after the softmax."""
         return cls(LOGITS, crops)
+
+    @classmethod
+    def probabilities_of_inputs(cls) -> Task:
+        """/v2 FP32 tensors: softmax probabilities [n, classes] of n network inputs the client preprocessed."""
+        return cls(LOGITS, "center", preprocessed=True)
 
     @classmethod
     def features(cls, layer: FeatureLayer = "fc7", normalize: bool = False) -> Task:
@@ -219,8 +227,9 @@ class LoadedModel:
 
     @torch.inference_mode()
     def run(self, requests: list[list[torch.Tensor]], tasks: list[Task], max_batch: int) -> list[torch.Tensor]:
-        """What each request's task asks for its n uint8 images [3, S, S]: probabilities [n, classes] or
-        features [n, units] (float32, on the CPU).
+        """What each request's task asks for its n uint8 images [3, S, S] (or, for a ``preprocessed`` task, n
+        float32 network inputs [3, crop, crop]): probabilities [n, classes] or features [n, units] (float32,
+        on the CPU).
 
         Requests are grouped by the layer they stop at (one forward pass per layer present, in chunks of at
         most ``max_batch`` rows). Ten-crop requests contribute 10 rows per image, averaged after the softmax
@@ -240,17 +249,7 @@ class LoadedModel:
         self, layer: str, requests: list[list[torch.Tensor]], tasks: list[Task], max_batch: int
     ) -> list[torch.Tensor]:
         counts = [len(images) for images in requests]
-        images = torch.stack([image for request in requests for image in request])
-        images = images.to(self.input_device, non_blocking=True)
-        if all(task.crops == "center" for task in tasks):
-            x = self.preprocessor.from_uint8(images, "center")
-        else:
-            parts, start = [], 0
-            for n, task in zip(counts, tasks):
-                part = self.preprocessor.from_uint8(images[start : start + n], task.crops)
-                parts.append(part.flatten(0, 1) if task.crops == "ten" else part)
-                start += n
-            x = torch.cat(parts)
+        x = self._inputs(requests, tasks)
         if layer == LOGITS:
             outputs = torch.cat([self.net(chunk).float().softmax(dim=1) for chunk in x.split(max_batch)]).cpu()
         else:
@@ -266,6 +265,22 @@ class LoadedModel:
             out.append(y)
             start += rows
         return out
+
+    def _inputs(self, requests: list[list[torch.Tensor]], tasks: list[Task]) -> torch.Tensor:
+        """The batch's network inputs, request after request (ten-crop images: 10 rows each)."""
+        if all(task.crops == "center" and not task.preprocessed for task in tasks):  # the usual batch: one pass
+            images = torch.stack([image for request in requests for image in request])
+            return self.preprocessor.from_uint8(images.to(self.input_device, non_blocking=True), "center")
+        parts = []
+        for images, task in zip(requests, tasks):
+            # uint8 [3, S, S] images and preprocessed [3, crop, crop] tensors cannot share one stack
+            batch = torch.stack(images).to(self.input_device, non_blocking=True)
+            if task.preprocessed:
+                parts.append(batch)
+            else:
+                part = self.preprocessor.from_uint8(batch, task.crops)
+                parts.append(part.flatten(0, 1) if task.crops == "ten" else part)
+        return torch.cat(parts)
 
     def explain(self, image: torch.Tensor, class_index: int | None = None) -> Explanation:
         """Grad-CAM of the centre crop of one uint8 image [3, S, S], for ``class_index`` (default: the top
