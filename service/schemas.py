@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 Crops = Literal["center", "ten"]
@@ -170,3 +170,87 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: Literal["ready"] = "ready"
     model: ModelIdentity
+
+
+# The Open Inference Protocol (KServe v2 / Triton HTTP/REST) under /v2 -------------------------------------
+# Field names and shapes are the protocol's; "parameters" values are strings, numbers or booleans.
+
+ProtocolParameters = dict[str, str | int | float | bool]
+
+
+class ProtocolError(BaseModel):
+    """Every failure under /v2 has this body (the protocol's error object), media type application/json."""
+
+    error: str = Field(description="what was wrong, in words")
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str] = Field(description="classification, binary_tensor_data")
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str = Field(description="BYTES, FP32, …")
+    shape: list[int] = Field(description="-1: any size (the batch dimension)")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata] = Field(description="alternatives: a request sends exactly one of them")
+    outputs: list[TensorMetadata]
+    parameters: ProtocolParameters = Field(
+        description="not in the protocol (clients ignore it): how an FP32 'input' must be preprocessed"
+    )
+
+
+class _Strict(BaseModel):
+    # The JSON as the protocol writes it: no "3" for 3, no 1.0 for a shape's 1.
+    model_config = ConfigDict(strict=True)
+
+
+class RequestInput(_Strict):
+    name: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    datatype: str
+    parameters: ProtocolParameters | None = Field(
+        None, description="binary_data_size: the tensor's bytes follow the JSON (binary tensor data extension)"
+    )
+    data: list[Any] | None = Field(
+        None, description="the elements, flat or nested, row-major (BYTES: one UTF-8 string each)"
+    )
+
+
+class RequestOutput(_Strict):
+    name: str
+    parameters: ProtocolParameters | None = Field(
+        None, description="binary_data: true (raw bytes after the JSON); classification: k (top-k strings)"
+    )
+
+
+class InferenceRequest(_Strict):
+    id: str | None = Field(None, description="echoed in the response")
+    parameters: ProtocolParameters | None = Field(
+        None, description="binary_data_output: true (every output as raw bytes, unless it says otherwise)"
+    )
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = Field(None, description="none: every output (probabilities)")
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: ProtocolParameters | None = None
+    data: list[float] | list[str] | None = Field(None, description="absent when sent as binary data")
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: ProtocolParameters | None = None
+    outputs: list[ResponseOutput]

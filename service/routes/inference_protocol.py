@@ -1,0 +1,306 @@
+"""The Open Inference Protocol (KServe v2 / Triton HTTP/REST) under /v2, beside /classify: health, server and
+model metadata, and inference through the same limits, decoding, queue and batcher as /classify.
+
+Every failure under /v2 answers the protocol's ``{"error": "…"}`` (application/json) with the status
+/classify gives the same cause, not problem+json: the routes' own class converts the errors raised in them,
+and a last route answers the paths under /v2 that no route has (404, or 405 with Allow for a wrong method).
+The body framing and the tensors are ``service.inference_protocol``'s business."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import APIRouter, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+import model as model_package
+
+from .. import inference_protocol as protocol
+from ..batcher import InferenceFailed, QueueFull
+from ..engine import Task
+from ..problems import ProblemError
+from ..schemas import (
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    ProtocolError,
+    ServerMetadata,
+    TensorMetadata,
+)
+from ..uploads import Upload, read_body
+from .images import serving_model
+
+log = logging.getLogger("service")
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class ProtocolRoute(APIRoute):
+    """A route whose errors answer ``{"error": …}``: the app's handlers (service/problems.py) would make them
+    problem+json, which /v2 clients (tritonclient reads ``error``) do not understand."""
+
+    def get_route_handler(self):
+        handle = super().get_route_handler()
+
+        async def handle_protocol_errors(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except ProblemError as e:
+                return error_response(e.status, e.detail, e.headers)
+            except RequestValidationError as e:  # only the Inference-Header-Content-Length header is validated
+                return error_response(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+            except StarletteHTTPException as e:
+                detail = e.detail if isinstance(e.detail, str) else HTTPStatus(e.status_code).phrase
+                return error_response(e.status_code, detail, getattr(e, "headers", None))
+            except Exception as e:  # a bug: logged, and still a well-formed protocol answer
+                log.exception("unhandled error while serving %s %s", request.method, request.url.path)
+                return error_response(500, f"internal error ({type(e).__name__}); it has been logged")
+
+        return handle_protocol_errors
+
+
+router = APIRouter(tags=["inference protocol (v2)"], route_class=ProtocolRoute)
+
+NO_BODY = {"description": "yes (empty body)", "content": {}}
+
+
+def errors(**texts: str) -> dict:
+    """OpenAPI ``responses`` for these errors (``e404="…"``), each a protocol error body."""
+    return {int(k[1:]): {"model": ProtocolError, "description": text} for k, text in texts.items()}
+
+
+NOT_READY = "not ready: starting, shutting down, or the batching worker stopped (Retry-After)"
+UNKNOWN_MODEL = f"no such model or version (the one model is {protocol.MODEL_NAME!r}, version {protocol.MODEL_VERSION})"
+INFER_ERRORS = errors(
+    e400=f"not JSON, not an inference request, or {protocol.HEADER_LENGTH} / binary_data_size that do not fit the body",
+    e404=UNKNOWN_MODEL,
+    e408="the body did not arrive within the body timeout",
+    e413="body too large, more images than ALEXNET_MAX_FILES, or an image with too many pixels",
+    e415="an element that is not an image format we read, or a Content-Encoding (compression) we do not",
+    e422="corrupt, truncated or empty image; an unknown input or output, a wrong datatype, shape or data count",
+    e503="queue full (see Retry-After), or " + NOT_READY,
+)
+
+
+def check_model(model_name: str, model_version: str | None = None) -> None:
+    if model_name != protocol.MODEL_NAME:
+        raise ProblemError(404, None, f"unknown model {model_name[:100]!r}: this server serves {protocol.MODEL_NAME!r}")
+    if model_version is not None and model_version != protocol.MODEL_VERSION:
+        raise ProblemError(
+            404,
+            None,
+            f"{protocol.MODEL_NAME!r} has no version {model_version[:100]!r}, only {protocol.MODEL_VERSION!r}",
+        )
+
+
+# Health and metadata --------------------------------------------------------------------------------------
+
+
+@router.get("/v2", response_model=ServerMetadata, summary="Server metadata (Open Inference Protocol)")
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="alexnet-api", version=model_package.__version__, extensions=list(protocol.EXTENSIONS))
+
+
+@router.get("/v2/health/live", response_class=Response, summary="The server is live", responses={200: NO_BODY})
+async def server_live() -> Response:
+    return Response(status_code=200)
+
+
+@router.get(
+    "/v2/health/ready",
+    response_class=Response,
+    summary="The server is ready (as /readyz)",
+    responses={200: NO_BODY, **errors(e503=NOT_READY)},
+)
+async def server_ready(request: Request) -> Response:
+    serving_model(request)
+    return Response(status_code=200)
+
+
+async def _model_ready(request: Request, model_name: str, model_version: str | None) -> Response:
+    check_model(model_name, model_version)
+    serving_model(request)
+    return Response(status_code=200)
+
+
+READY = {"response_class": Response, "responses": {200: NO_BODY, **errors(e404=UNKNOWN_MODEL, e503=NOT_READY)}}
+
+
+@router.get("/v2/models/{model_name}/ready", summary="The model is ready", **READY)
+async def model_ready(request: Request, model_name: str) -> Response:
+    return await _model_ready(request, model_name, None)
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}/ready", summary="This model version is ready", **READY)
+async def model_version_ready(request: Request, model_name: str, model_version: str) -> Response:
+    return await _model_ready(request, model_name, model_version)
+
+
+def _model_metadata(request: Request, model_name: str, model_version: str | None) -> ModelMetadata:
+    check_model(model_name, model_version)
+    loaded = request.app.state.service.model
+    if loaded is None:
+        raise ProblemError(503, None, "no model is loaded yet", {"Retry-After": "1"})
+    preprocessing = loaded.preprocessor.config
+    crop = preprocessing.crop
+    return ModelMetadata(
+        name=protocol.MODEL_NAME,
+        versions=[protocol.MODEL_VERSION],
+        platform=protocol.PLATFORM,
+        inputs=[
+            TensorMetadata(name=protocol.IMAGE_INPUT, datatype="BYTES", shape=[-1]),
+            TensorMetadata(name=protocol.TENSOR_INPUT, datatype="FP32", shape=[-1, 3, crop, crop]),
+        ],
+        outputs=[TensorMetadata(name=protocol.OUTPUT, datatype="FP32", shape=[-1, len(loaded.classes)])],
+        parameters=protocol.input_description(preprocessing),
+    )
+
+
+METADATA = {"response_model": ModelMetadata, "responses": errors(e404=UNKNOWN_MODEL, e503="no model loaded yet")}
+
+
+@router.get("/v2/models/{model_name}", summary="Model metadata: inputs, outputs", **METADATA)
+async def model_metadata(request: Request, model_name: str) -> ModelMetadata:
+    return _model_metadata(request, model_name, None)
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}", summary="Model version metadata", **METADATA)
+async def model_version_metadata(request: Request, model_name: str, model_version: str) -> ModelMetadata:
+    return _model_metadata(request, model_name, model_version)
+
+
+# Inference ------------------------------------------------------------------------------------------------
+
+
+def _inline(schema: dict) -> dict:
+    """A pydantic JSON schema with its ``$defs`` written in place: the body is read by hand, so FastAPI does not
+    put the request's models into the OpenAPI components, where ``$ref``s would have to point."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+
+INFER = {
+    "response_class": Response,
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "description": f"the JSON inference request, followed by binary tensor data when {protocol.HEADER_LENGTH} "
+            "says where the JSON ends",
+            "content": {
+                "application/json": {"schema": _inline(InferenceRequest.model_json_schema())},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+    "responses": {
+        200: {
+            "description": "the outputs: JSON, or (some output with binary_data) the JSON response followed by the "
+            f"binary tensor data, {protocol.HEADER_LENGTH} giving the JSON's length",
+            "model": InferenceResponse,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **INFER_ERRORS,
+    },
+}
+HEADER = Header(
+    None, alias=protocol.HEADER_LENGTH, ge=0, description="the length of the JSON when binary tensor data follow it"
+)
+
+
+@router.post("/v2/models/{model_name}/infer", summary="Classify images (Open Inference Protocol)", **INFER)
+async def infer(request: Request, model_name: str, header_length: int | None = HEADER) -> Response:
+    return await _infer(request, model_name, None, header_length)
+
+
+@router.post("/v2/models/{model_name}/versions/{model_version}/infer", summary="Classify, this version", **INFER)
+async def infer_version(
+    request: Request, model_name: str, model_version: str, header_length: int | None = HEADER
+) -> Response:
+    return await _infer(request, model_name, model_version, header_length)
+
+
+async def _infer(request: Request, model_name: str, model_version: str | None, header_length: int | None) -> Response:
+    check_model(model_name, model_version)
+    model = serving_model(request)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ProblemError(415, None, f"Content-Encoding {encoding[:40]!r}: send the body uncompressed")
+    state = request.app.state.service
+    settings = state.settings
+    try:
+        # Admitted before the body is read, as /classify (routes/images.py, batched): at most queue_size bodies.
+        with state.batcher.admission():
+            body = await read_body(request, max_body_bytes=settings.max_body_bytes, timeout=settings.body_timeout_s)
+            header, binary = protocol.split_body(body, header_length)
+            parsed = protocol.parse_request(header)
+            outputs = protocol.requested_outputs(parsed)
+            inputs = protocol.read_inputs(
+                parsed,
+                protocol.binary_parts(parsed, binary),
+                crop=model.preprocessor.config.crop,
+                max_elements=settings.max_files,
+            )
+            if inputs.images is not None:
+                images = await state.decode(model, [Upload(None, data) for data in inputs.images])
+                task = Task.probabilities("center")
+            else:
+                images, task = list(inputs.tensor.unbind(0)), Task.probabilities_of_inputs()
+            probabilities = await state.batcher.infer(model, images, task)
+    except QueueFull as e:
+        raise ProblemError(
+            503, "queue-full", "the server is at capacity; retry later", {"Retry-After": str(e.retry_after)}
+        ) from None
+    except InferenceFailed as e:
+        raise ProblemError(503, "inference-failed", str(e), {"Retry-After": "1"}) from None
+    if not bool(probabilities.isfinite().all()):  # NaN or infinite values in an FP32 input
+        raise ProblemError(422, None, "the input gives non-finite probabilities: is every value a finite number?")
+
+    state.metrics.images.inc("center", amount=len(inputs))
+    content, json_length = protocol.encode_response(parsed, outputs, probabilities, model.classes)
+    if json_length is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type="application/octet-stream", headers={protocol.HEADER_LENGTH: str(json_length)})
+
+
+# Anything else under /v2 ----------------------------------------------------------------------------------
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+@router.api_route("/v2/{path:path}", methods=METHODS, include_in_schema=False)
+async def elsewhere(request: Request, path: str) -> Response:
+    """A path under /v2 no route above serves: 405 (with Allow) if one serves it with another method, else 404.
+    For a 405 the request is counted under that route's template, as the app counts other 405s."""
+    allowed, matched = set(), None
+    for route in router.routes:  # this module's routes: all of /v2
+        if isinstance(route, APIRoute) and route.endpoint is not elsewhere:
+            match, _ = route.matches(request.scope)
+            if match is Match.PARTIAL:
+                allowed |= route.methods
+                matched = matched or route
+    if matched is None:
+        raise ProblemError(404, None, f"no endpoint {request.url.path[:200]!r} in the Open Inference Protocol")
+    request.scope["route"] = matched  # the metrics' route label (service/logs.py reads it from the scope)
+    raise ProblemError(
+        405,
+        None,
+        f"{request.method} is not allowed here: {', '.join(sorted(allowed))}",
+        {"Allow": ", ".join(sorted(allowed))},
+    )
