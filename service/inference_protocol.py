@@ -195,6 +195,10 @@ def _tensor(tensor: RequestInput, binary: bytes | None, crop: int, max_elements:
             raise bad_tensor(
                 f"input {TENSOR_INPUT!r}: shape {tensor.shape} is {count} numbers, the data has {values.numel()}"
             )
+    # NaN would not reach the answer (oneDNN's ReLU turns it into 0): refused rather than silently classified.
+    # numpy's check, not torch's, on the event loop: a torch op this size would wake its OpenMP threads.
+    if not np.isfinite(values.numpy()).all():
+        raise bad_tensor(f"input {TENSOR_INPUT!r}: NaN or infinite values")
     return values.view(n, 3, crop, crop)
 
 
