@@ -33,7 +33,7 @@ import torch
 
 from .atomic import atomic_path
 from .classes import ImageClass, imagenet_classes
-from .network import AlexNet, AlexNetConfig, GroupedAlexNet, check_grouped_shapes
+from .network import AlexNet, AlexNetConfig, GroupedAlexNet
 from .preprocessing import IMAGENET_RGB_MEAN, Preprocessing, Preprocessor
 
 FORMAT_NAME = "alexnet-checkpoint"
@@ -82,7 +82,7 @@ class Checkpoint:
 
     def build(self, devices=None) -> AlexNet:
         """The two-tower net with these weights, towers on ``devices`` (default: both on CPU)."""
-        net = AlexNet.from_config(self.config)
+        net = AlexNet(self.config)
         net.load_grouped_state_dict(self.state_dict)
         return net.place(devices) if devices is not None else net
 
@@ -143,6 +143,23 @@ class Checkpoint:
             self.preprocessor()
         except ValueError as e:
             raise CheckpointError(path, str(e)) from None
+
+
+def check_grouped_shapes(state: dict[str, torch.Tensor], config: AlexNetConfig, source: str = "weights") -> None:
+    """Raise ValueError naming every missing or mis-shaped tensor of the grouped layout."""
+    expected = config.grouped_shapes()
+    problems = [f"missing {k} (expected shape {list(s)})" for k, s in expected.items() if k not in state]
+    problems += [
+        f"{k} has shape {list(state[k].shape)}, expected {list(s)}"
+        for k, s in expected.items()
+        if k in state and tuple(state[k].shape) != s
+    ]
+    if problems:
+        raise ValueError(f"{source} do not fit {describe(config)}: " + "; ".join(problems))
+
+
+def describe(config: AlexNetConfig) -> str:
+    return f"AlexNet(num_classes={config.num_classes}, width={config.width})"
 
 
 def save_safetensors(tensors: dict, path, metadata: dict[str, str], *, destination=None) -> None:

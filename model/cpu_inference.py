@@ -3,22 +3,23 @@
     fast = CPUInferenceNet(net)   # net: AlexNet or GroupedAlexNet; a frozen copy of its weights
     logits = fast(images)         # NCHW float32 images, exactly what AlexNet takes
 
-What it changes, each measured with bench/model_throughput.py on a 2-core AVX2 machine:
+It walks network.LAYERS as the reference nets do; what it changes, and why (BENCHMARKS.md, "What
+CPUInferenceNet changes" and "What Winograd bought", has the measurements, from bench/model_throughput.py
+and bench/cpu_layers.py):
 - Activations stay channels-last (NHWC) from conv1 to pool5. oneDNN's convolutions run their fastest
   kernels on NHWC, and PyTorch's NHWC max-pool is vectorised across channels while its NCHW one is
-  scalar code; no layout copies are left between layers.
-- LRN works on rows of one tower's channels (in NHWC a pixel's channels are contiguous), and conv1 to
-  pool2 run over a few images at a time, so that LRN's elementwise passes hit the cache instead of main
-  memory.
-- fc6, fc7 and fc8 use oneDNN's inner product on weights kept in oneDNN's own layout, well ahead of the
-  general matmul for a batch of a few dozen rows (1.5-1.8× for fc6 at batch 32 here).
+  scalar code; no layout copies are left between layers (the reference nets pool NCHW).
+- LRN works on rows of one tower's channels (in NHWC a pixel's channels are contiguous), and the layers
+  through the last LRN run over a few images at a time, so that LRN's elementwise passes hit the cache
+  instead of main memory.
+- The fully connected layers use oneDNN's inner product on weights kept in oneDNN's own layout, ahead of
+  the general matmul for a batch of a few dozen rows.
 - Each convolution and its ReLU are one oneDNN call, on weights reordered into oneDNN's layout once
-  (ConvReLU): +12 % at batch 1, +4 % at batch 8.
+  (ConvReLU), instead of a reorder on every call.
 - conv2 and conv3 use Winograd's minimal filtering (winograd.py), which does 5.8× (conv2, 5×5 on 27×27
   maps) and 2.6× (conv3, 3×3 on 13×13, where 4×4 tiles overhang the maps) fewer multiply-adds than the
-  direct convolution for the price of memory passes over the transformed tiles: +8-13 % for the whole net
-  at batch 8 and 32. conv4 and conv5 (grouped, 192 input channels per group) gained nothing from it, so
-  they stay direct.
+  direct convolution, for the price of memory passes over the transformed tiles. conv4 and conv5
+  (grouped, 192 input channels per group) gained nothing from it, so they stay direct.
 - Building one calls malloc.keep_freed_memory(): the process then reuses the pages its last forward pass
   freed instead of faulting fresh ones in (see malloc.py).
 Training does not use this path: it keeps network.py's modules and their autograd. Tests check that both
@@ -33,13 +34,14 @@ from torch import nn
 
 from .lrn import LRNConfig, lrn_inference
 from .malloc import keep_freed_memory
-from .network import CONV1_PADDING, AlexNet, AlexNetConfig, GroupedAlexNet, check_feature_layer
+from .network import LAYERS, POOL_SIZE, POOL_STRIDE, AlexNet, AlexNetConfig, GroupedAlexNet, check_feature_layer, pad_image
 from .winograd import WinogradConvReLU
 
 CHANNELS_LAST = torch.channels_last
-CONV_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5")
-FC_NAMES = ("fc6", "fc7", "fc8")
 CHUNK = 8  # images per pass through conv1..pool2: their LRN buffers then stay in a 32 MiB L3 cache
+# The layers run CHUNK images at a time: those through the last one followed by LRN (conv1, conv2).
+CHUNKED = LAYERS[: 1 + max(i for i, layer in enumerate(LAYERS) if "lrn" in layer.after)]
+FULL_BATCH = 32  # the batch the other convolutions' weight layouts are chosen for
 # Layers computed by Winograd's F(tile×tile, r×r): (output tile, interpolation points besides ∞). The
 # points are the usual small ones; for conv3, 0, ±1, 1/2, -2 gave half the rounding error of 0, ±1, ±2.
 WINOGRAD = {"conv2": (4, (0, 1, -1, 2, -2, 0.5, -0.5)), "conv3": (4, (0, 1, -1, 0.5, -2))}
@@ -99,41 +101,41 @@ class CPUInferenceNet(nn.Module):
         grouped = net.to_grouped() if isinstance(net, AlexNet) else net
         self.config: AlexNetConfig = grouped.config
         self.chunk = chunk
-        self.conv1_padding = CONV1_PADDING[self.config.conv1_padding]
         self.lrn = NHWCLocalResponseNorm(self.config.lrn, groups=1 if self.config.lrn_across_towers else 2)
-        size = self.config.input_size + sum(self.conv1_padding[:2])
-        c1, c2, c3, c4, _, _, _ = self.config.channels
-        input_sizes = {  # what each convolution reads; oneDNN picks its weight layout for this shape
-            "conv1": [chunk or 1, 3, size, size], "conv2": [chunk or 1, c1, 27, 27],
-            "conv3": [32, c2, 13, 13], "conv4": [32, c3, 13, 13], "conv5": [32, c4, 13, 13],
-        }
-        for name in CONV_NAMES:
-            conv = getattr(grouped, name)
-            if winograd and name in WINOGRAD:
-                setattr(self, name, WinogradConvReLU(conv, *WINOGRAD[name]))
+        for name, shape in self.config.layer_shapes().items():
+            layer, module = shape.layer, getattr(grouped, name)
+            if layer.is_conv:
+                if layer.after[:1] != ("relu",):
+                    raise ValueError(f"{name}: ConvReLU fuses a ReLU, but the table has {layer.after} after it")
+                if winograd and name in WINOGRAD:
+                    setattr(self, name, WinogradConvReLU(module, *WINOGRAD[name]))
+                else:  # oneDNN picks its weight layout for the shape the convolution reads
+                    batch = (chunk or 1) if layer in CHUNKED else FULL_BATCH
+                    size = [batch, shape.inputs, shape.input_size, shape.input_size]
+                    setattr(self, name, ConvReLU(module, size, fused))
             else:
-                setattr(self, name, ConvReLU(conv, input_sizes[name], fused))
-        with torch.no_grad():
-            for name in FC_NAMES:
-                fc = getattr(grouped, name)
-                self.register_buffer(f"{name}_weight", fc.weight.detach().cpu().to_mkldnn(), persistent=False)
-                self.register_buffer(f"{name}_bias", fc.bias.detach().cpu().to_mkldnn(), persistent=False)
+                with torch.no_grad():
+                    weight, bias = module.weight.detach().cpu(), module.bias.detach().cpu()
+                    self.register_buffer(f"{name}_weight", weight.to_mkldnn(), persistent=False)
+                    self.register_buffer(f"{name}_bias", bias.to_mkldnn(), persistent=False)
         self.eval()
 
-    def _padded_nhwc(self, images: torch.Tensor) -> torch.Tensor:
-        """The zero-padded conv1 input, channels-last, in one copy."""
-        left, right, top, bottom = self.conv1_padding
-        n, c, h, w = images.shape
-        out = torch.empty((n, c, top + h + bottom, left + w + right), memory_format=CHANNELS_LAST)
-        out[:, :, top : top + h, left : left + w] = images
-        if any(self.conv1_padding):
-            out[:, :, :top].zero_(), out[:, :, top + h :].zero_()
-            out[:, :, :, :left].zero_(), out[:, :, :, left + w :].zero_()
-        return out
-
-    def _conv1_to_pool2(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(self.lrn(self.conv1(self._padded_nhwc(images))), kernel_size=3, stride=2)
-        return F.max_pool2d(self.lrn(self.conv2(x)), kernel_size=3, stride=2)
+    def _through(self, layers, x: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            if layer.reads == "image":  # the zero-padded input, channels-last, in one copy
+                x = getattr(self, layer.name)(pad_image(x, self.config, CHANNELS_LAST))
+            elif layer.is_conv:
+                x = getattr(self, layer.name)(x)  # with its ReLU
+            else:
+                x = self._fc(layer.name, x.contiguous().flatten(1))  # pool5 in NCHW order, as fc6's weights expect
+                if "relu" in layer.after:
+                    x = F.relu_(x)
+            for op in layer.after:
+                if op == "lrn":
+                    x = self.lrn(x)
+                elif op == "pool":  # on NHWC maps: PyTorch's vectorised max-pool
+                    x = F.max_pool2d(x, kernel_size=POOL_SIZE, stride=POOL_STRIDE)
+        return x  # (the ReLU is done above; dropout is the identity at inference)
 
     def _fc(self, name: str, x: torch.Tensor) -> torch.Tensor:
         weight, bias = getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
@@ -151,13 +153,6 @@ class CPUInferenceNet(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape [N, 3, H, W], got {list(images.shape)}")
         images = images.float()
-        x = torch.cat([self._conv1_to_pool2(part) for part in images.split(self.chunk or len(images))])
-        x = F.max_pool2d(self.conv5(self.conv4(self.conv3(x))), kernel_size=3, stride=2)  # each with its ReLU
-        x = x.contiguous().flatten(1)  # NCHW order, which fc6's weights expect
-        x = F.relu_(self._fc("fc6", x))
-        if last == "fc6":
-            return x
-        x = F.relu_(self._fc("fc7", x))
-        if last == "fc7":
-            return x
-        return self._fc("fc8", x)
+        x = torch.cat([self._through(CHUNKED, part) for part in images.split(self.chunk or len(images))])
+        rest = LAYERS[len(CHUNKED) : 1 + [layer.name for layer in LAYERS].index(last)]
+        return self._through(rest, x)

@@ -45,11 +45,11 @@ from urllib.parse import unquote, urlsplit
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, check_grouped_shapes, load_checkpoint
 from .classes import ImageClass, imagenet_classes, parse_synset_words
 from .download import ChecksumMismatch, Digests, DownloadError, download, is_url, read_file
 from .lrn import CAFFE_LRN, LRNConfig
-from .network import LAYER_NAMES, AlexNetConfig, check_grouped_shapes
+from .network import LAYER_NAMES, AlexNetConfig
 from .preprocessing import Preprocessing
 from .protobuf_wire import I64, LEN, VARINT, Message, WireError
 

@@ -19,7 +19,7 @@ carries the casts through the backward pass, which therefore also runs in float3
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -43,13 +43,7 @@ class LRNConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LRNConfig":
-        return cls(
-            size=int(d["size"]),
-            alpha=float(d["alpha"]),
-            beta=float(d["beta"]),
-            k=float(d["k"]),
-            alpha_over_size=bool(d["alpha_over_size"]),
-        )
+        return cls(**{f.name: type(f.default)(d[f.name]) for f in fields(cls)})
 
 
 PAPER_LRN = LRNConfig()

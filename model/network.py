@@ -1,16 +1,9 @@
 """The 2012 network, as two towers (one per GPU) or as one grouped net (Caffe's / ONNX's layout).
 
-Layer table (Krizhevsky et al. 2012, Fig. 2; per tower = half of each layer):
-
-    layer  kernels (per tower)  kernel     stride/pad  reads  after it
-    conv1  96  (48)             11×11×3    4 / see CONV1_PADDING   image  ReLU, LRN, max-pool 3/2
-    conv2  256 (128)            5×5×48     1 / 2       own    ReLU, LRN, max-pool 3/2
-    conv3  384 (192)            3×3×256    1 / 1       both   ReLU
-    conv4  384 (192)            3×3×192    1 / 1       own    ReLU
-    conv5  256 (128)            3×3×192    1 / 1       own    ReLU, max-pool 3/2
-    fc6    4096 (2048)          9216 →                 both   ReLU, dropout 0.5
-    fc7    4096 (2048)          4096 →                 both   ReLU, dropout 0.5
-    fc8    1000 (500)           4096 →                 both   (logits; softmax is in the loss)
+``LAYERS`` below is the paper's Fig. 2 as a table, and the only place the architecture is written down:
+``Tower``, ``GroupedAlexNet`` (and so ``CPUInferenceNet``), the parameter shapes, the spatial sizes and
+the parameter count are all derived from it and from an ``AlexNetConfig`` (width, classes, conv1 padding,
+LRN, dropout).
 
 conv1 padding: 224 does not divide for an 11×11 stride-4 kernel. The default, "overhang", is what the
 paper's own code (cuda-convnet) did: 1 + ceil((224 - 11) / 4) = 55 outputs, the last window reaching 3
@@ -26,7 +19,8 @@ net honour it, so they stay the same function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +28,84 @@ from torch import nn
 
 from .lrn import PAPER_LRN, LocalResponseNorm, LRNConfig
 
+
+@dataclass(frozen=True)
+class Layer:
+    """One row of the layer table. ``kernels`` counts both towers (None: as many as there are classes);
+    ``size`` is the kernel's side (None: a fully connected layer). ``reads``: "image"; "own", this tower's
+    maps of the layer below only (a groups=2 convolution in the grouped net); "both", both towers' maps
+    (where activations cross GPUs). ``after``: what follows the layer, in order."""
+
+    name: str
+    kernels: int | None
+    size: int | None
+    stride: int
+    padding: int
+    reads: str
+    after: tuple[str, ...]
+
+    @property
+    def is_conv(self) -> bool:
+        return self.size is not None
+
+    @property
+    def groups(self) -> int:
+        """Groups of the layer in the grouped single-device net."""
+        return 2 if self.reads == "own" else 1
+
+
+# Krizhevsky et al. 2012, Fig. 2. conv1's padding depends on the crop: see CONV1_PADDING.
+LAYERS = (
+    #     name     kernels  size  stride  pad  reads    after it
+    Layer("conv1",    96,    11,    4,     0,  "image", ("relu", "lrn", "pool")),
+    Layer("conv2",   256,     5,    1,     2,  "own",   ("relu", "lrn", "pool")),
+    Layer("conv3",   384,     3,    1,     1,  "both",  ("relu",)),
+    Layer("conv4",   384,     3,    1,     1,  "own",   ("relu",)),
+    Layer("conv5",   256,     3,    1,     1,  "own",   ("relu", "pool")),
+    Layer("fc6",    4096,  None,    1,     0,  "both",  ("relu", "dropout")),
+    Layer("fc7",    4096,  None,    1,     0,  "both",  ("relu", "dropout")),
+    Layer("fc8",    None,  None,    1,     0,  "both",  ()),  # logits; softmax is in the loss
+)  # fmt: skip
+POOL_SIZE, POOL_STRIDE = 3, 2  # overlapping max-pooling (paper §3.4)
+
 # (left, right, top, bottom) zero padding of the image before conv1, and the crop size it expects.
 CONV1_PADDING = {"overhang": (0, 3, 0, 3), "symmetric": (2, 2, 2, 2), "none": (0, 0, 0, 0)}
 CONV1_INPUT_SIZE = {"overhang": 224, "symmetric": 224, "none": 227}
 
-PAPER_CHANNELS = (96, 256, 384, 384, 256, 4096, 4096)  # conv1..conv5, fc6, fc7
-LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+LAYER_NAMES = tuple(layer.name for layer in LAYERS)
+LAYERS_BY_NAME = {layer.name: layer for layer in LAYERS}
+PAPER_CHANNELS = tuple(layer.kernels for layer in LAYERS if layer.kernels is not None)  # conv1..fc7
+# The net as one sequence of steps: (layer, "layer") for the layer itself, then (layer, op) for each op after it.
+STEPS = tuple((layer, op) for layer in LAYERS for op in ("layer", *layer.after))
 # Layers whose bias starts at 1 (paper §5: "to give the ReLUs positive inputs early"); the rest at 0.
 BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
 INIT_STD = 0.01
+FEATURE_LAYERS = ("fc6", "fc7")  # the hidden layers whose activations ``features`` returns
+# Fields a checkpoint's "architecture" may lack (added after the first checkpoints): their defaults apply.
+OPTIONAL_IN_FILES = ("dropout", "lrn_across_towers")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One layer as built: what it reads and writes (channels or features) and the side of its input."""
+
+    layer: Layer
+    inputs: int
+    outputs: int
+    groups: int
+    input_size: int  # side of the maps it reads (conv1: after padding); 1 for fully connected layers
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.layer.is_conv:
+            return (self.outputs, self.inputs // self.groups, self.layer.size, self.layer.size)
+        return (self.outputs, self.inputs)
+
+    def module(self) -> nn.Module:
+        layer = self.layer
+        if layer.is_conv:
+            return nn.Conv2d(self.inputs, self.outputs, layer.size, layer.stride, layer.padding, groups=self.groups)
+        return nn.Linear(self.inputs, self.outputs)
 
 
 @dataclass(frozen=True)
@@ -71,46 +134,57 @@ class AlexNetConfig:
     def input_size(self) -> int:
         return CONV1_INPUT_SIZE[self.conv1_padding]
 
-    def to_dict(self) -> dict:
-        return {
-            "num_classes": self.num_classes,
-            "width": self.width,
-            "conv1_padding": self.conv1_padding,
-            "lrn": self.lrn.to_dict(),
-            "dropout": self.dropout,
-            "lrn_across_towers": self.lrn_across_towers,
-            "channels": list(self.channels),
-        }
+    def outputs(self, layer: Layer) -> int:
+        """Kernels (or units) of ``layer`` in both towers together, at this width."""
+        return self.num_classes if layer.kernels is None else self.channels[LAYERS.index(layer)]
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "AlexNetConfig":
-        return cls(
-            num_classes=int(d["num_classes"]),
-            width=float(d["width"]),
-            conv1_padding=str(d["conv1_padding"]),
-            lrn=LRNConfig.from_dict(d["lrn"]),
-            dropout=float(d.get("dropout", 0.5)),
-            lrn_across_towers=bool(d.get("lrn_across_towers", False)),
-        )
+    def layer_shapes(self, tower: int | None = None) -> dict[str, LayerShape]:
+        """Every layer's geometry, walked down the table: of the grouped net (``tower`` None), or of tower
+        0 or 1, which holds half of every layer (the first gets the odd one out) and reads its own half
+        of the layer below, or all of it."""
+        left, right, _, _ = CONV1_PADDING[self.conv1_padding]
+        side, below, out = self.input_size + left + right, 3, {}
+        for layer in LAYERS:
+            if layer.is_conv:
+                total_in, input_side = below, side
+                side = (side + 2 * layer.padding - layer.size) // layer.stride + 1
+            else:  # reads the maps below flattened
+                total_in, input_side, side = below * side * side, 1, 1
+            for op in layer.after:
+                if op == "pool":
+                    side = (side - POOL_SIZE) // POOL_STRIDE + 1
+            outputs = self.outputs(layer)
+            if tower is None:
+                out[layer.name] = LayerShape(layer, total_in, outputs, layer.groups, input_side)
+            else:
+                inputs = _split(total_in)[tower] if layer.reads == "own" else total_in
+                out[layer.name] = LayerShape(layer, inputs, _split(outputs)[tower], 1, input_side)
+            below = outputs
+        return out
 
     def grouped_shapes(self) -> dict[str, tuple[int, ...]]:
         """Parameter shapes of the grouped single-device net, the checkpoint layout (Caffe's)."""
-        c1, c2, c3, c4, c5, f6, f7 = self.channels
-        shapes = {
-            "conv1": (c1, 3, 11, 11),
-            "conv2": (c2, c1 // 2, 5, 5),
-            "conv3": (c3, c2, 3, 3),
-            "conv4": (c4, c3 // 2, 3, 3),
-            "conv5": (c5, c4 // 2, 3, 3),
-            "fc6": (f6, c5 * 6 * 6),
-            "fc7": (f7, f6),
-            "fc8": (self.num_classes, f7),
-        }
         out = {}
-        for name, shape in shapes.items():
-            out[f"{name}.weight"] = shape
-            out[f"{name}.bias"] = (shape[0],)
+        for name, shape in self.layer_shapes().items():
+            out[f"{name}.weight"] = shape.weight_shape
+            out[f"{name}.bias"] = (shape.outputs,)
         return out
+
+    def parameter_count(self) -> int:
+        return sum(math.prod(shape) for shape in self.grouped_shapes().values())
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "channels": list(self.channels)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AlexNetConfig:
+        """The inverse of ``to_dict`` (``channels`` is derived, so ignored); KeyError for a missing field."""
+        values = {}
+        for f in fields(cls):
+            if f.name in d or f.name not in OPTIONAL_IN_FILES:
+                value = d[f.name]
+                values[f.name] = LRNConfig.from_dict(value) if f.name == "lrn" else type(f.default)(value)
+        return cls(**values)
 
 
 def init_paper_(layers: dict[str, nn.Module]) -> None:
@@ -120,18 +194,23 @@ def init_paper_(layers: dict[str, nn.Module]) -> None:
         nn.init.constant_(layer.bias, 1.0 if name in BIAS_ONE_LAYERS else 0.0)
 
 
-def _relu(x: torch.Tensor) -> torch.Tensor:
-    return F.relu(x, inplace=True)  # on a layer's fresh output: saves a buffer and a pass over memory
-
-
-def _max_pool(x: torch.Tensor) -> torch.Tensor:
-    """Overlapping pooling, paper §3.4: 3×3 windows, stride 2."""
-    if x.device.type == "cpu" and x.is_contiguous():
-        # PyTorch's NCHW max-pool on CPU is scalar code; its channels-last kernel is vectorised across
-        # channels. Two layout copies and the fast kernel beat the slow one (bench/model_throughput.py).
-        x = x.contiguous(memory_format=torch.channels_last)
-        return F.max_pool2d(x, kernel_size=3, stride=2).contiguous()
-    return F.max_pool2d(x, kernel_size=3, stride=2)
+def pad_image(images: torch.Tensor, config: AlexNetConfig, memory_format=None) -> torch.Tensor:
+    """conv1's input: ``images`` zero-padded as ``config.conv1_padding`` says, in one copy (none when there
+    is nothing to pad and the layout is already ``memory_format``; default: the images' own layout)."""
+    left, right, top, bottom = CONV1_PADDING[config.conv1_padding]
+    if memory_format is None:
+        nhwc = images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
+        memory_format = torch.channels_last if nhwc else torch.contiguous_format
+    if not any((left, right, top, bottom)):
+        return images.contiguous(memory_format=memory_format)
+    n, c, h, w = images.shape
+    out = torch.empty(
+        (n, c, top + h + bottom, left + w + right), dtype=images.dtype, device=images.device, memory_format=memory_format
+    )
+    out[:, :, top : top + h, left : left + w] = images
+    out[:, :, :top].zero_(), out[:, :, top + h :].zero_()
+    out[:, :, :, :left].zero_(), out[:, :, :, left + w :].zero_()
+    return out
 
 
 def _split(n: int) -> tuple[int, int]:
@@ -139,87 +218,100 @@ def _split(n: int) -> tuple[int, int]:
     return n - n // 2, n // 2
 
 
-class Tower(nn.Module):
-    """Half of every layer: what one of the paper's GPUs held."""
+class _Layers(nn.Module):
+    """conv1 … fc8 built from ``shapes``, and ``run``, which applies a stretch of ``STEPS`` to a batch."""
 
-    def __init__(self, config: AlexNetConfig, fc8_outputs: int):
+    def __init__(self, config: AlexNetConfig, shapes: dict[str, LayerShape]):
         super().__init__()
-        c1, c2, c3, c4, c5, f6, f7 = (c // 2 for c in config.channels)
-        self.conv1 = nn.Conv2d(3, c1, kernel_size=11, stride=4)
-        self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2)
-        self.conv3 = nn.Conv2d(2 * c2, c3, kernel_size=3, padding=1)  # reads both towers
-        self.conv4 = nn.Conv2d(c3, c4, kernel_size=3, padding=1)
-        self.conv5 = nn.Conv2d(c4, c5, kernel_size=3, padding=1)
-        self.fc6 = nn.Linear(2 * c5 * 6 * 6, f6)  # reads both towers
-        self.fc7 = nn.Linear(2 * f6, f7)  # reads both towers
-        self.fc8 = nn.Linear(2 * f7, fc8_outputs)  # reads both towers
+        self.config = config
+        for name, shape in shapes.items():
+            setattr(self, name, shape.module())
         self.lrn = LocalResponseNorm(config.lrn)
         self.dropout = nn.Dropout(config.dropout)
-        self.conv1_padding = CONV1_PADDING[config.conv1_padding]
 
     def layers(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in LAYER_NAMES}
+
+    def _lrn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lrn(x)
+
+    def run(self, steps, x: torch.Tensor) -> torch.Tensor:
+        for layer, op in steps:
+            if op == "layer":
+                if layer.reads == "image":
+                    x = pad_image(x, self.config)
+                elif not layer.is_conv:
+                    x = x.flatten(1)
+                x = getattr(self, layer.name)(x)
+            elif op == "relu":
+                x = F.relu(x, inplace=True)  # on a layer's fresh output: saves a buffer and a pass over memory
+            elif op == "lrn":
+                x = self._lrn(x)
+            elif op == "pool":
+                x = F.max_pool2d(x, kernel_size=POOL_SIZE, stride=POOL_STRIDE)
+            elif op == "dropout":
+                x = self.dropout(x)
+            else:
+                raise ValueError(f"unknown step {op!r} after {layer.name}")
+        return x
+
+
+def _steps(first: str, last: str) -> tuple:
+    names = [layer.name for layer, _ in STEPS]
+    return STEPS[names.index(first) : len(names) - names[::-1].index(last)]
+
+
+class Tower(_Layers):
+    """Half of every layer: what one of the paper's GPUs held (``tower`` 0 or 1)."""
+
+    def __init__(self, config: AlexNetConfig, tower: int):
+        super().__init__(config, config.layer_shapes(tower))
 
     @property
     def device(self) -> torch.device:
         return self.conv1.weight.device
 
-    def relu_conv1(self, image: torch.Tensor) -> torch.Tensor:
-        x = F.pad(image, self.conv1_padding) if any(self.conv1_padding) else image
-        return _relu(self.conv1(x))
-
     def conv1_to_pool2(self, image: torch.Tensor) -> torch.Tensor:
         """With LRN over this tower's own maps (the paper's); see AlexNet._lrn_across for Caffe's."""
-        x = _max_pool(self.lrn(self.relu_conv1(image)))
-        return _max_pool(self.lrn(_relu(self.conv2(x))))
+        return self.run(_steps("conv1", "conv2"), image)
 
     def conv3_to_pool5(self, both: torch.Tensor) -> torch.Tensor:
-        x = _relu(self.conv3(both))
-        x = _relu(self.conv4(x))
-        return _max_pool(_relu(self.conv5(x)))
+        return self.run(_steps("conv3", "conv5"), both)
 
-    def fc(self, layer: nn.Linear, both: torch.Tensor) -> torch.Tensor:
-        return self.dropout(_relu(layer(both)))
+
+def _stretches(lrn_across_towers: bool) -> tuple[tuple[str | None, tuple], ...]:
+    """``STEPS`` cut where the towers exchange activations: before each layer that reads both towers, and
+    (Caffe's LRN) at each LRN. Each stretch: (the exchange before it, or None; its steps)."""
+    out, exchange, steps = [], None, []
+    for step in STEPS:
+        layer, op = step
+        if op == "layer" and layer.reads == "both" or op == "lrn" and lrn_across_towers:
+            out.append((exchange, tuple(steps)))
+            exchange, steps = ("both", [step]) if op == "layer" else ("lrn", [])
+        else:
+            steps.append(step)
+    out.append((exchange, tuple(steps)))
+    return tuple(out)
 
 
 class AlexNet(nn.Module):
     """The paper's two-tower net. ``devices`` places tower 0 and tower 1 (e.g. "cuda:0", "cuda:1").
 
+    ``AlexNet(config)``, or ``AlexNet(10, width=0.25)``: the config's fields (num_classes first).
     Activations cross towers only at the inputs of conv3, fc6, fc7 and fc8. Both towers concatenate in
     the same order (tower 0's maps first), which is what makes the grouped form a pure reshuffle.
     Nothing in forward() waits on a device: with two GPUs, the towers' kernels run concurrently.
     """
 
-    def __init__(
-        self,
-        num_classes: int = 1000,
-        *,
-        width: float = 1.0,
-        conv1_padding: str = "overhang",
-        lrn: LRNConfig = PAPER_LRN,
-        dropout: float = 0.5,
-        lrn_across_towers: bool = False,
-        devices: tuple[str | torch.device, str | torch.device] | None = None,
-    ):
+    def __init__(self, config: AlexNetConfig | int | None = None, /, *, devices=None, **config_fields):
         super().__init__()
-        self.config = AlexNetConfig(num_classes, width, conv1_padding, lrn, dropout, lrn_across_towers)
-        self.towers = nn.ModuleList(Tower(self.config, n) for n in _split(num_classes))
+        self.config = _config(config, config_fields)
+        self.towers = nn.ModuleList(Tower(self.config, i) for i in range(2))
         for tower in self.towers:
             init_paper_(tower.layers())
+        self._stretches = _stretches(self.config.lrn_across_towers)
         if devices is not None:
             self.place(devices)
-
-    @classmethod
-    def from_config(cls, config: AlexNetConfig, devices=None) -> "AlexNet":
-        return cls(
-            config.num_classes,
-            width=config.width,
-            conv1_padding=config.conv1_padding,
-            lrn=config.lrn,
-            dropout=config.dropout,
-            lrn_across_towers=config.lrn_across_towers,
-            devices=devices,
-        )
 
     def place(self, devices) -> "AlexNet":
         """Put tower 0 on devices[0] and tower 1 on devices[1] (the same device twice is fine)."""
@@ -257,14 +349,6 @@ class AlexNet(nn.Module):
             return list(images)
         return [images.to(d, non_blocking=True) for d in self.devices]
 
-    def _conv1_to_pool2(self, images) -> list[torch.Tensor]:
-        towers = self.towers
-        if not self.config.lrn_across_towers:
-            return [t.conv1_to_pool2(x) for t, x in zip(towers, self._per_tower(images))]
-        x = [t.relu_conv1(x) for t, x in zip(towers, self._per_tower(images))]
-        x = [_relu(t.conv2(_max_pool(h))) for t, h in zip(towers, self._lrn_across(x))]
-        return [_max_pool(h) for h in self._lrn_across(x)]
-
     def forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """images: [n, 3, h, w] anywhere, or [tower 0's copy, tower 1's copy]; logits on tower 0's device."""
         return self._run(images, "fc8")
@@ -277,16 +361,16 @@ class AlexNet(nn.Module):
 
     def _run(self, images, last: str) -> torch.Tensor:
         towers, devices = self.towers, self.devices
-        x = self._conv1_to_pool2(images)
-        x = [t.conv3_to_pool5(self._both(x, d)) for t, d in zip(towers, devices)]
-        x = [t.fc(t.fc6, self._both(x, d).flatten(1)) for t, d in zip(towers, devices)]
-        if last == "fc6":
-            return self._both(x, devices[0])
-        x = [t.fc(t.fc7, self._both(x, d)) for t, d in zip(towers, devices)]
-        if last == "fc7":
-            return self._both(x, devices[0])
-        logits = [t.fc8(self._both(x, d)) for t, d in zip(towers, devices)]
-        return self._both(logits, devices[0])
+        x = self._per_tower(images)
+        for exchange, steps in self._stretches:
+            if exchange == "both":
+                x = [self._both(x, d) for d in devices]
+            elif exchange == "lrn":
+                x = self._lrn_across(x)
+            x = [t.run(steps, h) for t, h in zip(towers, x)]
+            if steps and steps[-1][0].name == last:
+                break
+        return self._both(x, devices[0])
 
     # Conversion to and from the grouped single-device layout (the checkpoint format).
 
@@ -303,7 +387,7 @@ class AlexNet(nn.Module):
 
     @torch.no_grad()
     def load_grouped_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        check_grouped_shapes(state, self.config)
+        """The inverse of ``grouped_state_dict`` (model.checkpoint checks a file's shapes before this)."""
         t0, t1 = self.towers
         for name in LAYER_NAMES:
             for kind in ("weight", "bias"):
@@ -318,28 +402,16 @@ class AlexNet(nn.Module):
         return net.to(self.devices[0])
 
 
-class GroupedAlexNet(nn.Module):
+class GroupedAlexNet(_Layers):
     """The same net on one device: conv2, conv4, conv5 as groups=2 convolutions (Caffe's layout).
 
-    Its state_dict is the checkpoint's tensor layout. It is the faster form for single-device inference.
+    Its state_dict is the checkpoint's tensor layout. ``GroupedAlexNet(config)`` or keywords, as AlexNet.
     """
 
-    def __init__(self, config: AlexNetConfig | None = None):
-        super().__init__()
-        self.config = config = config or AlexNetConfig()
-        c1, c2, c3, c4, c5, f6, f7 = config.channels
-        self.conv1 = nn.Conv2d(3, c1, kernel_size=11, stride=4)
-        self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2, groups=2)
-        self.conv3 = nn.Conv2d(c2, c3, kernel_size=3, padding=1)
-        self.conv4 = nn.Conv2d(c3, c4, kernel_size=3, padding=1, groups=2)
-        self.conv5 = nn.Conv2d(c4, c5, kernel_size=3, padding=1, groups=2)
-        self.fc6 = nn.Linear(c5 * 6 * 6, f6)
-        self.fc7 = nn.Linear(f6, f7)
-        self.fc8 = nn.Linear(f7, config.num_classes)
-        self.lrn = LocalResponseNorm(config.lrn)
-        self.dropout = nn.Dropout(config.dropout)
-        self.conv1_padding = CONV1_PADDING[config.conv1_padding]
-        init_paper_({name: getattr(self, name) for name in LAYER_NAMES})
+    def __init__(self, config: AlexNetConfig | int | None = None, /, **config_fields):
+        config = _config(config, config_fields)
+        super().__init__(config, config.layer_shapes())
+        init_paper_(self.layers())
 
     def _lrn(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.lrn_across_towers:
@@ -349,54 +421,32 @@ class GroupedAlexNet(nn.Module):
         return self.lrn(x.reshape(n * 2, c // 2, h, w)).view(n, c, h, w)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._run(images, "fc8")
+        return self.run(STEPS, images)
 
     def features(self, images: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
         """Hidden layer ``layer`` (fc6 or fc7, after the ReLU): the same numbers as ``AlexNet.features``."""
-        return self._run(images, check_feature_layer(layer))
-
-    def _run(self, images: torch.Tensor, last: str) -> torch.Tensor:
-        x = F.pad(images, self.conv1_padding) if any(self.conv1_padding) else images
-        x = _max_pool(self._lrn(_relu(self.conv1(x))))
-        x = _max_pool(self._lrn(_relu(self.conv2(x))))
-        x = _relu(self.conv3(x))
-        x = _relu(self.conv4(x))
-        x = _max_pool(_relu(self.conv5(x)))
-        x = self.dropout(_relu(self.fc6(x.flatten(1))))
-        if last == "fc6":
-            return x
-        x = self.dropout(_relu(self.fc7(x)))
-        if last == "fc7":
-            return x
-        return self.fc8(x)
+        return self.run(_steps("conv1", check_feature_layer(layer)), images)
 
     def to_towers(self, devices=None) -> AlexNet:
-        net = AlexNet.from_config(self.config)
+        net = AlexNet(self.config)
         net.load_grouped_state_dict(self.state_dict())
         return net.place(devices or (self.conv1.weight.device,) * 2)
 
 
-FEATURE_LAYERS = ("fc6", "fc7")  # the hidden layers whose activations ``features`` returns
+def _config(config: AlexNetConfig | int | None, config_fields: dict) -> AlexNetConfig:
+    """What the nets' constructors take: a config, or its fields as keywords (num_classes also first)."""
+    if isinstance(config, int) and not isinstance(config, bool):
+        config, config_fields = None, {"num_classes": config, **config_fields}
+    if config is None:
+        return AlexNetConfig(**config_fields)
+    if not isinstance(config, AlexNetConfig):
+        raise TypeError(f"expected an AlexNetConfig or a number of classes, got {type(config).__name__}")
+    if config_fields:
+        raise TypeError("pass an AlexNetConfig or its fields as keywords, not both")
+    return config
 
 
 def check_feature_layer(layer: str) -> str:
     if layer not in FEATURE_LAYERS:
         raise ValueError(f"layer must be one of {', '.join(FEATURE_LAYERS)}, got {layer!r}")
     return layer
-
-
-def check_grouped_shapes(state: dict[str, torch.Tensor], config: AlexNetConfig, source: str = "weights") -> None:
-    """Raise ValueError naming every missing, unexpected or mis-shaped tensor."""
-    expected = config.grouped_shapes()
-    problems = [f"missing {k} (expected shape {list(s)})" for k, s in expected.items() if k not in state]
-    problems += [
-        f"{k} has shape {list(state[k].shape)}, expected {list(s)}"
-        for k, s in expected.items()
-        if k in state and tuple(state[k].shape) != s
-    ]
-    if problems:
-        raise ValueError(f"{source} do not fit {describe(config)}: " + "; ".join(problems))
-
-
-def describe(config: AlexNetConfig) -> str:
-    return f"AlexNet(num_classes={config.num_classes}, width={config.width})"

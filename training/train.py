@@ -555,11 +555,10 @@ def scale_init_to_width_(model: AlexNet) -> None:
 
 
 def compile_towers(model: AlexNet) -> None:
-    """torch.compile each tower's segments between exchanges (each runs on one device, so each graph
-    does): it fuses LRN's ~20 elementwise passes, memory-bound on a GPU, into a few kernels."""
+    """torch.compile each tower's stretches between exchanges (``Tower.run``: each runs on one device, so
+    each graph does): it fuses LRN's ~20 elementwise passes, memory-bound on a GPU, into a few kernels."""
     for tower in model.towers:
-        for name in ("conv1_to_pool2", "conv3_to_pool5", "fc"):
-            setattr(tower, name, torch.compile(getattr(tower, name)))
+        tower.run = torch.compile(tower.run)
 
 
 def default_workers(split, dist: Distributed) -> int:
