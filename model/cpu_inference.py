@@ -62,7 +62,8 @@ class NHWCLocalResponseNorm(nn.Module):
 
 class ConvReLU(nn.Module):
     """A convolution and its ReLU, channels-last, as one oneDNN call on weights reordered once, at build
-    time, into oneDNN's blocked layout (otherwise every call reorders them again: ~2 ms of a batch-1 pass).
+    time, into oneDNN's blocked layout (otherwise every call reorders them again, a cost that matters most
+    at batch 1).
 
     Those two ops are oneDNN bindings PyTorch keeps for its own compiler (torch.ops.mkldnn); where they
     are missing, or with ``fused=False``, it is the plain nn.Conv2d and an in-place ReLU.

@@ -3,8 +3,8 @@
 A forward pass allocates and frees tens of megabytes of activations. Until glibc's malloc has adapted its
 thresholds (and whenever a free resets them), it serves blocks over 128 KiB with fresh mmaps and hands
 freed memory at the top of its heaps back to the kernel, so the next pass touches new pages and takes a
-page fault for every 4 KiB of them: 10,000-70,000 faults per pass at batch 8-32 here, and 30-35 % less
-throughput than with the pages reused (measured alternately in one process).
+page fault for every 4 KiB of them: tens of thousands of faults per pass, and much less throughput than
+with the pages reused (BENCHMARKS.md, under "What CPUInferenceNet changes", has the measurements).
 ``keep_freed_memory`` sets the thresholds to where glibc's own adaptation would end up at most: blocks up
 to 32 MiB come from the heap, and up to 64 MiB of free memory may stay at the top of each heap. Memory
 the process keeps is therefore bounded as it is by glibc's own defaults.

@@ -295,8 +295,8 @@ def _train(args, hooks=None, **_) -> int:
 def _predict(args, argv=None, **_) -> int:
     if argv is None and "OMP_WAIT_POLICY" not in os.environ and getattr(sys, "orig_argv", None):
         # As the service does: idle OpenMP threads sleep instead of spinning, so the decoding processes
-        # get the cores between forward passes (2-3x the img/s of a loaded 2-core machine; BENCHMARKS.md,
-        # "Predictions over a folder"). libgomp reads this when torch loads: run the command again with it.
+        # get the cores between forward passes (BENCHMARKS.md, "Predictions over a folder", has what that
+        # buys). libgomp reads this when torch loads: run the command again with it.
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.execv(sys.executable, sys.orig_argv)
     from .predict import Options as PredictOptions

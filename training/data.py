@@ -236,7 +236,7 @@ class JpegSplit(_Split):
 
     Decoding uses Pillow's JPEG decoder object directly (no ``Image.open``: its marker parsing is Python)
     into one reused RGB canvas, then Pillow's raw encoder writes each colour plane, so the CHW output needs
-    no transposing copy. Per image ~0.35–0.5 ms on one core (BENCHMARKS.md). Reading needs the GIL for
+    no transposing copy (BENCHMARKS.md has the time per image). Reading needs the GIL for
     the Python around it, so the loader decodes in worker processes (``threads_suffice`` is False).
     """
 
