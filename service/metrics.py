@@ -129,7 +129,12 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 ROUTE_EXAMPLES = (
     "/classify, /embed, /explain, /model, /model/filters.png, /healthz, /readyz, /metrics, /, /docs, "
-    "/static/{name}, /openapi.json"
+    "/static/{name}, /openapi.json, "
+    # the Open Inference Protocol (routes/inference_protocol.py); /v2/{path:path}: any other path under /v2
+    "/v2, /v2/health/live, /v2/health/ready, /v2/models/{model_name}, /v2/models/{model_name}/ready, "
+    "/v2/models/{model_name}/infer, /v2/models/{model_name}/versions/{model_version}, "
+    "/v2/models/{model_name}/versions/{model_version}/ready, /v2/models/{model_name}/versions/{model_version}/infer, "
+    "/v2/{path:path}"
 )
 
 
