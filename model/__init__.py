@@ -1,13 +1,21 @@
-"""The 2012 AlexNet (Krizhevsky, Sutskever, Hinton): network, checkpoint format, shared preprocessing."""
+"""The 2012 AlexNet (Krizhevsky, Sutskever, Hinton): network, checkpoint format, shared preprocessing.
+
+What training and the service use is exported here. Besides, as modules of their own:
+    model.files       atomic writes, safetensors files with string metadata, file identity
+    model.importers   the published BVLC weights (Caffe, ONNX) → a checkpoint (python -m model.import_weights)
+    model.export      a checkpoint → ONNX / Triton (python -m model.export)
+    model.visualize   conv1's kernels (the paper's Fig. 3) and Grad-CAM
+"""
 
 __version__ = "0.1.0"
 
-from .atomic import atomic_path, atomic_write
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .checkpoint import FORMAT_VERSION, Checkpoint, CheckpointError, load_checkpoint
 from .classes import ImageClass, imagenet_classes, parse_synset_words
-from .lrn import CAFFE_LRN, PAPER_LRN, LocalResponseNorm, LRNConfig
-from .network import AlexNet, AlexNetConfig, GroupedAlexNet
 from .cpu_inference import CPUInferenceNet
+from .devices import parse_devices
+from .files import file_identity
+from .lrn import CAFFE_LRN, PAPER_LRN, LRNConfig
+from .network import AlexNet, AlexNetConfig, GroupedAlexNet
 from .preprocessing import (
     CorruptImage,
     ImageError,
@@ -20,28 +28,28 @@ from .preprocessing import (
 )
 
 __all__ = [
+    "CAFFE_LRN",
+    "FORMAT_VERSION",
+    "PAPER_LRN",
     "AlexNet",
     "AlexNetConfig",
-    "CAFFE_LRN",
+    "CPUInferenceNet",
     "Checkpoint",
     "CheckpointError",
-    "CPUInferenceNet",
     "CorruptImage",
     "GroupedAlexNet",
     "ImageClass",
     "ImageError",
     "ImageTooLarge",
     "LRNConfig",
-    "LocalResponseNorm",
-    "PAPER_LRN",
     "Preprocessing",
     "Preprocessor",
     "UnsupportedImage",
-    "atomic_path",
-    "atomic_write",
     "decode_image",
+    "file_identity",
     "imagenet_classes",
     "load_checkpoint",
     "load_image",
+    "parse_devices",
     "parse_synset_words",
 ]

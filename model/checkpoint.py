@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import struct
 import subprocess
 from dataclasses import dataclass, field
@@ -31,8 +30,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .atomic import atomic_path
 from .classes import ImageClass, imagenet_classes
+from .files import write_safetensors
 from .network import AlexNet, AlexNetConfig, GroupedAlexNet
 from .preprocessing import IMAGENET_RGB_MEAN, Preprocessing, Preprocessor
 
@@ -118,8 +117,7 @@ class Checkpoint:
             "format_version": str(FORMAT_VERSION),
             "alexnet": json.dumps(meta, separators=(",", ":")),
         }
-        with atomic_path(path) as tmp:
-            save_safetensors(tensors, tmp, header, destination=path)
+        write_safetensors(path, tensors, header)
         return Path(path)
 
     def validate(self, path=None) -> None:
@@ -160,21 +158,6 @@ def check_grouped_shapes(state: dict[str, torch.Tensor], config: AlexNetConfig, 
 
 def describe(config: AlexNetConfig) -> str:
     return f"AlexNet(num_classes={config.num_classes}, width={config.width})"
-
-
-def save_safetensors(tensors: dict, path, metadata: dict[str, str], *, destination=None) -> None:
-    """``safetensors.torch.save_file``, but a failed write raises OSError with its errno (ENOSPC, EDQUOT, …)
-    naming ``destination`` (default ``path``), as Python's own file writes do. safetensors reports I/O
-    errors as a SafetensorError whose message holds "(os error N)": a full disk would otherwise not be
-    recognisable as one."""
-    try:
-        safetensors.torch.save_file(tensors, str(path), metadata=metadata)
-    except safetensors.SafetensorError as e:
-        code = re.search(r"\(os error (\d+)\)", str(e))
-        if code is None:
-            raise
-        errno = int(code.group(1))
-        raise OSError(errno, os.strerror(errno), str(destination or path)) from e
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

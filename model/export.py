@@ -36,7 +36,7 @@ by node with ``onnx.helper`` from the checkpoint's tensors, in standard ONNX ope
     architecture (JSON, ``AlexNetConfig.to_dict``), provenance (JSON, the checkpoint's), pca, training,
     export (JSON: source checkpoint and its sha256, opset, input and output names and shapes, mean image
     file, code version, time), input (a sentence: what the input tensor must be).
-- Files are written atomically (``model.atomic``): a failed export leaves nothing at OUT, or the old file.
+- Files are written atomically (``model.files``): a failed export leaves nothing at OUT, or the old file.
   ``--verify`` runs the written file in ONNX Runtime before it is put in place, on a fixed pseudo-random
   batch, against the checkpoint's own net; a difference over 1e-4 is an error and nothing is written.
 
@@ -63,8 +63,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path, atomic_write
 from .checkpoint import Checkpoint, CheckpointError, code_version, load_checkpoint
+from .files import atomic_path, atomic_write
 from .lrn import LRNConfig
 from .network import CONV1_PADDING
 from .preprocessing import Preprocessing

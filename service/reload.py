@@ -11,23 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
+
+from model.files import FileIdentity, file_identity
 
 from . import engine
 
 log = logging.getLogger("service")
 
-Fingerprint = tuple[int, int, int]
-
-
-def fingerprint(path: Path) -> Fingerprint | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+Fingerprint = FileIdentity
+fingerprint = file_identity  # (inode, size, mtime) of the checkpoint file; None while there is none
 
 
 async def watch_checkpoint(

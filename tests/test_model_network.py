@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import PAPER_LRN, AlexNet, AlexNetConfig, GroupedAlexNet, LocalResponseNorm, LRNConfig
+from model import PAPER_LRN, AlexNet, AlexNetConfig, GroupedAlexNet, LRNConfig
+from model.lrn import LocalResponseNorm
 from model.network import LAYER_NAMES
 
 PAPER_PARAMETERS = {

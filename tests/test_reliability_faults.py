@@ -30,7 +30,8 @@ import torch
 from test_service_support import REPO, ServiceProcess, metric_value, write_checkpoint
 from test_training import make_source, prepare_quietly, train_cli, tree_digest
 
-from model import atomic_write, load_checkpoint
+from model import load_checkpoint
+from model.files import atomic_write
 from training.train import read_state
 
 # Hostile checkpoints while serving ---------------------------------------------------------------------

@@ -387,7 +387,7 @@ def test_the_explain_net_has_the_served_weights_without_keeping_a_second_copy(ch
     for the untrained net from its seed. A file rewritten in place is not used: WeightsUnavailable."""
     import shutil
 
-    from model import atomic_write
+    from model.files import atomic_write
     from service import engine
 
     def conv1(net) -> torch.Tensor:

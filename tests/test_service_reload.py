@@ -22,7 +22,7 @@ from test_service_support import (
     write_checkpoint,
 )
 
-from model import atomic_write
+from model.files import atomic_write
 from service import engine
 
 

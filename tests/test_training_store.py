@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import atomic_write, load_image
+from model import load_image
+from model.files import atomic_write
 from tests.test_training import WNIDS, digest, expect_error, make_source, prepare_quietly, train_cli, tree_digest
 from training.data import IMAGE_BYTES, PreparedDataset, TrainingError
 from training.loader import BatchLoader, LoaderError

@@ -45,10 +45,10 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 from model import ImageClass
+from model.files import read_safetensors, write_safetensors
 
 FORMAT_NAME = "alexnet-prepared"
 FORMAT_VERSION = 2  # the newest: adds the JPEG store
@@ -124,24 +124,19 @@ def stats_from_sums(sum_image: torch.Tensor, sum_rgb: torch.Tensor, sum_outer: t
 
 
 def save_stats(path: Path, stats: ColorStats) -> None:
-    from model import atomic_path
-    from model.checkpoint import save_safetensors
-
     tensors = {
         "mean_image": stats.mean_image.contiguous(),
         "covariance": stats.covariance.contiguous(),
         "eigenvalues": stats.eigenvalues.contiguous(),
         "eigenvectors": stats.eigenvectors.contiguous(),
     }
-    with atomic_path(path) as tmp:
-        save_safetensors(tensors, tmp, {"images": str(stats.images)}, destination=path)
+    write_safetensors(path, tensors, {"images": str(stats.images)})
 
 
 def load_stats(path: Path) -> ColorStats:
     try:
-        with safetensors.safe_open(str(path), "pt") as f:
-            images = int(f.metadata()["images"])
-            t = {k: f.get_tensor(k) for k in f.keys()}
+        meta, t = read_safetensors(path)
+        images = int(meta["images"])
         return ColorStats(t["mean_image"], t["covariance"], t["eigenvalues"], t["eigenvectors"], images)
     except (OSError, KeyError, ValueError, Exception) as e:
         raise TrainingError(f"{path}: cannot read the dataset statistics ({e}); rerun `prepare`") from None

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_distributed
 
+from model import parse_devices
+
 from .data import TrainingError, derive_seed
 
 
@@ -40,28 +42,25 @@ def resolve_devices(spec: str | None, dist: Distributed) -> tuple[torch.device, 
     """Where the two towers go.
 
     Default: two GPUs per process when there are enough, one GPU for both towers when there is one per
-    process, the CPU otherwise. ``spec`` ("cuda:0,cuda:1", "cuda:0", "cpu") names the devices of local
-    rank 0; under torchrun local rank r shifts every GPU index by r × (GPUs in the spec), so that
+    process, the CPU otherwise ("auto" says the same). ``spec`` ("cuda:0,cuda:1", "cuda:0", "cpu"; the rule
+    is model.parse_devices) names the devices of local rank 0; under torchrun local rank r shifts every
+    GPU index by r × (GPUs in the spec), so that
     ``--devices cuda:0,cuda:1`` with 2 processes gives cuda:0+1 and cuda:2+3 rather than the same two
     GPUs twice (which NCCL refuses: "duplicate GPU").
     """
     gpus = torch.cuda.device_count()
-    if spec is None:
+    try:
+        parts = parse_devices(spec) if spec is not None else ("auto",)
+    except ValueError as e:
+        raise TrainingError(f"--devices: {e}") from None
+    if parts == ("auto",):
         r = dist.local_rank
         if gpus >= 2 * dist.local_world:
             return torch.device(f"cuda:{2 * r}"), torch.device(f"cuda:{2 * r + 1}")
         if gpus >= dist.local_world:
             return (torch.device(f"cuda:{r}"),) * 2
         return torch.device("cpu"), torch.device("cpu")
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    if len(parts) not in (1, 2):
-        raise TrainingError(f"--devices takes one or two devices (one per tower), got {spec!r}")
-    try:
-        devices = [torch.device(p) for p in parts]
-    except RuntimeError as e:
-        raise TrainingError(f"--devices {spec!r}: {e}") from None
-    if any(d.type not in ("cpu", "cuda") for d in devices):
-        raise TrainingError(f"--devices {spec!r}: only cpu and cuda devices are supported")
+    devices = [torch.device(p) for p in parts]
     if len({d.type for d in devices}) > 1:
         raise TrainingError(f"--devices {spec!r}: put both towers on GPUs or both on the CPU")
     if devices[0].type == "cuda":

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, Preprocessor, atomic_write, load_checkpoint
+from model import CheckpointError, Preprocessor, load_checkpoint
+from model.files import atomic_write
 
 from .data import IMAGE_SIZE, JpegSplit, PreparedDataset, PreparedSplit, TrainingError
 from .loader import BatchLoader

@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from model import atomic_path
+from model.files import atomic_path
 
 from .data import TrainingError
 

@@ -50,7 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import CPUInferenceNet, ImageError, atomic_write, load_checkpoint
+from model import CPUInferenceNet, ImageError, load_checkpoint
+from model.files import atomic_write
 from model.preprocessing import DEFAULT_MAX_PIXELS
 
 from .data import TrainingError

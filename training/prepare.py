@@ -40,13 +40,10 @@ from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 
-import safetensors
-import safetensors.torch
 import torch
 
-from model import ImageClass, ImageError, atomic_path, atomic_write, imagenet_classes, load_image
-from model.atomic import remove_stale_temporaries
-from model.checkpoint import save_safetensors
+from model import ImageClass, ImageError, imagenet_classes, load_image
+from model.files import atomic_write, read_safetensors, remove_stale_temporaries, write_safetensors
 
 from .data import (
     FORMAT_NAME,
@@ -312,8 +309,7 @@ class _Progress:
         if not path.exists():
             return None
         try:
-            with safetensors.safe_open(str(path), "pt") as f:
-                meta = f.metadata()
+            meta, _ = read_safetensors(path)
             if meta.get("fingerprint") != fingerprint:
                 return None
             quality = meta.get("quality")
@@ -327,9 +323,7 @@ class _Progress:
         if not path.exists():
             return None
         try:
-            with safetensors.safe_open(str(path), "pt") as f:
-                meta = f.metadata()
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta, tensors = read_safetensors(path)
             if (
                 meta.get("format_version") != str(format_version(store.kind))
                 or meta.get("fingerprint") != fingerprint
@@ -361,8 +355,7 @@ class _Progress:
             "skipped": json.dumps(self.skipped),
         }
         tensors = {"sum_image": self.sum_image, "sum_rgb": self.sum_rgb, "sum_outer": self.sum_outer}
-        with atomic_path(self.path) as tmp:
-            save_safetensors(tensors, tmp, meta, destination=self.path)
+        write_safetensors(self.path, tensors, meta)
 
 
 def _index_store(index: dict) -> Store:

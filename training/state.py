@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import safetensors
 import torch
 
-from model import atomic_path
-from model.checkpoint import save_safetensors
+from model.files import read_safetensors, write_safetensors
 
 from .data import TrainingError
 
@@ -36,15 +34,12 @@ def save_state(path: Path, model, optimizer, scaler, info: dict) -> None:
     if scaler is not None:
         info["grad_scaler"] = scaler.state_dict()
     meta = {"format": STATE_FORMAT, "format_version": str(STATE_VERSION), "state": json.dumps(info)}
-    with atomic_path(path) as tmp:
-        save_safetensors(tensors, tmp, meta, destination=path)
+    write_safetensors(path, tensors, meta)
 
 
 def read_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
-        with safetensors.safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = read_safetensors(path)
     except Exception as e:
         raise TrainingError(f"{path}: cannot read the resume state ({e})") from None
     if meta.get("format") != STATE_FORMAT:

@@ -40,8 +40,8 @@ import torch
 import torch.distributed as torch_distributed
 import torch.nn.functional as F
 
-from model import AlexNet, Checkpoint, Preprocessing, Preprocessor, atomic_write, load_checkpoint
-from model.atomic import remove_stale_temporaries
+from model import AlexNet, Checkpoint, Preprocessing, Preprocessor, file_identity, load_checkpoint
+from model.files import atomic_write, remove_stale_temporaries
 
 from .augment import ALPHA_STD, TrainAugmentation
 from .data import DirectoryLock, PreparedDataset, ShardedBatches, TrainingError, derive_seed, epoch_order
@@ -362,7 +362,7 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
     dist = Distributed.from_environment()
     out = Path(options.out)
     state_path = out / "state.safetensors"
-    state_on_disk = _file_identity(state_path)  # to notice another job writing DIR meanwhile
+    state_on_disk = file_identity(state_path)  # to notice another job writing DIR meanwhile
     saved_info, saved_tensors = _saved_state(out, options.resume)
     hp = resolve_hyperparameters(given, saved_info["hyperparameters"] if saved_info else None)
     check_hyperparameters(hp)
@@ -436,7 +436,7 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
     if run.is_writer:
         lock = DirectoryLock(out, "training run")  # creates DIR; held until the end
         cleanup.callback(lock.release)
-        if _file_identity(state_path) != state_on_disk:
+        if file_identity(state_path) != state_on_disk:
             raise TrainingError(f"{state_path} changed while this run was starting: is another run using {out}?")
         for leftover in remove_stale_temporaries(out):
             run.log(f"removed {leftover.name}, left by an interrupted write")
@@ -667,9 +667,3 @@ def _checked_sums(run: Run, totals: torch.Tensor, epoch: int, step: int) -> list
     return values
 
 
-def _file_identity(path: Path):
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
