@@ -34,7 +34,16 @@ from torch import nn
 
 from .lrn import LRNConfig, lrn_inference
 from .malloc import keep_freed_memory
-from .network import LAYERS, POOL_SIZE, POOL_STRIDE, AlexNet, AlexNetConfig, GroupedAlexNet, check_feature_layer, pad_image
+from .network import (
+    LAYERS,
+    POOL_SIZE,
+    POOL_STRIDE,
+    AlexNet,
+    AlexNetConfig,
+    GroupedAlexNet,
+    check_feature_layer,
+    pad_image,
+)
 from .winograd import WinogradConvReLU
 
 CHANNELS_LAST = torch.channels_last

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from model.import_weights import PUBLISHED
+from model.importers import PUBLISHED
 from service.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from model import CAFFE_LRN, load_checkpoint, load_image
-from model import import_weights as iw
-from model.download import ChecksumMismatch, DownloadError
+from model import importers as iw
+from model.importers.download import ChecksumMismatch, DownloadError
 
 # ----------------------------------------------------------------------------------------- protobuf writer
 

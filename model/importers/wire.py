@@ -9,7 +9,7 @@ A protobuf message is a sequence of fields, each ``tag value`` with ``tag = fiel
 
 A repeated number field may arrive packed (one wire type 2 field) or not (one field per element, or
 several packed runs); a parser must accept all of them and concatenate. Nothing here knows a schema:
-the caller asks for field numbers (see model/import_weights.py for the two schemas we read).
+the caller asks for field numbers (caffe.py and onnx.py name those of the two schemas we read).
 
 Large payloads (a 37.7M-float fc6 blob) are never copied until asked for: a ``Message`` records where
 each field lies in the one buffer that holds the file, so skipping over a field costs nothing.
