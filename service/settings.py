@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+import model
+
 ENV_PREFIX = "ALEXNET_"
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -104,17 +106,5 @@ class Settings(BaseModel):
 
 
 def parse_devices(spec: str) -> tuple[str, ...]:
-    """``"cpu"``/``"cuda:1"`` → one device; ``"cuda:0,cuda:1"`` → one per tower; ``"auto"`` is kept as is.
-
-    Only the syntax is checked here; whether the devices exist is checked when the model is placed.
-    """
-    parts = tuple(p.strip() for p in spec.split(",")) if spec else ()
-    if parts == ("auto",):
-        return parts
-    if not 1 <= len(parts) <= 2:
-        raise ValueError(f"expected one device or two separated by a comma, got {spec!r}")
-    for part in parts:
-        kind, _, index = part.partition(":")
-        if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()) or (kind == "cpu" and index):
-            raise ValueError(f"{part!r} is not a device (cpu, cuda, cuda:N or auto)")
-    return parts
+    """The device rule shared with training: ``model.devices.parse_devices``."""
+    return model.parse_devices(spec)
