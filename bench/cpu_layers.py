@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import CPUInferenceNet, GroupedAlexNet  # noqa: E402
+from model.network import pad_image  # noqa: E402
 from model_throughput import layer_flops  # noqa: E402  (this directory is on the path when run as a script)
 
 
@@ -39,7 +40,7 @@ def best_ms(step, rounds: int) -> float:
 def stages(net: CPUInferenceNet, images: torch.Tensor) -> dict:
     """Each stage of net's forward pass as a closure on the previous stage's real output."""
     with torch.inference_mode():
-        padded = net._padded_nhwc(images)
+        padded = pad_image(images, net.config, torch.channels_last)
         c1 = net.conv1(padded)
         l1 = net.lrn(c1)
         p1 = F.max_pool2d(l1, 3, 2)
