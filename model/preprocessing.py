@@ -12,12 +12,15 @@ the prepared images. Both end in ``from_uint8``, so train and serve cannot drift
 
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import math
 import struct
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 from PIL import Image, ImageOps
@@ -32,6 +35,10 @@ MAX_JPEG_SCANS = 256
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 Crops = Literal["center", "ten"]
+
+# An encoded image: one bytes object, or the pieces it arrived in (a request body's chunks, never joined:
+# joining holds the image twice and needs one contiguous block of its size).
+ImageBytes = Union[bytes, Sequence[bytes]]
 
 
 class ImageError(ValueError):
@@ -106,26 +113,16 @@ class Preprocessing:
 IMAGENET_RGB_MEAN = (123.68, 116.78, 103.94)
 
 
-def decode_image(
-    data: bytes,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    background: tuple[int, int, int] = (255, 255, 255),
-    draft_shorter_side: int | None = None,
-) -> Image.Image:
-    """Bytes → an 8-bit RGB image, upright (EXIF orientation applied), transparency composited.
-
-    Raises UnsupportedImage (not one of ALLOWED_FORMATS), ImageTooLarge (more than ``max_pixels`` pixels,
-    checked from the header before any pixel is decoded) or CorruptImage (truncated or undecodable).
-    ``draft_shorter_side`` lets the JPEG decoder shrink by 2/4/8 while keeping the shorter side at
-    least that long: a 12-MP photo decodes several times faster and no detail at 256 px is lost.
-    """
-    if not data:
+def open_image(data: ImageBytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image's header, read and checked; no pixel decoded yet. Raises what ``decode_image`` raises for
+    an unsupported format, too many pixels, a scan bomb or a broken header."""
+    pieces = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else tuple(data)
+    if not any(pieces):
         raise CorruptImage("empty file: no image data")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            image = Image.open(_reader(pieces), formats=ALLOWED_FORMATS)
     except Image.UnidentifiedImageError:
         raise UnsupportedImage(
             f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
@@ -142,9 +139,84 @@ def decode_image(
         raise ImageTooLarge(f"image is {width}×{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
     # Start-of-scan markers: 0xFF 0xDA never occurs in entropy-coded data (0xFF is stuffed there), so the
     # count is exact but for bytes in metadata segments (an EXIF thumbnail adds its own scan).
-    if image.format in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+    if image.format in ("JPEG", "MPO") and (scans := _count(pieces, b"\xff\xda")) > MAX_JPEG_SCANS:
         raise CorruptImage(f"a JPEG with {scans:,} scans (encoders write a few dozen at most; limit {MAX_JPEG_SCANS})")
+    return image
 
+
+def _reader(pieces: tuple[bytes, ...]) -> io.IOBase:
+    if len(pieces) == 1:
+        return io.BytesIO(pieces[0])  # shares a bytes object's buffer: no copy
+    return io.BufferedReader(_PiecesReader(pieces), buffer_size=64 * 1024)
+
+
+class _PiecesReader(io.RawIOBase):
+    """A seekable read-only file over bytes in pieces, copying only what is read."""
+
+    def __init__(self, pieces: tuple[bytes, ...]):
+        self._pieces = pieces
+        self._starts = list(itertools.accumulate((len(p) for p in pieces), initial=0))
+        self._size = self._starts[-1]
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._position = base + offset
+        return self._position
+
+    def readinto(self, buffer) -> int:
+        out = memoryview(buffer).cast("B")
+        done = 0
+        index = bisect.bisect_right(self._starts, self._position) - 1
+        while done < len(out) and self._position < self._size:
+            piece = self._pieces[index]
+            offset = self._position - self._starts[index]
+            n = min(len(piece) - offset, len(out) - done)
+            out[done : done + n] = piece[offset : offset + n]
+            done += n
+            self._position += n
+            index += 1
+        return done
+
+
+def _count(pieces: tuple[bytes, ...], marker: bytes) -> int:
+    """Occurrences of a two-byte ``marker`` in the pieces joined (without joining them)."""
+    total = sum(p.count(marker) for p in pieces)
+    tail = b""
+    for piece in pieces:
+        if piece:
+            total += (tail + piece[:1]) == marker
+            tail = piece[-1:]
+    return total
+
+
+def decode_image(
+    data: ImageBytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] = (255, 255, 255),
+    draft_shorter_side: int | None = None,
+) -> Image.Image:
+    """Bytes → an 8-bit RGB image, upright (EXIF orientation applied), transparency composited.
+
+    Raises UnsupportedImage (not one of ALLOWED_FORMATS), ImageTooLarge (more than ``max_pixels`` pixels,
+    checked from the header before any pixel is decoded) or CorruptImage (truncated or undecodable).
+    ``draft_shorter_side`` lets the JPEG decoder shrink by 2/4/8 while keeping the shorter side at
+    least that long: a 12-MP photo decodes several times faster and no detail at 256 px is lost.
+    """
+    image = open_image(data, max_pixels=max_pixels)
+    width, height = image.size
     try:
         if draft_shorter_side and image.format in ("JPEG", "MPO"):
             scale = draft_shorter_side / min(width, height)
@@ -214,8 +286,57 @@ def to_square_uint8(image: Image.Image, size: int = 256, resample: str = "biline
     return pixels.view(size, size, 3).permute(2, 0, 1).contiguous()
 
 
+# Bytes per pixel of Pillow's storage for each mode: 3-channel modes are stored 4 bytes a pixel.
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+def decode_peak_bytes(image: Image.Image, *, draft_shorter_side: int | None = None) -> int:
+    """Most memory ``decode_image`` + ``to_square_uint8`` can hold at once for this opened image: an upper
+    bound from its header (mode, size, format), so a service can budget decodes before they start.
+
+    Counted (in Pillow's storage, 4 bytes a pixel for RGB): the decoded image; EXIF rotation's copy if the
+    header asks for one; each
+    conversion on the way to RGB while its source is alive (the worst are RGB/LA with transparency →
+    RGBA → composited RGB + alpha: 13 bytes a pixel, and 16-bit grayscale → float → scaled → L: 10); a
+    progressive JPEG's whole-image coefficient buffer (6 bytes a pixel at full size, whatever the draft);
+    TIFF's strip and WebP's decode buffers (up to one more copy); 1 MiB for the decoder's own state. The
+    bound is checked against measured peaks in tests/test_service_memory.py."""
+    width, height = image.size
+    full = width * height
+    decoded = full
+    if draft_shorter_side and image.format in ("JPEG", "MPO"):
+        # what draft() will choose: the largest power-of-two reduction keeping the shorter side ≥ requested
+        reduction = 1
+        while reduction < 8 and min(width, height) / (reduction * 2) >= draft_shorter_side:
+            reduction *= 2
+        decoded = math.ceil(width / reduction) * math.ceil(height / reduction)
+    stored = _STORED_BYTES.get(image.mode, 4)
+    transparent = "transparency" in image.info or image.mode in ("LA", "La", "PA", "RGBa", "RGBA")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        conversion = 4 + 4 + 1 + 4  # → F, scaled F (source alive), → L, → RGB
+    elif transparent:
+        conversion = 4 + 4 + 1  # → RGBA, the RGB canvas, its alpha channel
+    else:
+        conversion = 0 if image.mode == "RGB" else 4  # → RGB
+    rotated = _orientation(image) not in (None, 1)
+    per_pixel = stored * (2 if rotated else 1) + conversion  # decoded (+ its upright copy), then conversions
+    peak = decoded * per_pixel
+    if image.format in ("JPEG", "MPO") and (image.info.get("progressive") or image.info.get("progression")):
+        peak += full * 6  # libjpeg buffers every coefficient of a progressive image (16 bits, 3 components)
+    if image.format in ("TIFF", "WEBP"):
+        peak += decoded * 4
+    return peak + 1024 * 1024
+
+
+def _orientation(image: Image.Image) -> int | None:
+    try:
+        return image.getexif().get(0x0112)
+    except Exception:
+        return None  # a broken EXIF block: _upright ignores it too
+
+
 def load_image(
-    data: bytes,
+    data: ImageBytes,
     *,
     size: int = 256,
     resample: str = "bilinear",
@@ -288,7 +409,13 @@ class Preprocessor:
         patches += [p.flip(-1) for p in patches]
         return torch.stack(patches, dim=1)
 
-    def load(self, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    def decode_peak_bytes(self, data: ImageBytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+        """Most memory ``load(data)`` can take (see ``decode_peak_bytes``); reads only the header, raising
+        what ``load`` would for an unsupported format, too many pixels or a broken header."""
+        image = open_image(data, max_pixels=max_pixels)
+        return decode_peak_bytes(image, draft_shorter_side=self.config.resize)
+
+    def load(self, data: ImageBytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """Image bytes → uint8 [3, resize, resize] with this checkpoint's resize, filter and background."""
         c = self.config
         return load_image(data, size=c.resize, resample=c.resample, max_pixels=max_pixels, background=c.background)
