@@ -1,7 +1,8 @@
 """``python -m service [--host H] [--port P] [--checkpoint FILE] …``: serve the API with uvicorn.
 
 Flags override ``ALEXNET_*`` environment variables, which override the defaults (see settings.py).
-Exit status: 0 after a clean shutdown, 2 for invalid settings, 3 when the model cannot be loaded.
+Exit status: 0 after a clean shutdown, 2 for invalid settings (or settings whose worst case does not fit the
+cgroup's memory limit), 3 when the model cannot be loaded.
 """
 
 from __future__ import annotations
@@ -51,15 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler it found
     # installed. This one turns that into exit status 0: a requested, clean shutdown is a success.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # our JSON logging (configure) handles uvicorn's loggers too
-        log_level=settings.log_level,
-        access_log=False,  # service.logs.ObserveRequests writes the access log
-        timeout_graceful_shutdown=30,
-    )
+    app = create_app(settings)
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,  # our JSON logging (configure) handles uvicorn's loggers too
+            log_level=settings.log_level,
+            access_log=False,  # service.logs.ObserveRequests writes the access log
+            timeout_graceful_shutdown=30,
+        )
+    except SystemExit as e:
+        # uvicorn exits 3 for any start-up failure; settings that cannot fit in memory are a usage error (2)
+        raise SystemExit(getattr(app.state, "startup_exit_status", None) or e.code) from None
     return 0
 
 

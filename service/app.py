@@ -18,9 +18,10 @@ from fastapi import FastAPI
 import model as model_package
 from model import ImageError
 
-from . import engine, problems, reload
+from . import engine, memory, problems, reload
 from .batcher import Batcher
 from .engine import Explanation, LoadedModel
+from .memory import BodyBudget, DecodeBudget, Reservation
 from .logs import ObserveRequests
 from .metrics import ServiceMetrics
 from .problems import ProblemError
@@ -52,19 +53,23 @@ class ServiceState:
         self._explainers: ThreadPoolExecutor | None = None
         self.explaining = 0  # /explain requests between explain_admission() and their answer
         self._seconds_per_explanation = 1.0  # running estimate, for Retry-After
+        self.bodies = BodyBudget(settings.body_memory_bytes)
+        self.decodes = DecodeBudget(settings.decode_memory_bytes)
+        self.worst_case: memory.WorstCase | None = None
 
     async def start(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
         devices = engine.resolve_devices(s.device)
         path = s.checkpoint
-        if _missing(path):
-            log.warning(UNTRAINED_WARNING, path, path)
-            self.model = await loop.run_in_executor(None, engine.untrained, devices)
-            loaded = None
-        else:
-            loaded = reload.fingerprint(path)
-            self.model = await loop.run_in_executor(None, engine.load, path, devices)
+        with memory.MeasureLoad() as load_cost:
+            if _missing(path):
+                log.warning(UNTRAINED_WARNING, path, path)
+                self.model = await loop.run_in_executor(None, engine.untrained, devices)
+                loaded = None
+            else:
+                loaded = reload.fingerprint(path)
+                self.model = await loop.run_in_executor(None, engine.load, path, devices)
         identity = self.model.identity
         log.info(
             "serving %s on %s (trained=%s, epoch %s, val top-1 error %s, top-5 %s)",
@@ -92,6 +97,7 @@ class ServiceState:
             metrics=self.metrics,
         )
         self.batcher.start()
+        self.worst_case = await loop.run_in_executor(None, self._check_memory, self.model, load_cost.result)
         self._decoder = ThreadPoolExecutor(s.decode_threads, "decode")
         # Grad-CAM's own threads: autograd through the two-tower net, beside (never in) the inference thread.
         # No more of them than explanations admitted at once, so nothing ever waits in this pool's queue.
@@ -125,26 +131,75 @@ class ServiceState:
         if self._explainers is not None:
             self._explainers.shutdown(wait=True)
 
+    def _check_memory(self, model: LoadedModel, load_cost: memory.ModelLoadCost) -> memory.WorstCase:
+        """Run one full batch (so what it needs is resident), then compare the worst case the settings allow
+        with the cgroup's memory limit: MemoryDoesNotFit when it cannot fit."""
+        s = self.settings
+        image = model.preprocessor.load(engine._WARM_UP_PNG)
+        model.predict([[image] * s.max_batch], ["center"], max_batch=s.max_batch)
+        gc.collect()
+        worst = memory.worst_case(
+            s,
+            ready_bytes=memory.resident_bytes(),
+            model_load=load_cost,
+            decoded_image_bytes=image.numel() * image.element_size(),
+        )
+        limit, source = memory.cgroup_memory_limit()
+        fields = {"event": "memory_bound", "worst_case_bytes": worst.total, "limit_bytes": limit}
+        if limit is None:
+            log.info("memory: worst case %s; %s", worst.describe(), source, extra={"fields": fields})
+        elif worst.total > limit:
+            raise memory.MemoryDoesNotFit(worst, limit, source)
+        else:
+            log.info(
+                "memory: worst case %s fits the limit of %s MiB (%s)",
+                worst.describe(),
+                f"{limit / memory.MIB:,.0f}",
+                source,
+                extra={"fields": fields},
+            )
+        return worst
+
+    @contextlib.contextmanager
+    def body_reservation(self):
+        """A request's share of the body budget, released when the request ends (if not before)."""
+        reservation = Reservation(self.bodies)
+        try:
+            yield reservation
+        finally:
+            reservation.release()
+
     def _switch(self, new: LoadedModel) -> None:
         self.model = new  # requests already under way keep the model they started with
 
     async def decode(self, model: LoadedModel, uploads: list[Upload]) -> list[torch.Tensor]:
         """Decode every upload in the decode threads → uint8 [3, S, S] each, for this model's preprocessing.
+        Each upload's body is dropped once decoded.
 
-        No tensor work happens on the event loop: a torch op here would wake OpenMP threads and stall
-        every connection while they come."""
-        loop = asyncio.get_running_loop()
-        load = functools.partial(_decode, model, max_pixels=self.settings.max_pixels)
-        results = await asyncio.gather(
-            *(loop.run_in_executor(self._decoder, load, upload.data) for upload in uploads), return_exceptions=True
-        )
+        Each decode first bounds its memory from the image's header and waits for that much of the decode
+        budget. No tensor work happens on the event loop: a torch op here would wake OpenMP threads and
+        stall every connection while they come."""
+        results = await asyncio.gather(*(self._decode_one(model, upload) for upload in uploads), return_exceptions=True)
         for position, (upload, result) in enumerate(zip(uploads, results), 1):
+            upload.data = []
             if isinstance(result, ImageError):
                 name = upload.describe(position) if len(uploads) > 1 or upload.filename else "image"
                 raise problems.image_problem(result, name)
             if isinstance(result, BaseException):
                 raise result
         return results
+
+    async def _decode_one(self, model: LoadedModel, upload: Upload) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        max_pixels = self.settings.max_pixels
+        need = await loop.run_in_executor(self._decoder, _decode_peak, model, upload.data, max_pixels)
+        if need > self.decodes.capacity:
+            raise model_package.ImageTooLarge(
+                f"decoding it needs up to {need / memory.MIB:,.0f} MiB, more than all decodes together may use "
+                f"({self.decodes.capacity / memory.MIB:,.0f} MiB, ALEXNET_DECODE_MEMORY_BYTES)"
+            )
+        async with self.decodes.hold(need):
+            return await loop.run_in_executor(self._decoder, _decode, model, upload.data, max_pixels)
 
     @contextlib.contextmanager
     def explain_admission(self):
@@ -211,7 +266,17 @@ def _explain(model: LoadedModel, image: torch.Tensor, class_index: int | None, a
     return explanation, explanation.png() if as_png else None
 
 
-def _decode(model: LoadedModel, data: bytes, *, max_pixels: int) -> torch.Tensor:
+def _decode_peak(model: LoadedModel, data, max_pixels: int) -> int:
+    try:
+        return model.preprocessor.decode_peak_bytes(data, max_pixels=max_pixels)
+    except ImageError:
+        raise
+    except Exception as e:  # as in _decode
+        log.warning("unexpected decoder error", exc_info=True)
+        raise model_package.CorruptImage(f"cannot read image header: {type(e).__name__}: {e}") from None
+
+
+def _decode(model: LoadedModel, data, max_pixels: int) -> torch.Tensor:
     try:
         return model.preprocessor.load(data, max_pixels=max_pixels)
     except ImageError:
@@ -239,6 +304,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         try:
             await state.start()
+        except memory.MemoryDoesNotFit as e:
+            log.error("cannot start the service: %s", e, extra={"fields": {"event": "startup_failed"}})
+            app.state.startup_exit_status = 2  # settings that cannot work, like an invalid one (__main__)
+            await state.stop()
+            raise
         except Exception as e:
             log.error("cannot start the service: %s", e, extra={"fields": {"event": "startup_failed"}})
             await state.stop()

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import model
 
@@ -45,6 +45,17 @@ class Settings(BaseModel):
     )
     queue_size: int = Field(64, ge=1, description="requests admitted at once (body to answer); more → 503")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body limit, counted while streaming")
+    body_memory_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="bytes of request bodies held at once, all requests together; no room → 503 + Retry-After",
+    )
+    decode_memory_bytes: int = Field(
+        640 * 1024 * 1024,
+        ge=1,
+        description="bytes that image decodes in flight may use, each bounded from its header before decoding; "
+        "decodes wait for room; an image that needs more → 413",
+    )
     max_pixels: int = Field(64_000_000, ge=1, description="width × height limit per image, read from its header")
     max_files: int = Field(16, ge=1, description="file parts per multipart request")
     body_timeout_s: float = Field(
@@ -73,6 +84,15 @@ class Settings(BaseModel):
         parse_devices(value)  # raises ValueError with the reason
         return value
 
+    @model_validator(mode="after")
+    def _bodies_fit_their_budget(self) -> Settings:
+        if self.max_body_bytes > self.body_memory_bytes:
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes:,}) is more than body_memory_bytes ({self.body_memory_bytes:,}):"
+                " a body of the allowed size could never be held"
+            )
+        return self
+
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
         """Defaults ← ``ALEXNET_<FIELD>`` variables ← ``overrides`` (CLI flags; None means not given)."""
@@ -89,7 +109,7 @@ class Settings(BaseModel):
         try:
             return cls(**values)
         except ValidationError as e:
-            problems = [f"{sources.get(str(err['loc'][0]), err['loc'][0])}: {err['msg']}" for err in e.errors()]
+            problems = [_describe(err, sources) for err in e.errors()]
             raise SettingsError("invalid settings: " + "; ".join(problems)) from None
 
     @property
@@ -103,6 +123,13 @@ class Settings(BaseModel):
     @property
     def decode_threads(self) -> int:
         return self.decode_workers or self.cpu_count
+
+
+def _describe(error: dict, sources: dict[str, str]) -> str:
+    if not error["loc"]:  # a rule across fields: its message names them
+        return error["msg"].removeprefix("Value error, ")
+    name = str(error["loc"][0])
+    return f"{sources.get(name, name)}: {error['msg']}"
 
 
 def parse_devices(spec: str) -> tuple[str, ...]:

@@ -3,6 +3,10 @@
 Counting bytes as they arrive (not trusting Content-Length) is what makes the limit hold for chunked
 uploads, which have no Content-Length. The multipart parser is python-multipart's streaming one, fed
 the same limited chunks, so too many file parts are refused as soon as the one too many begins.
+
+Each body is held once, as the chunks it arrived in (the decoder reads them in place: joining them would
+hold the body twice and need one contiguous block its size), and counted against the body budget
+(memory.py): the Content-Length before the first byte is read, or each chunk of a chunked body.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
+from .memory import Reservation
 from .problems import ProblemError
 
 FILE_FIELD = "file"
@@ -24,41 +29,45 @@ RAW_TYPES = ("image/", "application/octet-stream")
 @dataclass
 class Upload:
     filename: str | None
-    data: bytes
+    data: bytes | list[bytes]  # one image, in the chunks it arrived in; emptied once decoded
 
     def describe(self, position: int) -> str:
         return f"file {position}" + (f" ({self.filename!r})" if self.filename else "")
 
 
-async def read_uploads(request: Request, *, max_body_bytes: int, max_files: int, timeout: float) -> list[Upload]:
+async def read_uploads(
+    request: Request, *, max_body_bytes: int, max_files: int, timeout: float, reservation: Reservation | None = None
+) -> list[Upload]:
     """The images in a multipart form (every ``file`` part) or a raw ``image/*`` body, which must arrive
     within ``timeout`` seconds: a client that stalls mid-body would otherwise hold its queue place forever
-    (64 stalled connections would lock everyone else out)."""
+    (64 stalled connections would lock everyone else out). The body is counted in ``reservation``."""
+    reservation = reservation or Reservation(None)
     try:
         async with asyncio.timeout(timeout):
-            return await _read_uploads(request, max_body_bytes=max_body_bytes, max_files=max_files)
+            return await _read_uploads(request, max_body_bytes, max_files, reservation)
     except TimeoutError:
         raise ProblemError(408, "body-timeout", f"the request body did not arrive within {timeout:g} s") from None
 
 
-async def read_body(request: Request, *, max_body_bytes: int, timeout: float) -> bytes:
-    """The whole raw body, whatever its Content-Type, under the same limit and timeout as an upload."""
+async def read_body(
+    request: Request, *, max_body_bytes: int, timeout: float, reservation: Reservation | None = None
+) -> bytes:
+    """The whole raw body, whatever its Content-Type, under the same limit, budget and timeout as an upload."""
+    reservation = reservation or Reservation(None)
     try:
         async with asyncio.timeout(timeout):
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-                raise _too_large(max_body_bytes)
-            return b"".join([chunk async for chunk in _limited(request, max_body_bytes)])
+            _check_declared_length(request, max_body_bytes, reservation)
+            return b"".join([chunk async for chunk in _limited(request, max_body_bytes, reservation)])
     except TimeoutError:
         raise ProblemError(408, "body-timeout", f"the request body did not arrive within {timeout:g} s") from None
 
 
-async def _read_uploads(request: Request, *, max_body_bytes: int, max_files: int) -> list[Upload]:
+async def _read_uploads(
+    request: Request, max_body_bytes: int, max_files: int, reservation: Reservation
+) -> list[Upload]:
     content_type, params = parse_options_header(request.headers.get("content-type"))
     content_type = content_type.decode("latin-1")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-        raise _too_large(max_body_bytes)  # no need to read what will be refused anyway
+    _check_declared_length(request, max_body_bytes, reservation)
 
     if content_type == "multipart/form-data":
         boundary = params.get(b"boundary")
@@ -66,7 +75,7 @@ async def _read_uploads(request: Request, *, max_body_bytes: int, max_files: int
             raise ProblemError(400, "malformed-multipart", "multipart/form-data without a boundary parameter")
         form = _Form(boundary, max_files)
         try:
-            async for chunk in _limited(request, max_body_bytes):
+            async for chunk in _limited(request, max_body_bytes, reservation):
                 form.parser.write(chunk)
             form.parser.finalize()
         except FormParserError as e:
@@ -78,7 +87,7 @@ async def _read_uploads(request: Request, *, max_body_bytes: int, max_files: int
         return form.uploads
 
     if content_type.startswith(RAW_TYPES):
-        return [Upload(None, b"".join([chunk async for chunk in _limited(request, max_body_bytes)]))]
+        return [Upload(None, [chunk async for chunk in _limited(request, max_body_bytes, reservation)])]
 
     raise ProblemError(
         415,
@@ -88,17 +97,58 @@ async def _read_uploads(request: Request, *, max_body_bytes: int, max_files: int
     )
 
 
+def _check_declared_length(request: Request, max_body_bytes: int, reservation: Reservation) -> None:
+    """Refuse before reading: a Content-Length over the limit (413), or one the body budget has no room for."""
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        return
+    if int(declared) > max_body_bytes:
+        raise _too_large(max_body_bytes)  # no need to read what will be refused anyway
+    if not reservation.grow_to(int(declared)):
+        raise _no_room(reservation)  # the body is drained before the answer (discard_body)
+
+
+async def discard_body(request: Request, *, max_body_bytes: int, timeout: float) -> None:
+    """Read what is left of a refused request's body and drop it, chunk by chunk (no memory held), so the
+    client, still sending, reads the answer on a connection that stays open instead of seeing it reset.
+    Only for bodies within the limit and only for ``timeout`` seconds; otherwise the connection closes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        return
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    return
+    except (TimeoutError, ClientDisconnect, RuntimeError):  # RuntimeError: the stream was already consumed
+        return
+
+
+def _no_room(reservation: Reservation) -> ProblemError:
+    budget = reservation.budget
+    return ProblemError(
+        503,
+        "memory-busy",
+        f"request bodies in memory are at the limit ({budget.capacity:,} bytes, ALEXNET_BODY_MEMORY_BYTES); retry later",
+        {"Retry-After": "1"},
+    )
+
+
 def _too_large(limit: int) -> ProblemError:
     return ProblemError(413, "body-too-large", f"the request body is larger than the limit of {limit:,} bytes")
 
 
-async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+async def _limited(request: Request, limit: int, reservation: Reservation) -> AsyncIterator[bytes]:
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise _too_large(limit)
+            if not reservation.grow_to(size):  # a chunked body (or one longer than it said) growing
+                raise _no_room(reservation)
             if chunk:
                 yield chunk
     except ClientDisconnect:
@@ -164,4 +214,5 @@ class _Form:
         self._part.chunks.append(data[start:end])
 
     def _end(self):
-        self.uploads.append(Upload(self._part.filename, b"".join(self._part.chunks)))
+        self.uploads.append(Upload(self._part.filename, self._part.chunks))
+        self._part.chunks = []

@@ -15,7 +15,7 @@ from ..batcher import InferenceFailed, QueueFull
 from ..engine import LoadedModel, Task
 from ..problems import ProblemError
 from ..schemas import Problem, Timing
-from ..uploads import Upload, read_uploads
+from ..uploads import Upload, discard_body, read_uploads
 
 IMAGE_FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 
@@ -86,18 +86,32 @@ class Clock:
         )
 
 
+async def discard(request: Request) -> None:
+    """Drop what is left of a refused request's body (see uploads.discard_body)."""
+    settings = request.app.state.service.settings
+    await discard_body(request, max_body_bytes=settings.max_body_bytes, timeout=settings.body_timeout_s)
+
+
 async def receive(request: Request, model: LoadedModel, clock: Clock, *, max_files: int | None = None):
-    """The request's uploads and their decoded uint8 images [3, S, S], read under the service's limits."""
+    """The request's uploads and their decoded uint8 images [3, S, S], read under the service's limits. The
+    bodies count against the body budget until they are decoded (then they are dropped)."""
     state = request.app.state.service
     settings = state.settings
-    uploads = await read_uploads(
-        request,
-        max_body_bytes=settings.max_body_bytes,
-        max_files=settings.max_files if max_files is None else max_files,
-        timeout=settings.body_timeout_s,
-    )
-    clock.decode_started = time.perf_counter()
-    images = await state.decode(model, uploads)
+    with state.body_reservation() as reservation:
+        try:
+            uploads = await read_uploads(
+                request,
+                max_body_bytes=settings.max_body_bytes,
+                max_files=settings.max_files if max_files is None else max_files,
+                timeout=settings.body_timeout_s,
+                reservation=reservation,
+            )
+        except ProblemError as e:
+            if e.status == 503:  # no room for the body now: the client will retry on this connection
+                await discard(request)
+            raise
+        clock.decode_started = time.perf_counter()
+        images = await state.decode(model, uploads)
     return uploads, images
 
 
@@ -112,6 +126,7 @@ async def batched(request: Request, model: LoadedModel, task: Task, clock: Clock
             outputs = await state.batcher.infer(model, images, task)
             clock.done = time.perf_counter()
     except QueueFull as e:
+        await discard(request)
         raise ProblemError(
             503, "queue-full", "the server is at capacity; retry later", {"Retry-After": str(e.retry_after)}
         ) from None

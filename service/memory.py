@@ -1,0 +1,271 @@
+"""The service's memory bound: budgets for what requests hold, and the start-up check against the cgroup.
+
+Where a request's memory goes (measured with bench/memory_load.py; BENCHMARKS.md, "Memory under load"):
+its body, held once, in the chunks it arrived in; the decode, which for a large image is many times the
+file (a 2 MB PNG of 62 Mpx holds ~800 MB while it becomes RGB); and the decoded 256×256 images until the
+answer. Each has a bound:
+
+- bodies: ``body_memory_bytes`` for all bodies at once. A request reserves its Content-Length before its
+  body is read (a chunked one reserves each chunk as it comes); no room → 503 + Retry-After.
+- decodes: ``decode_memory_bytes`` for all decodes at once. Each image's peak is bounded from its header
+  (``Preprocessor.decode_peak_bytes``) before a pixel is decoded; decodes wait in order for room; an image
+  that needs more than the whole budget → 413.
+- decoded images: ``queue_size`` × ``max_files`` of them at most.
+
+``worst_case`` adds these to what the process holds once ready (the model, the runtime, a full batch's
+activations), what a hot reload and /explain's own net add (both measured from the first model's load), and
+allocator slack; at start-up it is compared with the memory limit of the process's cgroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("service")
+
+MIB = 1024 * 1024
+# Allocator overhead on top of what is counted: glibc's free lists and per-thread arenas keep some of what
+# was freed. Sized from bench/memory_load.py's peaks against the counted worst case (BENCHMARKS.md).
+ALLOCATOR_SLACK_FRACTION = 0.05
+ALLOCATOR_SLACK_BYTES = 64 * MIB
+# One Grad-CAM in flight: the two-tower net's activations and their gradients at batch 1 (measured ~40 MiB).
+EXPLANATION_BYTES = 64 * MIB
+
+
+class BodyBudget:
+    """Bytes of request bodies held at once. Reservations never wait: a body that does not fit now is
+    refused (its client retries), since holding the connection open while waiting would hold the socket
+    buffers and the client's patience instead."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.in_use = 0
+
+    def try_reserve(self, n: int) -> bool:
+        if self.in_use + n > self.capacity:
+            return False
+        self.in_use += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.in_use -= n
+
+
+class Reservation:
+    """One request's share of the body budget: grows as its body arrives, released once it is decoded."""
+
+    def __init__(self, budget: BodyBudget | None):
+        self.budget = budget
+        self.held = 0
+
+    def grow_to(self, total: int) -> bool:
+        """Hold ``total`` bytes in all (False: the budget has no room; nothing more is held)."""
+        if self.budget is None or total <= self.held:
+            return True
+        if not self.budget.try_reserve(total - self.held):
+            return False
+        self.held = total
+        return True
+
+    def release(self) -> None:
+        if self.budget is not None and self.held:
+            self.budget.release(self.held)
+        self.held = 0
+
+
+class DecodeBudget:
+    """Bytes that decodes in flight may use. Waiters are served in arrival order, so a large image is not
+    starved by a stream of small ones; one that needs more than ``capacity`` never fits (the caller says 413)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.in_use = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int):
+        if n > self.capacity:
+            raise ValueError(f"{n} bytes is more than the whole budget of {self.capacity}")
+        if self._waiters or self.in_use + n > self.capacity:
+            future = asyncio.get_running_loop().create_future()
+            entry = (n, future)
+            self._waiters.append(entry)
+            try:
+                await future  # granted: in_use already counts n
+            except BaseException:
+                if future.done() and not future.cancelled():
+                    self._release(n)  # granted just as we were cancelled
+                else:
+                    self._waiters.remove(entry)
+                    self._grant()  # the waiters behind us may fit now
+                raise
+        else:
+            self.in_use += n
+        try:
+            yield
+        finally:
+            self._release(n)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _release(self, n: int) -> None:
+        self.in_use -= n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self.in_use + self._waiters[0][0] <= self.capacity:
+            n, future = self._waiters.popleft()
+            self.in_use += n
+            future.set_result(None)
+
+
+class MemoryDoesNotFit(RuntimeError):
+    """The worst case the settings allow is more than the cgroup's memory limit."""
+
+    def __init__(self, worst: "WorstCase", limit: int, source: str):
+        self.worst, self.limit = worst, limit
+        super().__init__(
+            f"the settings allow up to {worst.describe()}, more than the memory limit of {limit / MIB:,.0f} MiB "
+            f"({source}). Lower ALEXNET_BODY_MEMORY_BYTES, ALEXNET_DECODE_MEMORY_BYTES, ALEXNET_QUEUE_SIZE × "
+            "ALEXNET_MAX_FILES or ALEXNET_MAX_BATCH, turn hot reload off (ALEXNET_RELOAD_INTERVAL_S=0), "
+            "or raise the container's memory limit"
+        )
+
+
+@dataclass(frozen=True)
+class WorstCase:
+    """The most memory the settings let the process use, by part (bytes)."""
+
+    ready: int  # resident once the model is loaded and a full batch has run
+    reload: int  # a second model while a hot reload loads it
+    explain: int  # the net /explain builds on first use, and the explanations in flight
+    bodies: int
+    decodes: int
+    decoded_images: int
+    slack: int
+
+    @property
+    def total(self) -> int:
+        return self.ready + self.reload + self.explain + self.bodies + self.decodes + self.decoded_images + self.slack
+
+    def describe(self) -> str:
+        parts = ", ".join(
+            f"{name} {value / MIB:,.0f}"
+            for name, value in (
+                ("ready", self.ready),
+                ("reload", self.reload),
+                ("explain", self.explain),
+                ("bodies", self.bodies),
+                ("decodes", self.decodes),
+                ("decoded images", self.decoded_images),
+                ("allocator slack", self.slack),
+            )
+        )
+        return f"{self.total / MIB:,.0f} MiB ({parts} MiB)"
+
+
+def worst_case(settings, *, ready_bytes: int, model_load: "ModelLoadCost", decoded_image_bytes: int) -> WorstCase:
+    """``ready_bytes``: measured resident size once ready; ``model_load``: what loading the model cost
+    (a reload costs it again while the old model still serves; /explain's net stays as resident as the
+    first one); ``decoded_image_bytes``: one decoded uint8 image."""
+    reload = model_load.peak if settings.reload_interval_s > 0 else 0
+    explain = model_load.resident + settings.explain_concurrency * EXPLANATION_BYTES
+    decoded_images = settings.queue_size * settings.max_files * decoded_image_bytes
+    counted = ready_bytes + reload + explain + settings.body_memory_bytes + settings.decode_memory_bytes
+    counted += decoded_images
+    return WorstCase(
+        ready=ready_bytes,
+        reload=reload,
+        explain=explain,
+        bodies=settings.body_memory_bytes,
+        decodes=settings.decode_memory_bytes,
+        decoded_images=decoded_images,
+        slack=int(counted * ALLOCATOR_SLACK_FRACTION) + ALLOCATOR_SLACK_BYTES,
+    )
+
+
+@dataclass(frozen=True)
+class ModelLoadCost:
+    """Measured around the first load: the most it added at once, and what stays resident."""
+
+    peak: int
+    resident: int
+
+
+class MeasureLoad:
+    """``with MeasureLoad() as cost: load()`` → ``cost.result``: the peak from the kernel's high-water mark
+    (reset first through /proc/self/clear_refs), falling back to the resident growth twice over where the
+    mark cannot be reset (the load then holds the checkpoint's tensors and their laid-out copy at once)."""
+
+    def __enter__(self) -> MeasureLoad:
+        self.before = resident_bytes()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.resettable = True
+        except OSError:
+            self.resettable = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        resident = max(0, resident_bytes() - self.before)
+        peak = max(0, _status_bytes("VmHWM") - self.before) if self.resettable else 2 * resident
+        self.result = ModelLoadCost(peak=max(peak, resident), resident=resident)
+
+
+def cgroup_memory_limit(proc_self_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")):
+    """(limit in bytes, the file it came from) of this process's memory cgroup, or (None, reason).
+
+    cgroup v2: ``memory.max`` of the group in /proc/self/cgroup's ``0::`` line; v1: ``memory.limit_in_bytes``
+    of its ``memory`` line. Inside a container the group's own directory is usually mounted as the root, so
+    both the path and the root are tried, and every ancestor's limit counts (the smallest wins)."""
+    try:
+        lines = proc_self_cgroup.read_text().splitlines()
+    except OSError as e:
+        return None, f"cannot read {proc_self_cgroup}: {e}"
+    candidates: list[Path] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and (root / "cgroup.controllers").exists():
+            candidates += [d / "memory.max" for d in _ancestors(root, path)]
+        elif "memory" in controllers.split(","):
+            candidates += [d / "memory.limit_in_bytes" for d in _ancestors(root / "memory", path)]
+    limits = []
+    for file in candidates:
+        try:
+            text = file.read_text().strip()
+        except OSError:
+            continue
+        if text != "max" and int(text) < (1 << 62):  # v1 writes "no limit" as a page-rounded 2^63
+            limits.append((int(text), str(file)))
+    if not limits:
+        return None, "no memory limit set on this process's cgroup"
+    return min(limits)
+
+
+def _ancestors(mount: Path, path: str) -> list[Path]:
+    """The group's directory and each one above it up to the mount, then the mount itself."""
+    parts = [p for p in path.strip("/").split("/") if p]
+    out = [mount.joinpath(*parts[:n]) for n in range(len(parts), 0, -1)]
+    return [d for d in out if d.is_dir()] + [mount]
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (VmRSS)."""
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(key: str) -> int:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
