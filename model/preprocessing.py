@@ -299,7 +299,8 @@ def decode_peak_bytes(image: Image.Image, *, draft_shorter_side: int | None = No
     conversion on the way to RGB while its source is alive (the worst are RGB/LA with transparency →
     RGBA → composited RGB + alpha: 13 bytes a pixel, and 16-bit grayscale → float → scaled → L: 10); a
     progressive JPEG's whole-image coefficient buffer (6 bytes a pixel at full size, whatever the draft);
-    TIFF's strip and WebP's decode buffers (up to one more copy); 1 MiB for the decoder's own state. The
+    TIFF's strip buffer (up to one more copy) and WebP's two RGBA canvases; 5 % and 4 MiB for the allocator
+    and the decoder's own state. The
     bound is checked against measured peaks in tests/test_service_memory.py."""
     width, height = image.size
     full = width * height
@@ -323,9 +324,11 @@ def decode_peak_bytes(image: Image.Image, *, draft_shorter_side: int | None = No
     peak = decoded * per_pixel
     if image.format in ("JPEG", "MPO") and (image.info.get("progressive") or image.info.get("progression")):
         peak += full * 6  # libjpeg buffers every coefficient of a progressive image (16 bits, 3 components)
-    if image.format in ("TIFF", "WEBP"):
-        peak += decoded * 4
-    return peak + 1024 * 1024
+    if image.format == "TIFF":
+        peak += decoded * 4  # libtiff's strip (or tile) buffer: up to the whole image
+    elif image.format == "WEBP":
+        peak += decoded * 14  # libwebp's RGBA canvases (this frame and the last), copied into the image
+    return int(peak * 1.05) + 4 * 1024 * 1024  # allocator rounding, the decoder's own state
 
 
 def _orientation(image: Image.Image) -> int | None:
