@@ -148,13 +148,16 @@ class WorstCase:
     reload: int  # a second model while a hot reload loads it
     explain: int  # the net /explain builds on first use, and the explanations in flight
     bodies: int
+    joining: int  # a body being joined into one block (the inference protocol's), while its chunks live
     decodes: int
     decoded_images: int
     slack: int
 
     @property
     def total(self) -> int:
-        return self.ready + self.reload + self.explain + self.bodies + self.decodes + self.decoded_images + self.slack
+        return sum(
+            (self.ready, self.reload, self.explain, self.bodies, self.joining, self.decodes, self.decoded_images)
+        ) + self.slack
 
     def describe(self) -> str:
         parts = ", ".join(
@@ -164,6 +167,7 @@ class WorstCase:
                 ("reload", self.reload),
                 ("explain", self.explain),
                 ("bodies", self.bodies),
+                ("joining", self.joining),
                 ("decodes", self.decodes),
                 ("decoded images", self.decoded_images),
                 ("allocator slack", self.slack),
@@ -179,13 +183,14 @@ def worst_case(settings, *, ready_bytes: int, model_load: "ModelLoadCost", decod
     reload = model_load.peak if settings.reload_interval_s > 0 else 0
     explain = model_load.resident + settings.explain_concurrency * EXPLANATION_BYTES
     decoded_images = settings.queue_size * settings.max_files * decoded_image_bytes
-    counted = ready_bytes + reload + explain + settings.body_memory_bytes + settings.decode_memory_bytes
-    counted += decoded_images
+    counted = ready_bytes + reload + explain + settings.body_memory_bytes + settings.max_body_bytes
+    counted += settings.decode_memory_bytes + decoded_images
     return WorstCase(
         ready=ready_bytes,
         reload=reload,
         explain=explain,
         bodies=settings.body_memory_bytes,
+        joining=settings.max_body_bytes,
         decodes=settings.decode_memory_bytes,
         decoded_images=decoded_images,
         slack=int(counted * ALLOCATOR_SLACK_FRACTION) + ALLOCATOR_SLACK_BYTES,

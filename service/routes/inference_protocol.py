@@ -33,7 +33,7 @@ from ..schemas import (
     TensorMetadata,
 )
 from ..uploads import Upload, read_body
-from .images import serving_model
+from .images import discard, serving_model
 
 log = logging.getLogger("service")
 
@@ -245,10 +245,22 @@ async def _infer(request: Request, model_name: str, model_version: str | None, h
     state = request.app.state.service
     settings = state.settings
     try:
-        # Admitted before the body is read, as /classify (routes/images.py, batched): at most queue_size bodies.
-        with state.batcher.admission():
-            body = await read_body(request, max_body_bytes=settings.max_body_bytes, timeout=settings.body_timeout_s)
+        # Admitted before the body is read, as /classify (routes/images.py, batched): at most queue_size bodies,
+        # and each one's memory (the body, then what parsing it takes) held against the body budget.
+        with state.batcher.admission(), state.body_reservation() as reservation:
+            try:
+                body = await read_body(
+                    request,
+                    max_body_bytes=settings.max_body_bytes,
+                    timeout=settings.body_timeout_s,
+                    reservation=reservation,
+                )
+            except ProblemError as e:
+                if e.status == 503:  # no room for the body now: the client will retry on this connection
+                    await discard(request)
+                raise
             header, binary = protocol.split_body(body, header_length)
+            _reserve_parsing(reservation, len(body), len(header), len(binary))
             parsed = protocol.parse_request(header)
             outputs = protocol.requested_outputs(parsed)
             inputs = protocol.read_inputs(
@@ -264,6 +276,7 @@ async def _infer(request: Request, model_name: str, model_version: str | None, h
                 images, task = list(inputs.tensor.unbind(0)), Task.probabilities_of_inputs()
             probabilities = await state.batcher.infer(model, images, task)
     except QueueFull as e:
+        await discard(request)
         raise ProblemError(
             503, "queue-full", "the server is at capacity; retry later", {"Retry-After": str(e.retry_after)}
         ) from None
@@ -277,6 +290,27 @@ async def _infer(request: Request, model_name: str, model_version: str | None, h
     if json_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream", headers={protocol.HEADER_LENGTH: str(json_length)})
+
+
+def _reserve_parsing(reservation, body: int, header: int, binary: int) -> None:
+    """Hold, beside the body, what parsing it takes: its JSON as Python objects (up to
+    ``protocol.JSON_BYTES_PER_BYTE`` times the JSON's size: FP32 data in JSON) and a copy of its binary data
+    (the cut elements, or the tensor). 413 when that can never fit the body budget, 503 when not now."""
+    need = body + header * protocol.JSON_BYTES_PER_BYTE + binary
+    if reservation.grow_to(need):
+        return
+    budget = reservation.budget
+    if need > budget.capacity:
+        raise ProblemError(
+            413,
+            "body-too-large",
+            f"parsing this request needs about {need / 2**20:,.0f} MiB ({protocol.JSON_BYTES_PER_BYTE}× its "
+            f"{header:,}-byte JSON), more than request bodies may hold ({budget.capacity / 2**20:,.0f} MiB, "
+            "ALEXNET_BODY_MEMORY_BYTES): send tensor data with the binary extension",
+        )
+    raise ProblemError(
+        503, "memory-busy", "request bodies in memory are at the limit; retry later", {"Retry-After": "1"}
+    )
 
 
 # Anything else under /v2 ----------------------------------------------------------------------------------
