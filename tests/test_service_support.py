@@ -37,7 +37,7 @@ def free_port() -> int:
 class ServiceProcess:
     """``python -m service --host 127.0.0.1 --port P …`` with its stderr (the JSON log) in a file."""
 
-    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None):
+    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None, preexec_fn=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -45,7 +45,9 @@ class ServiceProcess:
         environment = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
         environment.update({"PYTHONUNBUFFERED": "1", **(env or {})})
         self._log = open(log_path, "wb")
-        self.process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, cwd=REPO, env=environment, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
+        )
 
     def __enter__(self) -> "ServiceProcess":
         """``with ServiceProcess(...) as service``: ready on entry; stopped on exit, which must be clean (0)."""
