@@ -119,3 +119,36 @@ class MemoryCgroup:
                     return int(value)
             return 0
         return int((self.path / "memory.failcnt").read_text())
+
+
+def own_group_peak() -> dict | None:
+    """The peak, limit and OOM kills of the memory cgroup this process is in, when that group has a limit
+    (e.g. inside a container); None otherwise. Includes everything in the group (this process too)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and _v2_root():
+            names = ("memory.max", "memory.peak", "memory.events")
+            candidates = [ROOT / path.lstrip("/"), ROOT]
+        elif "memory" in controllers.split(",") and _v1_root():
+            names = ("memory.limit_in_bytes", "memory.max_usage_in_bytes", "memory.oom_control")
+            candidates = [ROOT / "memory" / path.lstrip("/"), ROOT / "memory"]
+        else:
+            continue
+        for directory in candidates:
+            limit_file, peak_file, events_file = (directory / n for n in names)
+            if not limit_file.exists():
+                continue
+            text = limit_file.read_text().strip()
+            if text == "max" or int(text) >= 1 << 62:
+                continue
+            oom = 0
+            for event in events_file.read_text().splitlines() if events_file.exists() else []:
+                key, _, value = event.partition(" ")
+                oom = int(value) if key == "oom_kill" else oom
+            peak = int(peak_file.read_text()) if peak_file.exists() else None
+            return {"path": str(directory), "limit": int(text), "peak": peak, "oom_kills": oom}
+    return None

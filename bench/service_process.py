@@ -20,16 +20,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(checkpoint: Path, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_service(
+    checkpoint: Path, flags: list[str], log_path: Path, preexec_fn=None
+) -> tuple[subprocess.Popen, str]:
     """The service on the CPU with ``checkpoint``, no hot-reload polling, warning-level logs (an access-log
     line per request would cost CPU the benchmarks measure), and any extra ``flags``. ALEXNET_* variables
-    of the caller's environment are dropped, so only the flags decide."""
+    of the caller's environment are dropped, so only the flags decide. ``preexec_fn`` runs in the child
+    before exec (e.g. joining a memory cgroup)."""
     port = free_port()
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--checkpoint", str(checkpoint), "--device", "cpu", "--reload-interval-s", "0"]
     command += ["--log-level", "warning", *flags]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"), preexec_fn=preexec_fn
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -2,6 +2,7 @@
 
     python bench/soak.py                                # 64 clients, 180 s, 30% bad requests
     python bench/soak.py --duration 600 --queue-size 32 --checkpoint checkpoints/best.safetensors
+    python bench/soak.py --memory-limit 3g              # the service in a 3 GiB memory cgroup (root)
 
 ``python -m service`` runs in a subprocess (every limit at its default unless a flag says otherwise); N
 httpx async clients post back to back for the duration. Each request is, at random (seeded), a real photo
@@ -13,13 +14,16 @@ into a benchmark of one decoder.
 Prints: throughput, latency percentiles (good and bad requests apart), the count of each status, 503s with
 and without Retry-After and what each said, answers other than expected, connection errors, the server's
 peak RSS, and RSS growth between the first and the last minute of the run (for runs under 5 minutes: the
-first and last fifth). The server's RSS is sampled every second from /proc/PID/status.
+first and last fifth). The server's RSS is sampled every second from /proc/PID/status. With
+``--memory-limit`` the service runs in a memory cgroup of its own with that limit (bench/memory_cgroup.py),
+and the group's peak and OOM kills are reported too; without it, when the soak itself runs in a cgroup with
+a memory limit (a container), that group's peak is reported.
 
 Clients do not wait for Retry-After: a refused client asks again at once (the worst case for the server).
 
-Targets: zero 5xx other than those 503s, zero connection errors, every 503 a queue-full one with
-Retry-After and counted by the server's own queue-rejection counter (so only when the queue was full),
-RSS growth under 10%.
+Targets: zero 5xx other than those 503s, zero connection errors, every 503 a queue-full one (counted by the
+server's own queue-rejection counter, so only when the queue was full) or a memory-busy one (the body budget
+full), each with Retry-After, RSS growth under 10%, and in a cgroup no OOM kill.
 
 Without --checkpoint the net is the paper's full-size AlexNet, freshly initialised.
 """
@@ -49,7 +53,9 @@ sys.path.insert(0, str(REPO / "tests" / "corpus"))
 import make_corpus  # noqa: E402
 
 from model import AlexNetConfig, Checkpoint, GroupedAlexNet  # noqa: E402
-from service_process import start_service  # noqa: E402  (bench/ is on sys.path when run as a script)
+from memory_cgroup import MemoryCgroup, own_group_peak  # noqa: E402  (bench/ is on sys.path as a script)
+from memory_load import parse_size  # noqa: E402
+from service_process import start_service  # noqa: E402
 
 PHOTOS = REPO / "tests" / "fixtures" / "images"
 LEFT_OUT = {"largest-allowed.webp"}
@@ -65,6 +71,7 @@ def parse_args():
     p.add_argument("--queue-size", type=int, help="the service's ALEXNET_QUEUE_SIZE (default: the service's)")
     p.add_argument("--threads", type=int, help="the service's ALEXNET_THREADS (default: the service's)")
     p.add_argument("--decode-workers", type=int, help="the service's ALEXNET_DECODE_WORKERS")
+    p.add_argument("--memory-limit", help="run the service in a memory cgroup with this limit (3g, 512m; root)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args()
@@ -241,7 +248,10 @@ def main():
         log_path = Path(tmp) / "service.log"
         flags = [f"--{flag.replace('_', '-')}={getattr(args, flag)}" for flag in ("queue_size", "threads", "decode_workers")
                  if getattr(args, flag) is not None]
-        process, url = start_service(checkpoint, flags, log_path)
+        group = MemoryCgroup(parse_size(args.memory_limit)) if args.memory_limit else None
+        if group:
+            group.__enter__()
+        process, url = start_service(checkpoint, flags, log_path, preexec_fn=group.enter if group else None)
         print(
             f"machine: {os.cpu_count()} CPUs; {args.clients} clients for {args.duration:.0f} s "
             f"(+{args.warmup:.0f} s warm-up), {args.bad_fraction:.0%} of requests from the corpus "
@@ -253,7 +263,11 @@ def main():
         finally:
             process.send_signal(signal.SIGTERM)
             exit_code = process.wait(120)
+            if group:
+                result_group = {"limit": group.limit_bytes, "peak": group.peak, "oom_kills": group.oom_kills}
+                group.__exit__(None, None, None)
         result["service_exit_status"] = exit_code
+        result["cgroup"] = result_group if group else own_group_peak()
         log = log_path.read_text(errors="replace")
         result["unhandled_errors_logged"] = log.count("unhandled error")
 
@@ -272,20 +286,29 @@ def main():
     print(f"server RSS: peak {r['peak_rss_mib']} MiB, mean over the first {r['rss_window_s']} s "
           f"{r['rss_first_window_mib']} MiB, over the last {r['rss_last_window_mib']} MiB "
           f"(growth {r['rss_growth']:+.1%}), at the end {r['rss_end_mib']} MiB")  # fmt: skip
+    if r["cgroup"]:
+        c = r["cgroup"]
+        where = c.get("path", "the service's own")
+        print(f"memory cgroup ({where}): peak {c['peak'] / 2**20:,.0f} MiB of a "
+              f"{c['limit'] / 2**20:,.0f} MiB limit, OOM kills {c['oom_kills']}")  # fmt: skip
     print(f"service: ready at the end {r['ready_after']}, exit status after SIGTERM {r['service_exit_status']}, "
           f"unhandled errors logged {r['unhandled_errors_logged']}")  # fmt: skip
 
-    refusals_ok = all(k.startswith("queue-full (with") for k in r["refusals_503"]) and r[
-        "refusals_503_whole_run"
-    ] == round(r["queue_rejections_counted_by_server"])
+    refusals_ok = all(k.startswith(("queue-full (with", "memory-busy (with")) for k in r["refusals_503"])
+    queue_full = sum(v for k, v in r["refusals_503"].items() if k.startswith("queue-full"))
+    refusals_ok = refusals_ok and queue_full <= round(r["queue_rejections_counted_by_server"])
     targets = {
         "zero 5xx": r["server_errors"] == 0 and r["unhandled_errors_logged"] == 0,
         "zero connection errors": not r["connection_errors"],
-        "every 503 is queue-full with Retry-After, counted by the server": refusals_ok,
+        "every 503 is queue-full (counted by the server) or memory-busy, with Retry-After": refusals_ok,
         "every answer as expected": not r["unexpected_answers"],
         "RSS growth < 10%": r["rss_growth"] is not None and r["rss_growth"] < 0.10,
         "still ready, clean exit": r["ready_after"] and r["service_exit_status"] == 0,
     }
+    if r["cgroup"]:
+        targets["no OOM kill, peak below the cgroup's limit"] = (
+            r["cgroup"]["oom_kills"] == 0 and (r["cgroup"]["peak"] or 0) < r["cgroup"]["limit"]
+        )
     for name, met in targets.items():
         print(f"target: {name}: {'met' if met else 'NOT met'}")
     if args.json:
