@@ -15,7 +15,7 @@ from .cpu_inference import CPUInferenceNet
 from .devices import parse_devices
 from .files import file_identity
 from .lrn import CAFFE_LRN, PAPER_LRN, LRNConfig
-from .network import AlexNet, AlexNetConfig, GroupedAlexNet
+from .network import FEATURE_LAYERS, AlexNet, AlexNetConfig, GroupedAlexNet, check_feature_layer
 from .preprocessing import (
     CorruptImage,
     ImageError,
@@ -29,6 +29,7 @@ from .preprocessing import (
 
 __all__ = [
     "CAFFE_LRN",
+    "FEATURE_LAYERS",
     "FORMAT_VERSION",
     "PAPER_LRN",
     "AlexNet",
@@ -45,6 +46,7 @@ __all__ = [
     "Preprocessing",
     "Preprocessor",
     "UnsupportedImage",
+    "check_feature_layer",
     "decode_image",
     "file_identity",
     "imagenet_classes",

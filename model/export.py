@@ -66,7 +66,7 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError, code_version, load_checkpoint
 from .files import atomic_path, atomic_write
 from .lrn import LRNConfig
-from .network import CONV1_PADDING
+from .network import CONV1_PADDING, LAYERS, POOL_SIZE, POOL_STRIDE
 from .preprocessing import Preprocessing
 
 DEFAULT_OPSET = 17  # ONNX Runtime ≥ 1.12 runs it (older runtimes: --opset 13)
@@ -167,7 +167,6 @@ def build_model(
     check_opset(opset)
     check_exportable(checkpoint)
     config = checkpoint.config
-    c1, c2 = config.channels[:2]
     size = config.input_size
     lrn = onnx_lrn_attributes(config.lrn)
 
@@ -192,8 +191,13 @@ def build_model(
         return out
 
     def max_pool(x, out):
-        nodes.append(helper.make_node("MaxPool", [x], [out], name=out, kernel_shape=[3, 3], strides=[2, 2]))
+        kernel, stride = [POOL_SIZE, POOL_SIZE], [POOL_STRIDE, POOL_STRIDE]
+        nodes.append(helper.make_node("MaxPool", [x], [out], name=out, kernel_shape=kernel, strides=stride))
         return out
+
+    def flatten(x):
+        nodes.append(helper.make_node("Flatten", [x], ["flatten"], name="flatten", axis=1))
+        return "flatten"
 
     def local_response_norm(x, out, channels):
         if config.lrn_across_towers:  # Caffe's: windows span both towers' maps
@@ -209,19 +213,28 @@ def build_model(
         nodes.append(helper.make_node("Reshape", [f"{out}.towers_normalised", back], [out], name=f"{out}.join_towers"))
         return out
 
-    x = conv("conv1", INPUT_NAME, pads=conv1_pads(config.conv1_padding), stride=4)
-    x = max_pool(local_response_norm(relu(x, "relu1"), "norm1", c1), "pool1")
-    x = conv("conv2", x, pads=[2, 2, 2, 2], group=2)
-    x = max_pool(local_response_norm(relu(x, "relu2"), "norm2", c2), "pool2")
-    x = relu(conv("conv3", x, pads=[1, 1, 1, 1]), "relu3")
-    x = relu(conv("conv4", x, pads=[1, 1, 1, 1], group=2), "relu4")
-    x = max_pool(relu(conv("conv5", x, pads=[1, 1, 1, 1], group=2), "relu5"), "pool5")
-    nodes.append(helper.make_node("Flatten", [x], ["flatten"], name="flatten", axis=1))  # channel, row, column
-    x = "flatten"
-    for i, name in ((6, "fc6"), (7, "fc7"), (8, "fc8")):  # Dropout: identity at inference, omitted
-        out = LOGITS_NAME if name == "fc8" else name
+    def gemm(name, x, out):
         nodes.append(helper.make_node("Gemm", [x, f"{name}.weight", f"{name}.bias"], [out], name=name, transB=1))
-        x = out if name == "fc8" else relu(out, f"relu{i}")
+        return out
+
+    # The layer table, walked as the nets walk it; the ops after layer i are named relu<i>, norm<i>, pool<i>.
+    x, below = INPUT_NAME, None
+    for number, layer in enumerate(LAYERS, 1):
+        if layer.is_conv:
+            pads = conv1_pads(config.conv1_padding) if layer.reads == "image" else [layer.padding] * 4
+            x = conv(layer.name, x, pads=pads, stride=layer.stride, group=layer.groups)
+        else:
+            if below.is_conv:  # the first fully connected layer reads the maps in channel, row, column order
+                x = flatten(x)
+            x = gemm(layer.name, x, LOGITS_NAME if layer is LAYERS[-1] else layer.name)
+        for op in layer.after:  # dropout: the identity at inference, omitted
+            if op == "relu":
+                x = relu(x, f"relu{number}")
+            elif op == "lrn":
+                x = local_response_norm(x, f"norm{number}", config.outputs(layer))
+            elif op == "pool":
+                x = max_pool(x, f"pool{number}")
+        below = layer
     if softmax:
         nodes.append(helper.make_node("Softmax", [x], [PROBABILITIES_NAME], name="softmax", axis=1))
 

@@ -34,14 +34,14 @@ from model import (
     AlexNetConfig,
     Checkpoint,
     CheckpointError,
+    FORMAT_VERSION,
     CPUInferenceNet,
     GroupedAlexNet,
     ImageClass,
     Preprocessor,
+    check_feature_layer,
     load_checkpoint,
 )
-from model.checkpoint import FORMAT_VERSION
-from model.network import check_feature_layer
 from model.preprocessing import crop_offsets
 from model.visualize import filters_image, grad_cam, overlay
 

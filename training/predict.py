@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import CPUInferenceNet, ImageError, load_checkpoint
+from model import FEATURE_LAYERS, CPUInferenceNet, ImageError, load_checkpoint
 from model.files import atomic_write
 from model.preprocessing import DEFAULT_MAX_PIXELS
 
@@ -61,7 +61,6 @@ from .progress import Progress
 DEFAULT_TOP_K = 5
 DEFAULT_BATCH_SIZE = 128
 FORMATS = ("jsonl", "csv")
-FEATURE_LAYERS = ("fc6", "fc7")
 SUMMARY_SUFFIX = ".summary.json"
 FILES_SUFFIX = ".files.txt"
 CHUNK = 4  # files per task sent to a worker
