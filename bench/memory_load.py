@@ -152,7 +152,9 @@ async def load(url: str, bodies: list[tuple[bytes, str]], large: list[tuple[byte
                 response = await http.post("/classify", content=body, headers={"Content-Type": content_type})
             except httpx.HTTPError as e:
                 kind = "large-decode" if mine is large else "body"
-                result.connection_errors[f"{type(e).__name__} ({kind} client): {e}"[:200]] += 1
+                cause = e.__cause__ or e.__context__
+                detail = f"{e}" or repr(cause.__cause__ or cause.__context__ or cause) if cause else f"{e}"
+                result.connection_errors[f"{type(e).__name__} ({kind} client): {detail}"[:200]] += 1
                 await asyncio.sleep(0.1)
                 continue
             result.requests += 1

@@ -21,7 +21,7 @@ from model import ImageError
 from . import engine, memory, problems, reload
 from .batcher import Batcher
 from .engine import Explanation, LoadedModel
-from .memory import BodyBudget, DecodeBudget, Reservation
+from .memory import ByteBudget, Reservation
 from .logs import ObserveRequests
 from .metrics import ServiceMetrics
 from .problems import ProblemError
@@ -53,8 +53,8 @@ class ServiceState:
         self._explainers: ThreadPoolExecutor | None = None
         self.explaining = 0  # /explain requests between explain_admission() and their answer
         self._seconds_per_explanation = 1.0  # running estimate, for Retry-After
-        self.bodies = BodyBudget(settings.body_memory_bytes)
-        self.decodes = DecodeBudget(settings.decode_memory_bytes)
+        self.bodies = ByteBudget(settings.body_memory_bytes)
+        self.decodes = ByteBudget(settings.decode_memory_bytes)
         self.worst_case: memory.WorstCase | None = None
 
     async def start(self) -> None:

@@ -6,7 +6,8 @@ file (a 2 MB PNG of 62 Mpx holds ~800 MB while it becomes RGB); and the decoded 
 answer. Each has a bound:
 
 - bodies: ``body_memory_bytes`` for all bodies at once. A request reserves its Content-Length before its
-  body is read (a chunked one reserves each chunk as it comes); no room → 503 + Retry-After.
+  body is read (a chunked one reserves each chunk as it comes), waiting up to ``BODY_ROOM_WAIT_S`` for room
+  without reading; none → 503 + Retry-After.
 - decodes: ``decode_memory_bytes`` for all decodes at once. Each image's peak is bounded from its header
   (``Preprocessor.decode_peak_bytes``) before a pixel is decoded; decodes wait in order for room; an image
   that needs more than the whole budget → 413.
@@ -38,37 +39,83 @@ ALLOCATOR_SLACK_BYTES = 64 * MIB
 EXPLANATION_BYTES = 64 * MIB
 
 
-class BodyBudget:
-    """Bytes of request bodies held at once. Reservations never wait: a body that does not fit now is
-    refused (its client retries), since holding the connection open while waiting would hold the socket
-    buffers and the client's patience instead."""
+class ByteBudget:
+    """Bytes that requests may hold at once. Waiters are served in arrival order, so a large request is not
+    starved by a stream of small ones; one that needs more than ``capacity`` never fits (the caller says 413)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.in_use = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
 
-    def try_reserve(self, n: int) -> bool:
-        if self.in_use + n > self.capacity:
-            return False
-        self.in_use += n
-        return True
+    async def acquire(self, n: int, timeout: float | None = None) -> bool:
+        """Take ``n`` bytes, waiting up to ``timeout`` seconds (None: as long as it takes) for room; False
+        when the wait ran out (nothing is then held)."""
+        if n > self.capacity:
+            raise ValueError(f"{n} bytes is more than the whole budget of {self.capacity}")
+        if not self._waiters and self.in_use + n <= self.capacity:
+            self.in_use += n
+            return True
+        future = asyncio.get_running_loop().create_future()
+        entry = (n, future)
+        self._waiters.append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                await future  # granted: in_use already counts n
+            return True
+        except BaseException as e:
+            if future.done() and not future.cancelled():
+                self.release(n)  # granted just as the wait ended
+            else:
+                self._waiters.remove(entry)
+                self._grant()  # the waiters behind this one may fit now
+            if isinstance(e, TimeoutError):
+                return False
+            raise
 
     def release(self, n: int) -> None:
         self.in_use -= n
+        self._grant()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int):
+        await self.acquire(n)
+        try:
+            yield
+        finally:
+            self.release(n)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _grant(self) -> None:
+        while self._waiters and self.in_use + self._waiters[0][0] <= self.capacity:
+            n, future = self._waiters.popleft()
+            self.in_use += n
+            future.set_result(None)
+
+
+# How long a body waits for room in the body budget before its request is refused (503 memory-busy). While
+# it waits its body is not read: the client's sends block on TCP flow control, costing neither side memory
+# or CPU. Longer waits would only move the wait from the client's retry into the server's queue.
+BODY_ROOM_WAIT_S = 5.0
 
 
 class Reservation:
     """One request's share of the body budget: grows as its body arrives, released once it is decoded."""
 
-    def __init__(self, budget: BodyBudget | None):
+    def __init__(self, budget: ByteBudget | None, wait_s: float = BODY_ROOM_WAIT_S):
         self.budget = budget
+        self.wait_s = wait_s
         self.held = 0
 
-    def grow_to(self, total: int) -> bool:
-        """Hold ``total`` bytes in all (False: the budget has no room; nothing more is held)."""
+    async def grow_to(self, total: int) -> bool:
+        """Hold ``total`` bytes in all, waiting up to ``wait_s`` for room (False: none came; no more is held).
+        Raises ValueError when ``total`` is more than the whole budget."""
         if self.budget is None or total <= self.held:
             return True
-        if not self.budget.try_reserve(total - self.held):
+        if not await self.budget.acquire(total - self.held, self.wait_s):
             return False
         self.held = total
         return True
@@ -77,54 +124,6 @@ class Reservation:
         if self.budget is not None and self.held:
             self.budget.release(self.held)
         self.held = 0
-
-
-class DecodeBudget:
-    """Bytes that decodes in flight may use. Waiters are served in arrival order, so a large image is not
-    starved by a stream of small ones; one that needs more than ``capacity`` never fits (the caller says 413)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.in_use = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, n: int):
-        if n > self.capacity:
-            raise ValueError(f"{n} bytes is more than the whole budget of {self.capacity}")
-        if self._waiters or self.in_use + n > self.capacity:
-            future = asyncio.get_running_loop().create_future()
-            entry = (n, future)
-            self._waiters.append(entry)
-            try:
-                await future  # granted: in_use already counts n
-            except BaseException:
-                if future.done() and not future.cancelled():
-                    self._release(n)  # granted just as we were cancelled
-                else:
-                    self._waiters.remove(entry)
-                    self._grant()  # the waiters behind us may fit now
-                raise
-        else:
-            self.in_use += n
-        try:
-            yield
-        finally:
-            self._release(n)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    def _release(self, n: int) -> None:
-        self.in_use -= n
-        self._grant()
-
-    def _grant(self) -> None:
-        while self._waiters and self.in_use + self._waiters[0][0] <= self.capacity:
-            n, future = self._waiters.popleft()
-            self.in_use += n
-            future.set_result(None)
 
 
 class MemoryDoesNotFit(RuntimeError):

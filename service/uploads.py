@@ -56,7 +56,7 @@ async def read_body(
     reservation = reservation or Reservation(None)
     try:
         async with asyncio.timeout(timeout):
-            _check_declared_length(request, max_body_bytes, reservation)
+            await _check_declared_length(request, max_body_bytes, reservation)
             return b"".join([chunk async for chunk in _limited(request, max_body_bytes, reservation)])
     except TimeoutError:
         raise ProblemError(408, "body-timeout", f"the request body did not arrive within {timeout:g} s") from None
@@ -67,7 +67,7 @@ async def _read_uploads(
 ) -> list[Upload]:
     content_type, params = parse_options_header(request.headers.get("content-type"))
     content_type = content_type.decode("latin-1")
-    _check_declared_length(request, max_body_bytes, reservation)
+    await _check_declared_length(request, max_body_bytes, reservation)
 
     if content_type == "multipart/form-data":
         boundary = params.get(b"boundary")
@@ -97,14 +97,15 @@ async def _read_uploads(
     )
 
 
-def _check_declared_length(request: Request, max_body_bytes: int, reservation: Reservation) -> None:
-    """Refuse before reading: a Content-Length over the limit (413), or one the body budget has no room for."""
+async def _check_declared_length(request: Request, max_body_bytes: int, reservation: Reservation) -> None:
+    """Before reading: a Content-Length over the limit is 413; one the body budget has no room for waits for
+    room (the body unread meanwhile), then is 503."""
     declared = request.headers.get("content-length")
     if declared is None or not declared.isdigit():
         return
     if int(declared) > max_body_bytes:
         raise _too_large(max_body_bytes)  # no need to read what will be refused anyway
-    if not reservation.grow_to(int(declared)):
+    if not await reservation.grow_to(int(declared)):
         raise _no_room(reservation)  # the body is drained before the answer (discard_body)
 
 
@@ -147,7 +148,7 @@ async def _limited(request: Request, limit: int, reservation: Reservation) -> As
             size += len(chunk)
             if size > limit:
                 raise _too_large(limit)
-            if not reservation.grow_to(size):  # a chunked body (or one longer than it said) growing
+            if not await reservation.grow_to(size):  # a chunked body (or one longer than it said) growing
                 raise _no_room(reservation)
             if chunk:
                 yield chunk

@@ -36,23 +36,33 @@ needs_cgroup = pytest.mark.skipif(NO_CGROUP is not None, reason=f"needs a memory
 # ---- budgets --------------------------------------------------------------------------------------------
 
 
-def test_a_reservation_grows_with_its_body_and_gives_everything_back():
-    budget = memory.BodyBudget(100)
-    first, second = memory.Reservation(budget), memory.Reservation(budget)
-    assert first.grow_to(60) and first.grow_to(70) and budget.in_use == 70
-    assert not second.grow_to(31), "no room: refused"
-    assert second.held == 0 and budget.in_use == 70, "a refusal holds nothing"
-    assert second.grow_to(30) and budget.in_use == 100
-    first.release()
-    second.release()
-    assert budget.in_use == 0
-    second.release()  # twice is harmless
-    assert budget.in_use == 0
+def test_a_reservation_grows_with_its_body_waits_for_room_and_gives_everything_back():
+    async def scenario():
+        budget = memory.ByteBudget(100)
+        first = memory.Reservation(budget, wait_s=0.05)
+        second = memory.Reservation(budget, wait_s=0.05)
+        assert await first.grow_to(60) and await first.grow_to(70) and budget.in_use == 70
+        assert not await second.grow_to(31), "no room within the wait: refused"
+        assert second.held == 0 and budget.in_use == 70 and budget.waiting == 0, "a refusal holds nothing"
+        assert await second.grow_to(30) and budget.in_use == 100
+        waiting = memory.Reservation(budget, wait_s=5)
+        later = asyncio.create_task(waiting.grow_to(50))
+        await asyncio.sleep(0.01)
+        assert not later.done() and budget.waiting == 1
+        first.release()  # 70 back: the waiter gets its 50
+        assert await later and budget.in_use == 80
+        for reservation in (second, waiting):
+            reservation.release()
+        assert budget.in_use == 0
+        second.release()  # twice is harmless
+        assert budget.in_use == 0
+
+    asyncio.run(scenario())
 
 
 def test_decodes_wait_in_arrival_order_and_a_cancelled_waiter_lets_the_next_in():
     async def scenario():
-        budget = memory.DecodeBudget(100)
+        budget = memory.ByteBudget(100)
         order = []
 
         async def decode(name, n, hold):

@@ -260,7 +260,7 @@ async def _infer(request: Request, model_name: str, model_version: str | None, h
                     await discard(request)
                 raise
             header, binary = protocol.split_body(body, header_length)
-            _reserve_parsing(reservation, len(body), len(header), len(binary))
+            await _reserve_parsing(reservation, len(body), len(header), len(binary))
             parsed = protocol.parse_request(header)
             outputs = protocol.requested_outputs(parsed)
             inputs = protocol.read_inputs(
@@ -292,14 +292,14 @@ async def _infer(request: Request, model_name: str, model_version: str | None, h
     return Response(content, media_type="application/octet-stream", headers={protocol.HEADER_LENGTH: str(json_length)})
 
 
-def _reserve_parsing(reservation, body: int, header: int, binary: int) -> None:
+async def _reserve_parsing(reservation, body: int, header: int, binary: int) -> None:
     """Hold, beside the body, what parsing it takes: its JSON as Python objects (up to
     ``protocol.JSON_BYTES_PER_BYTE`` times the JSON's size: FP32 data in JSON) and a copy of its binary data
     (the cut elements, or the tensor). 413 when that can never fit the body budget, 503 when not now."""
     need = body + header * protocol.JSON_BYTES_PER_BYTE + binary
-    if reservation.grow_to(need):
-        return
     budget = reservation.budget
+    if need <= budget.capacity and await reservation.grow_to(need):
+        return
     if need > budget.capacity:
         raise ProblemError(
             413,
