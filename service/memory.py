@@ -67,7 +67,8 @@ class ByteBudget:
             if future.done() and not future.cancelled():
                 self.release(n)  # granted just as the wait ended
             else:
-                self._waiters.remove(entry)
+                with contextlib.suppress(ValueError):  # _grant may have dropped it already
+                    self._waiters.remove(entry)
                 self._grant()  # the waiters behind this one may fit now
             if isinstance(e, TimeoutError):
                 return False
@@ -90,8 +91,14 @@ class ByteBudget:
         return len(self._waiters)
 
     def _grant(self) -> None:
-        while self._waiters and self.in_use + self._waiters[0][0] <= self.capacity:
-            n, future = self._waiters.popleft()
+        while self._waiters:
+            n, future = self._waiters[0]
+            if future.done():  # a wait that has just ended (timed out, cancelled) and not yet left the line
+                self._waiters.popleft()
+                continue
+            if self.in_use + n > self.capacity:
+                return
+            self._waiters.popleft()
             self.in_use += n
             future.set_result(None)
 

@@ -403,3 +403,30 @@ def test_an_inference_protocol_json_body_too_large_to_parse_within_the_budget_is
             service.url + "/v2/models/alexnet/infer", content=body, headers={"Content-Type": "application/json"}
         )
         assert response.status_code == 200, response.text
+
+
+def test_waits_that_end_together_leave_the_budget_consistent():
+    """Many waiters timing out at the same moment as room comes back: no waiter is granted twice or after its
+    wait ended, nothing leaks, and later requests still get in (a granted-after-cancel once answered 500)."""
+
+    async def scenario():
+        budget = memory.ByteBudget(100)
+        await budget.acquire(100)
+
+        async def waiter():
+            return await budget.acquire(60, timeout=0.02)
+
+        for _ in range(20):
+            tasks = [asyncio.create_task(waiter()) for _ in range(8)]
+            await asyncio.sleep(0.02)  # the timeouts fire about now
+            budget.release(100)
+            results = await asyncio.gather(*tasks)
+            granted = sum(results)
+            assert budget.in_use == 60 * granted and granted <= 1
+            budget.release(60 * granted)
+            assert budget.in_use == 0 and budget.waiting == 0
+            await budget.acquire(100)
+        budget.release(100)
+        assert await budget.acquire(100, timeout=0.01) and budget.in_use == 100
+
+    asyncio.run(scenario())
