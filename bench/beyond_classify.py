@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model import AlexNet, Checkpoint, CPUInferenceNet  # noqa: E402
+from model import AlexNet, Checkpoint, CPUInferenceNet, keep_freed_memory  # noqa: E402
 from model.visualize import grad_cam  # noqa: E402
 
 
@@ -47,6 +47,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads; full-size net")
 
+    keep_freed_memory()  # the allocator the service runs CPUInferenceNet with (model/malloc.py)
     torch.manual_seed(0)
     towers = AlexNet().eval()
     cpu_net = CPUInferenceNet(towers)

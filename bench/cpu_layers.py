@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import CPUInferenceNet, GroupedAlexNet  # noqa: E402
+from model import CPUInferenceNet, GroupedAlexNet, keep_freed_memory  # noqa: E402
 from model.network import pad_image  # noqa: E402
 from model_throughput import layer_flops  # noqa: E402  (this directory is on the path when run as a script)
 
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=0.6, help="seconds per whole-net window")
     args = parser.parse_args()
 
+    keep_freed_memory()  # the allocator the service runs CPUInferenceNet with (model/malloc.py)
     torch.manual_seed(0)
     source = GroupedAlexNet().eval()
     nets = {"winograd": CPUInferenceNet(source), "direct": CPUInferenceNet(source, winograd=False)}

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import AlexNet, AlexNetConfig, CPUInferenceNet, GroupedAlexNet  # noqa: E402
+from model import AlexNet, AlexNetConfig, CPUInferenceNet, GroupedAlexNet, keep_freed_memory  # noqa: E402
 from model.winograd import WinogradConvReLU  # noqa: E402
 
 
@@ -115,6 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # the allocator the service runs CPUInferenceNet with, for every net here (model/malloc.py)
 
     torch.manual_seed(0)
     ours = GroupedAlexNet().eval()

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model import AlexNetConfig, Checkpoint, GroupedAlexNet  # noqa: E402
+from model import AlexNetConfig, Checkpoint, GroupedAlexNet, keep_freed_memory  # noqa: E402
 from service_process import start_service  # noqa: E402  (bench/ is on sys.path when run as a script)
 from service import engine  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -104,6 +104,7 @@ class ModelOnly:
 
     def __init__(self, checkpoint_path: Path, photos: list[bytes], max_batch: int, threads: int):
         torch.set_num_threads(threads)
+        keep_freed_memory()  # as the service sets it at start-up (model/malloc.py)
         # The very form of the net the service builds for this device (on CPU: CPUInferenceNet).
         loaded = engine.load(checkpoint_path, (torch.device("cpu"),))
         self.net, self.preprocessor = loaded.net, loaded.preprocessor

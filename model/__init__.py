@@ -15,6 +15,7 @@ from .cpu_inference import CPUInferenceNet
 from .devices import parse_devices
 from .files import file_identity
 from .lrn import CAFFE_LRN, PAPER_LRN, LRNConfig
+from .malloc import keep_freed_memory
 from .network import FEATURE_LAYERS, AlexNet, AlexNetConfig, GroupedAlexNet, check_feature_layer
 from .preprocessing import (
     CorruptImage,
@@ -50,6 +51,7 @@ __all__ = [
     "decode_image",
     "file_identity",
     "imagenet_classes",
+    "keep_freed_memory",
     "load_checkpoint",
     "load_image",
     "parse_devices",

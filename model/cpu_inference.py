@@ -20,8 +20,10 @@ and bench/cpu_layers.py):
   maps) and 2.6× (conv3, 3×3 on 13×13, where 4×4 tiles overhang the maps) fewer multiply-adds than the
   direct convolution, for the price of memory passes over the transformed tiles. conv4 and conv5
   (grouped, 192 input channels per group) gained nothing from it, so they stay direct.
-- Building one calls malloc.keep_freed_memory(): the process then reuses the pages its last forward pass
-  freed instead of faulting fresh ones in (see malloc.py).
+- Its forward passes want the allocator to keep freed memory: a process that runs it for speed calls
+  malloc.keep_freed_memory() once (the service at start-up, training's predict, the benchmarks), so that it
+  reuses the pages its last pass freed instead of faulting fresh ones in (see malloc.py). Building one
+  leaves the process's allocator alone: that is the process's choice, not a network's.
 Training does not use this path: it keeps network.py's modules and their autograd. Tests check that both
 give the same logits.
 """
@@ -33,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lrn import LRNConfig, lrn_inference
-from .malloc import keep_freed_memory
 from .network import (
     LAYERS,
     POOL_SIZE,
@@ -107,7 +108,6 @@ class ConvReLU(nn.Module):
 class CPUInferenceNet(nn.Module):
     def __init__(self, net: AlexNet | GroupedAlexNet, chunk: int = CHUNK, fused: bool = True, winograd: bool = True):
         super().__init__()
-        keep_freed_memory()
         grouped = net.to_grouped() if isinstance(net, AlexNet) else net
         self.config: AlexNetConfig = grouped.config
         self.chunk = chunk

@@ -8,6 +8,9 @@ with the pages reused (BENCHMARKS.md, under "What CPUInferenceNet changes", has 
 ``keep_freed_memory`` sets the thresholds to where glibc's own adaptation would end up at most: blocks up
 to 32 MiB come from the heap, and up to 64 MiB of free memory may stay at the top of each heap. Memory
 the process keeps is therefore bounded as it is by glibc's own defaults.
+
+It changes the whole process's allocator, so the process decides: whatever runs CPUInferenceNet for speed
+calls it once (the service at start-up, training's predict, the benchmarks), never a network's constructor.
 """
 
 from __future__ import annotations

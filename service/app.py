@@ -61,6 +61,10 @@ class ServiceState:
         s = self.settings
         loop = asyncio.get_running_loop()
         devices = engine.resolve_devices(s.device)
+        if engine.runs_cpu_inference_net(devices):
+            # Set once for the process, before the model is loaded: loading, warming up and every forward
+            # pass then run with the allocator that CPUInferenceNet's throughput assumes (model/malloc.py).
+            model_package.keep_freed_memory()
         path = s.checkpoint
         with memory.MeasureLoad() as load_cost:
             if _missing(path):

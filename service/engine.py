@@ -30,11 +30,11 @@ from PIL import Image
 from torch import nn
 
 from model import (
+    FORMAT_VERSION,
     AlexNet,
     AlexNetConfig,
     Checkpoint,
     CheckpointError,
-    FORMAT_VERSION,
     CPUInferenceNet,
     GroupedAlexNet,
     ImageClass,
@@ -313,8 +313,14 @@ def _png(width: int, height: int) -> bytes:
 _WARM_UP_PNG = _png(32, 24)
 
 
+def runs_cpu_inference_net(devices: tuple[torch.device, ...]) -> bool:
+    """One CPU device: the net is served as ``CPUInferenceNet``, whose forward passes want the process's
+    allocator to keep freed memory (model.keep_freed_memory, which the service sets at start-up)."""
+    return devices == (torch.device("cpu"),)
+
+
 def _build(checkpoint: Checkpoint, devices: tuple[torch.device, ...], net: GroupedAlexNet | None) -> nn.Module:
-    if devices == (torch.device("cpu"),):
+    if runs_cpu_inference_net(devices):
         # The net laid out for oneDNN: 1.25-1.5× the towers' throughput (bench/model_throughput.py, ours-cpu).
         return CPUInferenceNet(net if net is not None else checkpoint.build_grouped())
     if len(devices) == 1:

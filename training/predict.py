@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import FEATURE_LAYERS, CPUInferenceNet, ImageError, load_checkpoint
+from model import FEATURE_LAYERS, CPUInferenceNet, ImageError, keep_freed_memory, load_checkpoint
 from model.files import atomic_write
 from model.preprocessing import DEFAULT_MAX_PIXELS
 
@@ -481,6 +481,7 @@ class Classifier:
         self.preprocessor = checkpoint.preprocessor()
         self.device, self.crops, self.layer, self.normalize = device, crops, layer, normalize
         if device.type == "cpu":
+            keep_freed_memory()  # reuse the pages each forward pass frees (model/malloc.py), as the service does
             self.net = CPUInferenceNet(checkpoint.build_grouped("cpu"))  # the service's CPU form
         else:
             self.net = checkpoint.build_grouped(device).eval()
