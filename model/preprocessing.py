@@ -42,7 +42,10 @@ ImageBytes = Union[bytes, Sequence[bytes]]
 
 
 class ImageError(ValueError):
-    """Input that is not an image we can classify. ``status`` is the HTTP status a service should answer."""
+    """Input that is not an image we can classify; the subclasses say which kind. What a service answers
+    for each kind is the service's business (service/problems.py maps these classes to HTTP statuses).
+
+    ``status`` is kept for callers that read it; nothing in this project does any more, and it is to go."""
 
     status = 422
 

@@ -14,13 +14,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model import ImageError, ImageTooLarge, UnsupportedImage
+from model import CorruptImage, ImageError, ImageTooLarge, UnsupportedImage
 
 from .schemas import Problem
 
 log = logging.getLogger("service")
 
 MEDIA_TYPE = "application/problem+json"
+
+# What each kind of bad image answers. The model package names the kinds (its ImageError subclasses) and
+# knows nothing of HTTP; the statuses and problem types are this service's choice, made here.
+IMAGE_PROBLEMS: dict[type[ImageError], tuple[int, str]] = {
+    ImageTooLarge: (413, "image-too-large"),  # more pixels (or decoding memory) than allowed: a limit
+    UnsupportedImage: (415, "unsupported-image"),  # not a format we read
+    CorruptImage: (422, "invalid-image"),  # empty, truncated or corrupt data
+}
+OTHER_IMAGE_PROBLEM = (422, "invalid-image")  # an ImageError of no kind above
 
 
 class ProblemError(Exception):
@@ -58,15 +67,10 @@ def _problem_media_type(schema: dict) -> dict:
 
 
 def image_problem(error: ImageError, source: str) -> ProblemError:
-    """A model.ImageError for one uploaded image, as the status the model package chose for it."""
-    slug = (
-        "image-too-large"
-        if isinstance(error, ImageTooLarge)
-        else "unsupported-image"
-        if isinstance(error, UnsupportedImage)
-        else "invalid-image"
-    )
-    return ProblemError(error.status, slug, f"{source}: {error}")
+    """A model.ImageError for one uploaded image (``source`` names it), as IMAGE_PROBLEMS answers its kind."""
+    kind = next((k for k in IMAGE_PROBLEMS if isinstance(error, k)), None)
+    status, slug = IMAGE_PROBLEMS[kind] if kind is not None else OTHER_IMAGE_PROBLEM
+    return ProblemError(status, slug, f"{source}: {error}")
 
 
 def install(app: FastAPI) -> None:
