@@ -97,16 +97,16 @@ class ServiceState:
             max_batch=s.max_batch,
             max_wait_ms=s.max_wait_ms,
             queue_size=s.queue_size,
-            threads=s.torch_threads,
+            threads=s.thread_count,
             metrics=self.metrics,
         )
         self.batcher.start()
         self.worst_case = await loop.run_in_executor(None, self._check_memory, self.model, load_cost.result)
-        self._decoder = ThreadPoolExecutor(s.decode_threads, "decode")
+        self._decoder = ThreadPoolExecutor(s.decode_worker_count, "decode")
         # Grad-CAM's own threads: autograd through the two-tower net, beside (never in) the inference thread.
         # No more of them than explanations admitted at once, so nothing ever waits in this pool's queue.
         self._explainers = ThreadPoolExecutor(
-            s.explain_concurrency, "explain", initializer=torch.set_num_threads, initargs=(s.torch_threads,)
+            s.explain_concurrency, "explain", initializer=torch.set_num_threads, initargs=(s.thread_count,)
         )
         if s.reload_interval_s > 0:
             self._watcher = loop.create_task(

@@ -116,12 +116,15 @@ class Settings(BaseModel):
     def cpu_count(self) -> int:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
+    # The fields keep the names users set (ALEXNET_THREADS, --decode-workers); these say what 0 comes to.
     @property
-    def torch_threads(self) -> int:
+    def thread_count(self) -> int:
+        """``threads``, resolved: the torch threads of the inference thread (and of each explain thread)."""
         return self.threads or self.cpu_count
 
     @property
-    def decode_threads(self) -> int:
+    def decode_worker_count(self) -> int:
+        """``decode_workers``, resolved: the image decoding threads."""
         return self.decode_workers or self.cpu_count
 
 
