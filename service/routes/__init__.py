@@ -1,7 +1,8 @@
 """One small router per concern: classify, embed, explain, health and readiness, model information (and its
-conv1 filters), metrics, the pages, and the Open Inference Protocol under /v2 (last: its catch-all route
-answers the /v2 paths no route serves)."""
+conv1 filters), the Prometheus scrape (``prometheus``; the series themselves are service/metrics.py's), the
+pages, and the Open Inference Protocol under /v2 (last: its catch-all route answers the /v2 paths no route
+serves)."""
 
-from . import classify, embed, explain, health, inference_protocol, info, metrics, page
+from . import classify, embed, explain, health, inference_protocol, info, page, prometheus
 
-ROUTERS = tuple(module.router for module in (classify, embed, explain, health, info, metrics, page, inference_protocol))
+ROUTERS = tuple(module.router for module in (classify, embed, explain, health, info, prometheus, page, inference_protocol))

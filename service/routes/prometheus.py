@@ -1,4 +1,4 @@
-"""Prometheus scrape endpoint."""
+"""GET /metrics, the Prometheus scrape endpoint: the series service/metrics.py keeps, as text."""
 
 from __future__ import annotations
 
