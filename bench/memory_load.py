@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--side", type=int, default=7900, help="side of the large-decode images (default 7900)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: none, the untrained full net)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--service-log", type=Path, help="keep the service's log (JSON lines) here")
     p.add_argument("service_flags", nargs="*", help="flags for python -m service (after --)")
     return p.parse_args(argv)
 
@@ -185,7 +186,7 @@ async def load(url: str, bodies: list[tuple[bytes, str]], large: list[tuple[byte
 def start(args, group: MemoryCgroup | None, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    command += ["--log-level", "warning"]  # every other setting at its default (hot reload on, as compose has it)
+    command += ["--log-level", "info"]  # every other setting at its default (hot reload on, as compose has it)
     if args.checkpoint:
         command += ["--checkpoint", str(args.checkpoint)]
     else:
@@ -260,6 +261,8 @@ def run(args) -> dict:
             if group:
                 report |= {"cgroup_peak_bytes": group.peak, "oom_kills": group.oom_kills, "limit_hits": group.limit_hits}
             report["log_tail"] = log_path.read_text()[-2000:]
+            if args.service_log:
+                args.service_log.write_bytes(log_path.read_bytes())
         finally:
             if group:
                 group.__exit__(None, None, None)
