@@ -37,7 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from memory_cgroup import MemoryCgroup  # noqa: E402
-from service_process import REPO, free_port  # noqa: E402
+from service_process import start_service  # noqa: E402
 
 GIB = 1024**3
 MIB = 1024**2
@@ -184,36 +184,11 @@ async def load(url: str, bodies: list[tuple[bytes, str]], large: list[tuple[byte
 
 
 def start(args, group: MemoryCgroup | None, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    command += ["--log-level", "info"]  # every other setting at its default (hot reload on, as compose has it)
-    if args.checkpoint:
-        command += ["--checkpoint", str(args.checkpoint)]
-    else:
-        command += ["--checkpoint", str(Path(tempfile.gettempdir()) / "alexnet-memory-load-none.safetensors")]
-    command += args.service_flags
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(log_path, "wb"),
-        preexec_fn=group.enter if group else None,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the service exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the service did not become ready")
+    """The service in ``group``, every setting at its default but the device (hot reload on, as in compose;
+    the flags after ``--`` last, so they win)."""
+    checkpoint = args.checkpoint or Path(tempfile.gettempdir()) / "alexnet-memory-load-none.safetensors"
+    flags = ["--reload-interval-s", "2", "--log-level", "info", *args.service_flags]
+    return start_service(checkpoint, flags, log_path, preexec_fn=group.enter if group else None)
 
 
 def peak_rss_kib(pid: int) -> int:
