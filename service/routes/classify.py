@@ -8,7 +8,8 @@ from fastapi import APIRouter, Query, Request
 from ..engine import LoadedModel, Task
 from ..problems import ProblemError
 from ..schemas import ClassifyResponse, Crops, ImageResult, Prediction
-from .images import Clock, batched, error_responses, request_body, serving_model
+from .dependencies import ReadyModel, State
+from .images import Clock, batched, error_responses, request_body
 
 router = APIRouter(tags=["classify"])
 
@@ -25,6 +26,8 @@ DEFAULT_TOP_K = 5  # the paper's top-5; a checkpoint with fewer classes answers 
 )
 async def classify(
     request: Request,
+    state: State,
+    model: ReadyModel,
     top_k: int | None = Query(
         None,
         ge=1,
@@ -34,13 +37,12 @@ async def classify(
     crops: Crops = Query("center", description="center: one 224 crop; ten: the paper's 10-patch average"),
 ) -> ClassifyResponse:
     clock = Clock()
-    model = serving_model(request)
     top_k = min(DEFAULT_TOP_K, len(model.classes)) if top_k is None else top_k
     if top_k > len(model.classes):
         raise ProblemError(422, "invalid-parameter", f"top_k: at most {len(model.classes)} (the number of classes)")
-    uploads, probabilities = await batched(request, model, Task.probabilities(crops), clock)
+    uploads, probabilities = await batched(request, state, model, Task.probabilities(crops), clock)
 
-    request.app.state.service.metrics.images.inc(crops, amount=len(uploads))
+    state.metrics.images.inc(crops, amount=len(uploads))
     scores, indices = probabilities.topk(top_k, dim=1)
     results = [
         ImageResult(filename=upload.filename, predictions=_predictions(model, s, i))

@@ -13,7 +13,8 @@ from fastapi.responses import Response
 
 from ..engine import Task
 from ..schemas import EmbeddedImage, EmbedParams, EmbedResponse
-from .images import Clock, batched, error_responses, request_body, serving_model
+from .dependencies import ReadyModel, State
+from .images import Clock, batched, error_responses, request_body
 
 router = APIRouter(tags=["embed"])
 
@@ -25,15 +26,16 @@ router = APIRouter(tags=["embed"])
     openapi_extra={"requestBody": request_body()},
     responses=error_responses(e422="corrupt, truncated or empty image; no file part; bad layer, normalize or crops"),
 )
-async def embed(request: Request, params: Annotated[EmbedParams, Query()]) -> Response:
+async def embed(
+    request: Request, state: State, model: ReadyModel, params: Annotated[EmbedParams, Query()]
+) -> Response:
     """Per image, the activations of `layer` after its ReLU for the centre crop (float32; both towers'
     halves side by side, tower 0's first), optionally scaled to unit L2 norm."""
     clock = Clock()
-    model = serving_model(request)
     task = Task.features(params.layer, params.normalize)
-    uploads, features = await batched(request, model, task, clock)
+    uploads, features = await batched(request, state, model, task, clock)
 
-    request.app.state.service.metrics.images_embedded.inc(params.layer, amount=len(uploads))
+    state.metrics.images_embedded.inc(params.layer, amount=len(uploads))
     rows = features.tolist()  # float32 values, exactly (a float64 holds each one)
     body = EmbedResponse.model_construct(
         model=model.identity,

@@ -18,7 +18,8 @@ from fastapi.responses import Response
 from ..engine import LoadedModel, WeightsUnavailable
 from ..problems import ProblemError
 from ..schemas import ExplainedClass, ExplainParams, ExplainResponse
-from .images import Clock, error_responses, receive, request_body, serving_model
+from .dependencies import ReadyModel, State
+from .images import Clock, error_responses, receive, request_body
 
 router = APIRouter(tags=["explain"])
 
@@ -46,14 +47,14 @@ PNG = {"schema": {"type": "string", "format": "binary"}}
         ),
     },
 )
-async def explain(request: Request, params: Annotated[ExplainParams, Query()]) -> Response:
+async def explain(
+    request: Request, state: State, model: ReadyModel, params: Annotated[ExplainParams, Query()]
+) -> Response:
     clock = Clock()
-    state = request.app.state.service
-    model = serving_model(request)
     class_index = _class_index(model, params)
     with state.explain_admission():
         try:
-            _, (image,) = await receive(request, model, clock, max_files=1)
+            _, (image,) = await receive(request, state, model, clock, max_files=1)
         except ProblemError as e:
             if e.slug == "too-many-files":
                 e.detail = "more than one file: /explain explains one image per request"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from ..problems import ProblemError
 from ..schemas import Health, Problem, Ready
+from ..state import NOT_LOADED
+from .dependencies import State
 
 router = APIRouter(tags=["health"])
 
@@ -21,10 +23,11 @@ async def healthz() -> Health:
     summary="The model is loaded and warmed up",
     responses={503: {"model": Problem, "description": "not ready (starting or shutting down)"}},
 )
-async def readyz(request: Request) -> Ready:
-    state = request.app.state.service
-    if not state.ready or state.model is None:
+async def readyz(state: State) -> Ready:
+    # The readiness every endpoint checks (ServiceState.not_ready), here with the reason when not ready.
+    reason = state.not_ready()
+    if reason == NOT_LOADED:
         raise ProblemError(503, "not-ready", "the model is not loaded (starting or shutting down)")
-    if not state.batcher.running:
+    if reason is not None:
         raise ProblemError(503, "not-ready", "the batching worker has stopped (see the log)")
     return Ready(model=state.model.identity)

@@ -1,10 +1,11 @@
 """What the image endpoints (/classify, /embed, /explain) share: the request body and its OpenAPI
 description, the errors, and the way in — a place in the queue (503 when full) held from before the body
-is read until the answer, the body read under the limits, the images decoded in the decode threads, and for
-/classify and /embed the batched forward pass."""
+is read until the answer (``admitted``, which /v2 infer takes too), the body read under the limits and the
+images decoded (``receive``), and for /classify and /embed the batched forward pass (``batched``)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from ..batcher import InferenceFailed, QueueFull
 from ..engine import LoadedModel, Task
 from ..problems import ProblemError
 from ..schemas import Problem, Timing
+from ..state import ServiceState
 from ..uploads import Upload, discard_body, read_uploads
 
 IMAGE_FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF"
@@ -59,15 +61,6 @@ def error_responses(**overrides: str) -> dict:
     return {status: {"model": Problem, "description": text} for status, text in texts.items()}
 
 
-def serving_model(request: Request) -> LoadedModel:
-    """The model this request uses throughout, even across a reload; 503 before it is loaded."""
-    state = request.app.state.service
-    model: LoadedModel | None = state.model
-    if model is None or not state.ready or not state.batcher.running:
-        raise ProblemError(503, "not-ready", "the model is not loaded yet", {"Retry-After": "1"})
-    return model
-
-
 @dataclass
 class Clock:
     """When a request started, its decoding started, and its forward pass (or Grad-CAM) started and ended."""
@@ -86,16 +79,34 @@ class Clock:
         )
 
 
-async def discard(request: Request) -> None:
+async def discard(request: Request, state: ServiceState) -> None:
     """Drop what is left of a refused request's body (see uploads.discard_body)."""
-    settings = request.app.state.service.settings
+    settings = state.settings
     await discard_body(request, max_body_bytes=settings.max_body_bytes, timeout=settings.body_timeout_s)
 
 
-async def receive(request: Request, model: LoadedModel, clock: Clock, *, max_files: int | None = None):
+@contextlib.asynccontextmanager
+async def admitted(request: Request, state: ServiceState):
+    """A place in the batcher's queue for the whole request, taken before its body is read (so at most
+    queue_size bodies are held at once): none free, 503 queue-full with Retry-After (the body drained, so
+    the connection stays usable); a forward pass that failed inside, 503 inference-failed."""
+    try:
+        with state.admission():
+            yield
+    except QueueFull as e:
+        await discard(request, state)
+        raise ProblemError(
+            503, "queue-full", "the server is at capacity; retry later", {"Retry-After": str(e.retry_after)}
+        ) from None
+    except InferenceFailed as e:
+        raise ProblemError(503, "inference-failed", str(e), {"Retry-After": "1"}) from None
+
+
+async def receive(
+    request: Request, state: ServiceState, model: LoadedModel, clock: Clock, *, max_files: int | None = None
+) -> tuple[list[Upload], list[torch.Tensor]]:
     """The request's uploads and their decoded uint8 images [3, S, S], read under the service's limits. The
     bodies count against the body budget until they are decoded (then they are dropped)."""
-    state = request.app.state.service
     settings = state.settings
     with state.body_reservation() as reservation:
         try:
@@ -108,28 +119,20 @@ async def receive(request: Request, model: LoadedModel, clock: Clock, *, max_fil
             )
         except ProblemError as e:
             if e.status == 503:  # no room for the body now: the client will retry on this connection
-                await discard(request)
+                await discard(request, state)
             raise
         clock.decode_started = time.perf_counter()
         images = await state.decode(model, uploads)
     return uploads, images
 
 
-async def batched(request: Request, model: LoadedModel, task: Task, clock: Clock) -> tuple[list[Upload], torch.Tensor]:
+async def batched(
+    request: Request, state: ServiceState, model: LoadedModel, task: Task, clock: Clock
+) -> tuple[list[Upload], torch.Tensor]:
     """Read and decode the request's images, then run ``task`` on them in the batcher's next batch."""
-    state = request.app.state.service
-    try:
-        # Admitted before the body is read: at most queue_size bodies are held in memory at once.
-        with state.batcher.admission():
-            uploads, images = await receive(request, model, clock)
-            clock.compute_started = time.perf_counter()
-            outputs = await state.batcher.infer(model, images, task)
-            clock.done = time.perf_counter()
-    except QueueFull as e:
-        await discard(request)
-        raise ProblemError(
-            503, "queue-full", "the server is at capacity; retry later", {"Retry-After": str(e.retry_after)}
-        ) from None
-    except InferenceFailed as e:
-        raise ProblemError(503, "inference-failed", str(e), {"Retry-After": "1"}) from None
+    async with admitted(request, state):
+        uploads, images = await receive(request, state, model, clock)
+        clock.compute_started = time.perf_counter()
+        outputs = await state.infer(model, images, task)
+        clock.done = time.perf_counter()
     return uploads, outputs

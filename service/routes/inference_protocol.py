@@ -21,8 +21,7 @@ from starlette.routing import Match
 import model as model_package
 
 from .. import inference_protocol as protocol
-from ..batcher import InferenceFailed, QueueFull
-from ..engine import Task
+from ..engine import LoadedModel, Task
 from ..problems import ProblemError
 from ..schemas import (
     InferenceRequest,
@@ -32,8 +31,10 @@ from ..schemas import (
     ServerMetadata,
     TensorMetadata,
 )
+from ..state import ServiceState
 from ..uploads import Upload, read_body
-from .images import discard, serving_model
+from .dependencies import ReadyModel, State, require_ready
+from .images import admitted, discard
 
 log = logging.getLogger("service")
 
@@ -119,14 +120,19 @@ async def server_live() -> Response:
     summary="The server is ready (as /readyz)",
     responses={200: NO_BODY, **errors(e503=NOT_READY)},
 )
-async def server_ready(request: Request) -> Response:
-    serving_model(request)
+async def server_ready(model: ReadyModel) -> Response:
     return Response(status_code=200)
 
 
-async def _model_ready(request: Request, model_name: str, model_version: str | None) -> Response:
+async def ready_model(state: ServiceState, model_name: str, model_version: str | None = None) -> LoadedModel:
+    """The model a /v2/models/… request uses: 404 for another model or version, before (whatever the
+    readiness, as a v2 client expects) the readiness check every endpoint shares (require_ready: 503)."""
     check_model(model_name, model_version)
-    serving_model(request)
+    return await require_ready(state)
+
+
+async def _model_ready(state: ServiceState, model_name: str, model_version: str | None) -> Response:
+    await ready_model(state, model_name, model_version)
     return Response(status_code=200)
 
 
@@ -134,18 +140,18 @@ READY = {"response_class": Response, "responses": {200: NO_BODY, **errors(e404=U
 
 
 @router.get("/v2/models/{model_name}/ready", summary="The model is ready", **READY)
-async def model_ready(request: Request, model_name: str) -> Response:
-    return await _model_ready(request, model_name, None)
+async def model_ready(state: State, model_name: str) -> Response:
+    return await _model_ready(state, model_name, None)
 
 
 @router.get("/v2/models/{model_name}/versions/{model_version}/ready", summary="This model version is ready", **READY)
-async def model_version_ready(request: Request, model_name: str, model_version: str) -> Response:
-    return await _model_ready(request, model_name, model_version)
+async def model_version_ready(state: State, model_name: str, model_version: str) -> Response:
+    return await _model_ready(state, model_name, model_version)
 
 
-def _model_metadata(request: Request, model_name: str, model_version: str | None) -> ModelMetadata:
+def _model_metadata(state: ServiceState, model_name: str, model_version: str | None) -> ModelMetadata:
     check_model(model_name, model_version)
-    loaded = request.app.state.service.model
+    loaded = state.model  # loaded is enough: metadata needs no forward pass
     if loaded is None:
         raise ProblemError(503, None, "no model is loaded yet", {"Retry-After": "1"})
     preprocessing = loaded.preprocessor.config
@@ -167,13 +173,13 @@ METADATA = {"response_model": ModelMetadata, "responses": errors(e404=UNKNOWN_MO
 
 
 @router.get("/v2/models/{model_name}", summary="Model metadata: inputs, outputs", **METADATA)
-async def model_metadata(request: Request, model_name: str) -> ModelMetadata:
-    return _model_metadata(request, model_name, None)
+async def model_metadata(state: State, model_name: str) -> ModelMetadata:
+    return _model_metadata(state, model_name, None)
 
 
 @router.get("/v2/models/{model_name}/versions/{model_version}", summary="Model version metadata", **METADATA)
-async def model_version_metadata(request: Request, model_name: str, model_version: str) -> ModelMetadata:
-    return _model_metadata(request, model_name, model_version)
+async def model_version_metadata(state: State, model_name: str, model_version: str) -> ModelMetadata:
+    return _model_metadata(state, model_name, model_version)
 
 
 # Inference ------------------------------------------------------------------------------------------------
@@ -225,29 +231,29 @@ HEADER = Header(
 
 
 @router.post("/v2/models/{model_name}/infer", summary="Classify images (Open Inference Protocol)", **INFER)
-async def infer(request: Request, model_name: str, header_length: int | None = HEADER) -> Response:
-    return await _infer(request, model_name, None, header_length)
+async def infer(request: Request, state: State, model_name: str, header_length: int | None = HEADER) -> Response:
+    return await _infer(request, state, model_name, None, header_length)
 
 
 @router.post("/v2/models/{model_name}/versions/{model_version}/infer", summary="Classify, this version", **INFER)
 async def infer_version(
-    request: Request, model_name: str, model_version: str, header_length: int | None = HEADER
+    request: Request, state: State, model_name: str, model_version: str, header_length: int | None = HEADER
 ) -> Response:
-    return await _infer(request, model_name, model_version, header_length)
+    return await _infer(request, state, model_name, model_version, header_length)
 
 
-async def _infer(request: Request, model_name: str, model_version: str | None, header_length: int | None) -> Response:
-    check_model(model_name, model_version)
-    model = serving_model(request)
+async def _infer(
+    request: Request, state: ServiceState, model_name: str, model_version: str | None, header_length: int | None
+) -> Response:
+    model = await ready_model(state, model_name, model_version)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise ProblemError(415, None, f"Content-Encoding {encoding[:40]!r}: send the body uncompressed")
-    state = request.app.state.service
     settings = state.settings
-    try:
-        # Admitted before the body is read, as /classify (routes/images.py, batched): at most queue_size bodies,
-        # and each one's memory (the body, then what parsing it takes) held against the body budget.
-        with state.batcher.admission(), state.body_reservation() as reservation:
+    # Admitted before the body is read, as /classify (routes/images.py, batched): at most queue_size bodies,
+    # and each one's memory (the body, then what parsing it takes) held against the body budget.
+    async with admitted(request, state):
+        with state.body_reservation() as reservation:
             try:
                 body = await read_body(
                     request,
@@ -257,7 +263,7 @@ async def _infer(request: Request, model_name: str, model_version: str | None, h
                 )
             except ProblemError as e:
                 if e.status == 503:  # no room for the body now: the client will retry on this connection
-                    await discard(request)
+                    await discard(request, state)
                 raise
             header, binary = protocol.split_body(body, header_length)
             await _reserve_parsing(reservation, len(body), len(header), len(binary))
@@ -274,14 +280,7 @@ async def _infer(request: Request, model_name: str, model_version: str | None, h
                 task = Task.probabilities("center")
             else:
                 images, task = list(inputs.tensor.unbind(0)), Task.probabilities_of_inputs()
-            probabilities = await state.batcher.infer(model, images, task)
-    except QueueFull as e:
-        await discard(request)
-        raise ProblemError(
-            503, "queue-full", "the server is at capacity; retry later", {"Retry-After": str(e.retry_after)}
-        ) from None
-    except InferenceFailed as e:
-        raise ProblemError(503, "inference-failed", str(e), {"Retry-After": "1"}) from None
+            probabilities = await state.infer(model, images, task)
     if not bool(probabilities.isfinite().all()):  # NaN or infinite values in an FP32 input
         raise ProblemError(422, None, "the input gives non-finite probabilities: is every value a finite number?")
 

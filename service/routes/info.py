@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from ..engine import LoadedModel
 from ..problems import ProblemError
 from ..schemas import ModelInfo, Problem
+from .dependencies import State
 
 router = APIRouter(tags=["model"])
 
@@ -20,8 +21,9 @@ router = APIRouter(tags=["model"])
     summary="Metadata of the model being served",
     responses={503: {"model": Problem, "description": "no model loaded yet"}},
 )
-async def model_info(request: Request) -> ModelInfo:
-    loaded = request.app.state.service.model
+async def model_info(state: State) -> ModelInfo:
+    # Answered whenever a model is loaded, ready or not (while shutting down, too).
+    loaded = state.model
     if loaded is None:
         raise ProblemError(503, "not-ready", "no model is loaded yet")
     metadata = loaded.metadata
@@ -51,10 +53,10 @@ async def model_info(request: Request) -> ModelInfo:
         503: {"model": Problem, "description": "no model loaded yet"},
     },
 )
-async def filters(request: Request) -> Response:
+async def filters(request: Request, state: State) -> Response:
     """Drawn once per loaded model (a hot reload brings a new picture, and a new ETag); revalidated by
     browsers on every use (Cache-Control: no-cache)."""
-    loaded: LoadedModel | None = request.app.state.service.model
+    loaded: LoadedModel | None = state.model
     if loaded is None:
         raise ProblemError(503, "not-ready", "no model is loaded yet")
     png = await asyncio.get_running_loop().run_in_executor(None, lambda: loaded.filters_png)

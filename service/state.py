@@ -1,0 +1,251 @@
+"""What the service holds while it runs (the model being served, the batcher, the decode and explain
+threads, the budgets, the reload watcher), its start and stop, and the one interface the endpoints use.
+
+Every endpoint that computes goes decode → batch → predict → encode, through these methods of
+``ServiceState`` and nothing else of it:
+
+    not_ready(), ready_model()   the one readiness check; the model a request uses throughout
+    body_reservation()           the request's share of the body budget, while its body is held
+    admission()                  a place in the batcher's queue (/classify, /embed, /v2 infer)
+    decode(model, uploads)       the images, decoded in the decode threads under the decode budget (decoding.py)
+    infer(model, images, task)   the task's outputs, computed in some batch (batcher.py, engine.LoadedModel.run)
+    explain_admission(), explain(...)   Grad-CAM in threads of its own (explaining.py)
+
+Encoding the answer is each route's own business (routes/); routes get this state, and the ready model, as
+typed dependencies (routes/dependencies.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import gc
+import logging
+import os
+
+import torch
+
+import model as model_package
+
+from . import engine, memory, reload
+from .batcher import Batcher
+from .decoding import Decoder
+from .engine import Explanation, LoadedModel, Task
+from .explaining import Explainers
+from .memory import ByteBudget, Reservation
+from .metrics import ServiceMetrics
+from .settings import Settings
+from .uploads import Upload
+
+log = logging.getLogger("service")
+
+UNTRAINED_WARNING = (
+    "NO CHECKPOINT at %s: serving a freshly initialised AlexNet whose predictions are NOISE "
+    '("trained": false in every response). Train one (python -m training train … --out checkpoints), import '
+    "the published weights (python -m model.import_weights … --out %s; see the README), or point "
+    "ALEXNET_CHECKPOINT at a checkpoint file. A checkpoint appearing there is picked up without a restart."
+)
+
+# Why requests cannot be served (ServiceState.not_ready): /readyz says which; the endpoints answer 503.
+NOT_LOADED = "not-loaded"  # starting, or shutting down
+WORKER_STOPPED = "worker-stopped"  # the batching worker died (a bug; the log says why)
+
+
+class ServiceState:
+    """Everything a request needs, created with the app and started and stopped in its lifespan."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.model: LoadedModel | None = None
+        self.ready = False
+        self.metrics = ServiceMetrics(queue_depth=self._queue_depth, model_info=self._model_info)
+        self.batcher: Batcher | None = None
+        self.bodies = ByteBudget(settings.body_memory_bytes)
+        self.decoder = Decoder(ByteBudget(settings.decode_memory_bytes), settings.max_pixels)
+        self.explainers = Explainers(settings.explain_concurrency, self.metrics)
+        self._watcher: asyncio.Task | None = None
+        self.worst_case: memory.WorstCase | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        devices = engine.resolve_devices(s.device)
+        if engine.runs_cpu_inference_net(devices):
+            # Set once for the process, before the model is loaded: loading, warming up and every forward
+            # pass then run with the allocator that CPUInferenceNet's throughput assumes (model/malloc.py).
+            model_package.keep_freed_memory()
+        path = s.checkpoint
+        with memory.MeasureLoad() as load_cost:
+            if _missing(path):
+                log.warning(UNTRAINED_WARNING, path, path)
+                self.model = await loop.run_in_executor(None, engine.untrained, devices)
+                loaded = None
+            else:
+                loaded = reload.fingerprint(path)
+                self.model = await loop.run_in_executor(None, engine.load, path, devices)
+        identity = self.model.identity
+        log.info(
+            "serving %s on %s (trained=%s, epoch %s, val top-1 error %s, top-5 %s)",
+            path if loaded else "an untrained net",
+            ",".join(map(str, devices)),
+            identity.trained,
+            identity.epoch,
+            identity.val_top1_error,
+            identity.val_top5_error,
+            extra={
+                "fields": {
+                    "sha256": identity.sha256,
+                    "devices": [str(d) for d in devices],
+                    "trained": identity.trained,
+                    "val_top1_error": identity.val_top1_error,
+                    "val_top5_error": identity.val_top5_error,
+                }
+            },
+        )
+        self.batcher = Batcher(
+            max_batch=s.max_batch,
+            max_wait_ms=s.max_wait_ms,
+            queue_size=s.queue_size,
+            threads=s.thread_count,
+            metrics=self.metrics,
+        )
+        self.batcher.start()
+        self.worst_case = await loop.run_in_executor(None, self._check_memory, self.model, load_cost.result)
+        self.decoder.start(s.decode_worker_count)
+        self.explainers.start(s.thread_count)
+        if s.reload_interval_s > 0:
+            self._watcher = loop.create_task(
+                reload.watch_checkpoint(
+                    path,
+                    s.reload_interval_s,
+                    loaded,
+                    load=functools.partial(engine.load, devices=devices),
+                    switch=self._switch,
+                    on_result=lambda result: self.metrics.reloads.inc(result),
+                ),
+                name="checkpoint-watcher",
+            )
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self.batcher is not None:
+            await self.batcher.close()
+        self.decoder.close()
+        self.explainers.close()
+
+    def _check_memory(self, model: LoadedModel, load_cost: memory.ModelLoadCost) -> memory.WorstCase:
+        """Run one full batch (so what it needs is resident), then compare the worst case the settings allow
+        with the cgroup's memory limit: MemoryDoesNotFit when it cannot fit."""
+        s = self.settings
+        image = model.preprocessor.load(engine._WARM_UP_PNG)
+        model.predict([[image] * s.max_batch], ["center"], max_batch=s.max_batch)
+        gc.collect()
+        worst = memory.worst_case(
+            s,
+            ready_bytes=memory.resident_bytes(),
+            model_load=load_cost,
+            decoded_image_bytes=image.numel() * image.element_size(),
+        )
+        limit, source = memory.cgroup_memory_limit()
+        fields = {"event": "memory_bound", "worst_case_bytes": worst.total, "limit_bytes": limit}
+        if limit is None:
+            log.info("memory: worst case %s; %s", worst.describe(), source, extra={"fields": fields})
+        elif worst.total > limit:
+            raise memory.MemoryDoesNotFit(worst, limit, source)
+        else:
+            log.info(
+                "memory: worst case %s fits the limit of %s MiB (%s)",
+                worst.describe(),
+                f"{limit / memory.MIB:,.0f}",
+                source,
+                extra={"fields": fields},
+            )
+        return worst
+
+    # The endpoints' interface -----------------------------------------------------------------------------
+
+    def not_ready(self) -> str | None:
+        """Why requests cannot be served now (NOT_LOADED, WORKER_STOPPED), or None when they can: the one
+        readiness check, for /readyz and every endpoint."""
+        if not self.ready or self.model is None:
+            return NOT_LOADED
+        if self.batcher is None or not self.batcher.running:
+            return WORKER_STOPPED
+        return None
+
+    def ready_model(self) -> LoadedModel | None:
+        """The model being served, when requests can be served (else None). A request keeps the one it got
+        throughout, even across a reload."""
+        return None if self.not_ready() else self.model
+
+    @contextlib.contextmanager
+    def body_reservation(self):
+        """A request's share of the body budget, released when the request ends (if not before)."""
+        reservation = Reservation(self.bodies)
+        try:
+            yield reservation
+        finally:
+            reservation.release()
+
+    def admission(self):
+        """A place in the batcher's queue from before the body is read until the answer, so that at most
+        ``queue_size`` requests (and their bodies) are in at once; none free: batcher.QueueFull."""
+        return self.batcher.admission()
+
+    async def decode(self, model: LoadedModel, uploads: list[Upload]) -> list[torch.Tensor]:
+        """Every upload decoded for ``model`` → uint8 [3, S, S] each (decoding.Decoder.decode)."""
+        return await self.decoder.decode(model, uploads)
+
+    async def infer(self, model: LoadedModel, images: list[torch.Tensor], task: Task) -> torch.Tensor:
+        """What ``task`` asks of ``model`` for these images, computed in some batch; batcher.InferenceFailed
+        when the forward pass failed or the service is shutting down."""
+        return await self.batcher.infer(model, images, task)
+
+    def explain_admission(self):
+        """One of the ``explain_concurrency`` places, or 503 explain-busy (explaining.Explainers.admission)."""
+        return self.explainers.admission()
+
+    async def explain(
+        self, model: LoadedModel, image: torch.Tensor, class_index: int | None, *, as_png: bool
+    ) -> tuple[Explanation, bytes | None]:
+        """Grad-CAM of one decoded image, and the PNG of its overlay if asked for (explaining.Explainers)."""
+        return await self.explainers.explain(model, image, class_index, as_png=as_png)
+
+    # --------------------------------------------------------------------------------------------------------
+
+    def _switch(self, new: LoadedModel) -> None:
+        self.model = new  # requests already under way keep the model they started with
+
+    def _queue_depth(self) -> dict:
+        batcher, explaining = self.batcher, self.explainers.under_way
+        if batcher is None:
+            return {("admitted",): 0, ("waiting_inputs",): 0, ("explaining",): explaining}
+        return {
+            ("admitted",): batcher.admitted,
+            ("waiting_inputs",): batcher.waiting_rows,
+            ("explaining",): explaining,
+        }
+
+    def _model_info(self) -> dict:
+        if self.model is None:
+            return {}
+        identity = self.model.identity
+        errors = tuple("" if e is None else repr(e) for e in (identity.val_top1_error, identity.val_top5_error))
+        return {(identity.checkpoint or "", identity.sha256 or "", str(identity.trained).lower(), *errors): 1}
+
+
+
+def _missing(path) -> bool:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # exists but unreadable: load_checkpoint says what is wrong
+    return False
