@@ -8,7 +8,7 @@ import os
 import time
 
 import pytest
-from test_training import make_source, prepare_quietly, train_cli
+from support.training import make_source, prepare_quietly, train_cli
 
 from training import data as data_module
 from training.data import DirectoryLock, TrainingError
@@ -16,6 +16,7 @@ from training.data import DirectoryLock, TrainingError
 fcntl = pytest.importorskip("fcntl", reason="DirectoryLock locks only where flock exists")
 
 
+@pytest.mark.slow
 def test_prepare_and_train_leave_no_lock_file(tmp_path):
     prepared, run = tmp_path / "prepared", tmp_path / "run"
     prepare_quietly(make_source(tmp_path / "src", classes=2, train=3, val=1), prepared)
@@ -109,6 +110,7 @@ def _contend(directory, seconds, results):
     results.put((taken, clashes))
 
 
+@pytest.mark.slow
 def test_processes_racing_for_the_lock_never_hold_it_together(tmp_path):
     directory = tmp_path / "dir"
     directory.mkdir()

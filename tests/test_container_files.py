@@ -119,6 +119,7 @@ class _Ready(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("status, healthy", [(200, True), (503, False)])
 def test_healthcheck_follows_readyz(status, healthy):
     handler = type("Handler", (_Ready,), {"status": status})

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_gpu_acceptance_script_dry_runs_on_the_cpu():
     command = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--http-seconds", "1"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)

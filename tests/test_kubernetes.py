@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from test_service_support import ServiceProcess, free_port, write_checkpoint
-from test_training import make_source, prepare_quietly
+from support.service import free_port, write_checkpoint
+from support.training import make_source, prepare_quietly
 
 from training.__main__ import _parser as training_parser
 
@@ -108,11 +108,9 @@ def as_pod(obj: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tmp_path_factory, module_live_service):
     directory = tmp_path_factory.mktemp("kubernetes")
-    checkpoint = write_checkpoint(directory / "small.safetensors", seed=5, width=0.0625)
-    with ServiceProcess(directory / "service.log", "--checkpoint", str(checkpoint), "--device", "cpu") as running:
-        yield running
+    return module_live_service(checkpoint=write_checkpoint(directory / "small.safetensors", seed=5, width=0.0625))
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +146,7 @@ def test_renders_the_expected_objects(rendered):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_built_in_objects_pass_the_kubernetes_schema(renders, name):
     kubernetes_validate = pytest.importorskip(
@@ -437,6 +436,7 @@ def operator_environment(job: dict, replica: str, index: int, master_port: int) 
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_pytorchjob_command_trains_and_resumes_as_the_operator_runs_it(renders, tmp_path):
     """The container's command, as written, on two "nodes" (two copies here, one per pod) with the
     environment the operator gives each pod: 2 × 2 processes on the CPU (gloo), then rerun after the first
@@ -518,6 +518,7 @@ def test_checkov_skips_say_why():
     assert skips and all(re.fullmatch(r"  - CKV2?_K8S_\d+  # \S.{20,}", line) for line in skips), skips
 
 
+@pytest.mark.slow
 def test_checkov_finds_nothing_unexpected(renders, tmp_path):
     executable = checkov()
     scanned = set()

@@ -47,6 +47,7 @@ def paper_checkpoint_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_file_layout_is_caffes_grouped_shapes_plus_json_metadata(paper_checkpoint_file):
     with safetensors.safe_open(str(paper_checkpoint_file), framework="pt") as f:
         shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -77,6 +78,7 @@ def test_file_layout_is_caffes_grouped_shapes_plus_json_metadata(paper_checkpoin
     assert provenance["created"].startswith("20") and provenance["code_version"].startswith("0.")
 
 
+@pytest.mark.slow
 def test_round_trip_keeps_weights_and_metadata(paper_checkpoint_file):
     loaded = load_checkpoint(paper_checkpoint_file)
     assert loaded.trained and loaded.classes == imagenet_classes()

@@ -20,6 +20,7 @@ def scaled_weights_(net: AlexNet, seed: int) -> AlexNet:
     return net.eval()
 
 
+@pytest.mark.slow
 def test_paper_net_gives_the_towers_logits():
     net = scaled_weights_(AlexNet(), seed=1)
     x = torch.randn(10, 3, 224, 224)  # 10 = one full chunk of 8 and a partial one
@@ -35,6 +36,7 @@ def test_paper_net_gives_the_towers_logits():
     torch.testing.assert_close(fast(x[4:5]), got[4:5], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("across", [False, True])
 @pytest.mark.parametrize("padding", ["overhang", "symmetric", "none"])
 def test_every_configuration_gives_the_same_logits(across, padding):
@@ -54,6 +56,7 @@ def test_every_configuration_gives_the_same_logits(across, padding):
         torch.testing.assert_close(CPUInferenceNet(source)(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_weights_are_a_frozen_copy():
     net = scaled_weights_(AlexNet(num_classes=10, width=0.25), seed=3)
     fast = CPUInferenceNet(net)
@@ -89,6 +92,7 @@ def test_bad_input_shape_is_a_clear_error():
         fast(torch.randn(3, 224, 224))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_forward_passes_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
     """Without keep_freed_memory a full-size pass at batch 8 faults in ~9,000 fresh pages every time
@@ -105,6 +109,7 @@ def test_forward_passes_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
     assert faults_per_pass < 1000
 
 
+@pytest.mark.slow
 def test_fused_convolutions_match_the_plain_ones():
     """ConvReLU's one-call oneDNN path (pre-reordered weights) and its fallback compute the same thing."""
     net = scaled_weights_(AlexNet(num_classes=10, width=0.25), seed=7)

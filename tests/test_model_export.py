@@ -20,8 +20,8 @@ import onnx
 import pytest
 import torch
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
-from test_import_weights import alexnet_shapes, convert, onnx_model, random_weights
-from test_service_support import write_checkpoint
+from support.service import write_checkpoint
+from support.weights import alexnet_shapes, convert, onnx_model, random_weights
 
 from model import (
     CAFFE_LRN,
@@ -129,6 +129,7 @@ def own_exported(own, tmp_path_factory) -> ex.Exported:
 # ------------------------------------------------------------------------------------ the same predictions
 
 
+@pytest.mark.slow
 def test_own_checkpoint_on_the_photos(own, own_exported, photos):
     x = photo_batch(own, photos)
     assert x.shape == (10, 3, 224, 224)
@@ -145,6 +146,7 @@ def test_own_checkpoint_on_the_photos(own, own_exported, photos):
     assert not {n.op_type for n in model.graph.node} - {"Conv", "Relu", "LRN", "Reshape", "MaxPool", "Flatten", "Gemm"}
 
 
+@pytest.mark.slow
 def test_imported_checkpoint_on_the_photos(imported, tmp_path, photos):
     exported = ex.export(imported, tmp_path / "bvlc.onnx")
     assert exported.mean_image_path is None  # a per-channel mean: the numbers are in the metadata
@@ -160,6 +162,7 @@ def test_imported_checkpoint_on_the_photos(imported, tmp_path, photos):
     assert {a.name: onnx.helper.get_attribute_value(a) for a in conv1.attribute}["pads"] == [0, 0, 0, 0]
 
 
+@pytest.mark.slow
 def test_full_width_on_the_photos(photos):
     """The paper's net at full size (60,965,224 weights), built in memory: ~10 s."""
     checkpoint = make_checkpoint(7, width=1.0, mean_image=True)
@@ -172,6 +175,7 @@ def test_full_width_on_the_photos(photos):
 OTHER_LRN = LRNConfig(size=3, alpha=3e-3, beta=0.6, k=1.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "padding, across, lrn",
     [
@@ -189,6 +193,7 @@ def test_every_padding_and_lrn_setting(padding, across, lrn):
     assert ex.verify_with_onnxruntime(model.SerializeToString(), checkpoint, batch=3) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["lrn_across_towers", "alpha convention"])
 def test_the_comparison_can_fail(change):
     """A graph with the other LRN convention is caught: the checks above are not between look-alikes."""
@@ -206,6 +211,7 @@ def test_the_comparison_can_fail(change):
 # -------------------------------------------------------------------------- batch, softmax, metadata, Triton
 
 
+@pytest.mark.slow
 def test_dynamic_batch(own, own_exported, photos):
     model = onnx.load(str(own_exported.path))
     (graph_input,) = model.graph.input
@@ -221,6 +227,7 @@ def test_dynamic_batch(own, own_exported, photos):
     assert_same_predictions(seven, expected[:7])
 
 
+@pytest.mark.slow
 def test_softmax_output(own, tmp_path, photos):
     exported = ex.export(own, tmp_path / "p.onnx", softmax=True)
     session = ex.onnxruntime_session(exported.path)
@@ -305,6 +312,7 @@ def model_config_class():
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("softmax", [False, True])
 def test_triton_repository(imported, tmp_path, softmax, photos):
     exported = ex.write_triton_repository(imported, tmp_path / "models", max_batch_size=16, softmax=softmax)
@@ -366,6 +374,7 @@ def test_a_failed_write_leaves_no_partial_file(own, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_verify_failure_writes_nothing(own, tmp_path, monkeypatch, capsys):
     """--verify that finds a difference: exit 1, and OUT is not created."""
     real = ex.build_model
@@ -436,6 +445,7 @@ def test_without_onnx_the_error_says_how_to_install_it(own, tmp_path, capsys, mo
     assert err == "error: the ONNX export needs the onnx package: pip install -e '.[export]' (or: pip install onnx)\n"
 
 
+@pytest.mark.slow
 def test_the_command(own, tmp_path):
     """`python -m model.export` itself: written and verified (exit 0); a bad checkpoint, exit 1 and one
     line without a traceback (the other exit statuses and messages: main() in-process, above)."""

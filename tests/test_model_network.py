@@ -31,6 +31,7 @@ def layer_parameters(net: AlexNet, name: str) -> int:
     return sum(p.numel() for t in net.towers for p in getattr(t, name).parameters())
 
 
+@pytest.mark.slow
 def test_parameter_count_is_the_papers(paper_net):
     assert sum(p.numel() for p in paper_net.parameters()) == 60_965_224
     assert {name: layer_parameters(paper_net, name) for name in LAYER_NAMES} == PAPER_PARAMETERS
@@ -50,6 +51,7 @@ def test_each_tower_holds_half_of_every_layer(paper_net):
         assert w.shape[0] == expected_out[name], name
 
 
+@pytest.mark.slow
 def test_spatial_sizes_for_every_conv1_padding():
     sizes = {}
     for padding in ("overhang", "symmetric", "none"):
@@ -80,6 +82,7 @@ def test_overhang_padding_is_cuda_convnets_right_and_bottom_zeros():
     )
 
 
+@pytest.mark.slow
 def test_paper_initialisation_per_layer(paper_net):
     bias_one = {"conv2", "conv4", "conv5", "fc6", "fc7"}
     for net_name, layers in (
@@ -95,6 +98,7 @@ def test_paper_initialisation_per_layer(paper_net):
             assert torch.all(b == (1.0 if name in bias_one else 0.0)), (net_name, name)
 
 
+@pytest.mark.slow
 def test_towers_and_grouped_form_give_the_same_logits():
     torch.manual_seed(1)
     net = AlexNet().eval()
@@ -120,6 +124,7 @@ def test_towers_and_grouped_form_give_the_same_logits():
     assert grouped.state_dict()["fc6.weight"].shape == (4096, 9216)
 
 
+@pytest.mark.slow
 def test_own_tower_layers_do_not_read_the_other_tower():
     """conv2/4/5 read their own tower only: tower 1's conv1 cannot change tower 0's pool2 maps,
     while conv3 (which reads both) sees it."""
@@ -138,6 +143,7 @@ def test_own_tower_layers_do_not_read_the_other_tower():
         assert not torch.equal(conv3_before, conv3_after)
 
 
+@pytest.mark.slow
 def test_forward_does_not_synchronise(monkeypatch):
     net = AlexNet(width=0.25).eval()
 
@@ -159,6 +165,7 @@ def test_towers_can_be_placed_on_the_same_device_twice():
         net.place(("cpu", "cpu", "cpu"))
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training_and_no_relu_after_fc8():
     torch.manual_seed(3)
     net = AlexNet(width=0.25)
@@ -175,6 +182,7 @@ def test_dropout_only_in_training_and_no_relu_after_fc8():
     assert [m.p for m in net.modules() if isinstance(m, nn.Dropout)] == [0.5, 0.5]
 
 
+@pytest.mark.slow
 def test_width_multiplier_scales_every_layer():
     config = AlexNetConfig(num_classes=10, width=0.25)
     assert config.channels == (24, 64, 96, 96, 64, 1024, 1024)
@@ -194,6 +202,7 @@ def test_bad_configs_are_rejected():
         AlexNetConfig(num_classes=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(4, 96, 55, 55), (2, 256, 27, 27), (1, 3, 5, 5)])
 def test_lrn_equals_torch_local_response_norm(shape):
     torch.manual_seed(4)
@@ -220,6 +229,7 @@ def test_lrn_conventions_and_gradient(size):
     torch.testing.assert_close(paper(x), reference(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("across", [False, True])
 def test_towers_and_grouped_agree_when_lrn_matters(across):
     """A strong LRN (α=0.01) makes the normalisation window's reach decisive: the paper normalises
@@ -272,6 +282,7 @@ def test_lrn_under_autocast_computes_in_float32(dtype):
     torch.testing.assert_close(lrn_inference(x32.detach().to(dtype), PAPER_LRN).float(), expected.detach(), **tolerance)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["fc6", "fc7"])
 def test_features_are_the_towers_hidden_activations_in_every_form(layer):
     """The paper's Fig. 4 retrieval features: the towers' activations after the ReLU, tower 0's half first;

@@ -7,6 +7,7 @@ from model import AlexNet
 from model.visualize import KERNEL_SCALE, filters_image, kernel_position
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channel_order", ["RGB", "BGR"])
 def test_a_planted_kernel_appears_where_and_as_it_should(channel_order):
     torch.manual_seed(0)

@@ -35,6 +35,7 @@ def test_known_matrices_for_f2_3():
     assert a_t[0].tolist() == [1, 1, 1, 0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "in_channels, out_channels, kernel, padding, groups, size, tile, points",
     [
@@ -67,6 +68,7 @@ def test_rejects_what_it_cannot_compute():
         winograd_matrices(4, 3, (0, 1, -1, 2))
 
 
+@pytest.mark.slow
 def test_inference_net_gives_the_same_logits_with_and_without_winograd():
     assert set(WINOGRAD) == {"conv2", "conv3"}
     torch.manual_seed(4)

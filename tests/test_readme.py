@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_service_support import ServiceProcess
 
 from training.__main__ import _parser as training_parser
 
@@ -39,11 +38,8 @@ def test_the_readme_has_the_examples_this_test_checks():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("readme") / "service.log"
-    service = ServiceProcess(log, "--checkpoint", str(log.with_name("none.safetensors")), "--device", "cpu")
-    with service:
-        yield service
+def server(tmp_path_factory, module_live_service):
+    return module_live_service(checkpoint=tmp_path_factory.mktemp("readme") / "none.safetensors")
 
 
 @pytest.mark.parametrize("command", CURLS)

@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from test_service_support import REPO, ServiceProcess, metric_value, write_checkpoint
-from test_training import make_source, prepare_quietly, train_cli, tree_digest
+from support.service import REPO, metric_value, write_checkpoint
+from support.training import make_source, prepare_quietly, train_cli, tree_digest
 
 from model import load_checkpoint
 from model.files import atomic_write
@@ -112,7 +112,7 @@ def load_checkpoint_bytes(data: bytes, directory: Path):
     return load_checkpoint(path)
 
 
-def test_hostile_checkpoints_are_rejected_while_the_old_model_serves_every_request(tmp_path, photos):
+def test_hostile_checkpoints_are_rejected_while_the_old_model_serves_every_request(tmp_path, photos, live_service):
     path = tmp_path / "serving" / "best.safetensors"
     path.parent.mkdir()
     good = write_checkpoint(tmp_path / "good.safetensors", seed=31, width=0.0625, epoch=1)
@@ -122,14 +122,7 @@ def test_hostile_checkpoints_are_rejected_while_the_old_model_serves_every_reque
     marker = tmp_path / "code-was-executed"
     hostile = hostile_checkpoints(good.read_bytes(), marker, tmp_path)
 
-    server = ServiceProcess(
-        tmp_path / "service.log",
-        "--checkpoint", str(path),
-        "--device", "cpu",
-        "--threads", "1",
-        "--decode-workers", "1",
-        "--reload-interval-s", "0.1",
-    )  # fmt: skip
+    server = live_service("--threads", "1", "--decode-workers", "1", "--reload-interval-s", "0.1", checkpoint=path)
     stop, answers, failures = threading.Event(), [], []
     data = photos[2].read_bytes()
 
@@ -148,7 +141,6 @@ def test_hostile_checkpoints_are_rejected_while_the_old_model_serves_every_reque
 
     worker = threading.Thread(target=traffic)
     try:
-        server.wait_ready()
         worker.start()
         with httpx.Client(base_url=server.url, timeout=60) as client:
 
@@ -199,22 +191,19 @@ def read_response(connection: socket.socket) -> bytes:
     return data
 
 
-def test_a_stalled_upload_gives_its_queue_place_back(tmp_path, photos):
+def test_a_stalled_upload_gives_its_queue_place_back(tmp_path, photos, live_service):
     """Clients that send headers and a few bytes of body, then nothing (slowloris), are answered 408 after
     the body timeout: they cannot hold the queue's places for ever."""
     checkpoint = write_checkpoint(tmp_path / "small.safetensors", seed=33, width=0.0625)
-    server = ServiceProcess(
-        tmp_path / "service.log",
-        "--checkpoint", str(checkpoint),
-        "--device", "cpu",
+    server = live_service(
         "--threads", "1",
         "--queue-size", "2",
         "--body-timeout-s", "3",  # long enough to see the places taken on a busy machine
         "--reload-interval-s", "0",
+        checkpoint=checkpoint,
     )  # fmt: skip
     stalled = []
     try:
-        server.wait_ready()
         head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
         for _ in range(2):
             connection = socket.create_connection(("127.0.0.1", server.port))
@@ -291,6 +280,7 @@ def temporaries(run: Path) -> list[str]:
     return sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "target, moment",
     [("last.safetensors", "mid-write"), ("state.safetensors", "before-rename")],  # epoch 2's first and third write
@@ -370,6 +360,7 @@ def assert_out_of_space(code: int, err: str, reason: str = "no space left on dev
     assert last.startswith(f"error: {reason}") and "intact" in last and "rerun" in last, err
 
 
+@pytest.mark.slow
 def test_disk_full_during_train_keeps_the_last_epoch_and_resume_continues(prepared, small_disk, capsys):
     disk, resize = small_disk
     run = disk / "run"
@@ -387,6 +378,7 @@ def test_disk_full_during_train_keeps_the_last_epoch_and_resume_continues(prepar
     assert load_checkpoint(run / "last.safetensors").provenance["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_disk_full_during_prepare_leaves_no_dataset_and_a_rerun_finishes(small_disk, tmp_path, capsys, monkeypatch):
     disk, resize = small_disk
     src = make_source(tmp_path / "src", classes=3, train=6, val=2)  # 24 images: 4.7 MB prepared
@@ -415,6 +407,7 @@ def test_disk_full_during_prepare_leaves_no_dataset_and_a_rerun_finishes(small_d
     assert not temporaries(dest)
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_a_clear_error_too(prepared, tmp_path):
     """No root needed: ``ulimit -f`` (RLIMIT_FSIZE) makes large writes fail with EFBIG, as a quota would."""
     run = tmp_path / "run"

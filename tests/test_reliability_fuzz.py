@@ -25,7 +25,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_service_support import ServiceProcess, write_checkpoint
+from support.service import write_checkpoint
 
 from model import ImageError, Preprocessing, Preprocessor, load_image
 from model.preprocessing import IMAGENET_RGB_MEAN
@@ -158,6 +158,7 @@ def test_a_valid_signature_followed_by_garbage(data):
     check_preprocessing(data, "center")
 
 
+@pytest.mark.slow
 @budget(500)
 @given(data=mutated_images(), crops=st.sampled_from(["center", "ten"]))
 def test_mutated_images(data, crops):
@@ -169,6 +170,7 @@ MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "I;16",
 FORMATS = {"JPEG": {}, "PNG": {}, "GIF": {}, "WEBP": {"lossless": True}, "TIFF": {}, "BMP": {}}
 
 
+@pytest.mark.slow
 @budget(150)
 @given(
     mode=st.sampled_from(MODES),
@@ -210,19 +212,10 @@ API = schemathesis.openapi.from_dict(openapi_schema())
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, module_live_service):
     directory = tmp_path_factory.mktemp("fuzz-server")
     checkpoint = write_checkpoint(directory / "small.safetensors", seed=22, width=0.0625)
-    service = ServiceProcess(
-        directory / "service.log",
-        "--checkpoint", str(checkpoint),
-        "--device", "cpu",
-        "--threads", "1",
-        "--decode-workers", "1",
-        "--reload-interval-s", "0",
-    )  # fmt: skip
-    with service:
-        yield service
+    return module_live_service("--threads", "1", "--decode-workers", "1", "--reload-interval-s", "0", checkpoint=checkpoint)
 
 
 def test_the_fuzzed_schema_is_the_served_one(server):
@@ -288,6 +281,7 @@ def mutated_checkpoints(draw) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 @budget(300)
 @given(data=mutated_checkpoints())
 def test_a_damaged_checkpoint_is_a_checkpoint_error(data, tmp_path_factory):

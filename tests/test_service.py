@@ -12,9 +12,8 @@ import time
 import httpx
 import pytest
 from PIL import Image
-from test_service_support import (
+from support.service import (
     Direct,
-    ServiceProcess,
     assert_problem,
     assert_same_predictions,
     encode,
@@ -38,20 +37,17 @@ def direct(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
-    service = ServiceProcess(
-        checkpoint.with_suffix(".log"),
-        "--checkpoint", str(checkpoint),
-        "--device", "cpu",
+def server(checkpoint, module_live_service):
+    # stopped by SIGTERM after the module: graceful shutdown, exit status 0
+    return module_live_service(
         "--max-batch", "32",
         "--max-wait-ms", "20",  # long enough that concurrent requests reliably share a forward pass
         "--threads", "1",
         "--decode-workers", "2",
         "--reload-interval-s", "0",
+        checkpoint=checkpoint,
         env={f"ALEXNET_{k.upper()}": str(v) for k, v in LIMITS.items()},  # settings from the environment too
     )  # fmt: skip
-    with service:  # stopped by SIGTERM on exit: graceful shutdown, exit status 0
-        yield service
 
 
 @pytest.fixture(scope="module")

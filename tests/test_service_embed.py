@@ -12,17 +12,15 @@ import math
 import httpx
 import pytest
 import torch
-from test_service_support import (
+from support.corpus import corpus_request, write_corpus
+from support.service import (
     Direct,
-    ServiceProcess,
     assert_problem,
-    corpus_request,
     assert_same_predictions,
     hostile_requests,
     metric_value,
     same_refusal,
     write_checkpoint,
-    write_corpus,
 )
 
 from service import engine
@@ -47,20 +45,16 @@ def direct(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
-    service = ServiceProcess(
-        checkpoint.with_suffix(".log"),
-        "--checkpoint", str(checkpoint),
-        "--device", "cpu",
+def server(checkpoint, module_live_service):
+    return module_live_service(
         "--max-batch", "32",
         "--max-wait-ms", "20",  # long enough that concurrent requests reliably share a forward pass
         "--threads", "1",
         "--decode-workers", "2",
         "--reload-interval-s", "0",
+        checkpoint=checkpoint,
         env={f"ALEXNET_{k.upper()}": str(v) for k, v in LIMITS.items()},
     )  # fmt: skip
-    with service:
-        yield service
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +179,7 @@ def test_batching_does_not_change_the_features(server, direct, photos):
     assert embedded == len(photos) + 4
 
 
+@pytest.mark.slow
 def test_one_batch_of_mixed_tasks_answers_each_as_alone(checkpoint, photos):
     """engine.LoadedModel.run: probabilities (one and ten crops) and features of both layers in one batch,
     each equal to what its request gets on its own, whatever max_batch chunks the batch into."""

@@ -14,16 +14,14 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from test_service_support import (
+from support.corpus import corpus_request, write_corpus
+from support.service import (
     Direct,
-    ServiceProcess,
     assert_problem,
-    corpus_request,
     hostile_requests,
     metric_value,
     same_refusal,
     write_checkpoint,
-    write_corpus,
 )
 
 from model.visualize import grad_cam, overlay
@@ -51,18 +49,14 @@ def towers(direct):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
-    service = ServiceProcess(
-        checkpoint.with_suffix(".log"),
-        "--checkpoint", str(checkpoint),
-        "--device", "cpu",
+def server(checkpoint, module_live_service):
+    return module_live_service(
         "--threads", "1",
         "--decode-workers", "2",
         "--reload-interval-s", "0",
+        checkpoint=checkpoint,
         env={"ALEXNET_EXPLAIN_CONCURRENCY": "1", **{f"ALEXNET_{k.upper()}": str(v) for k, v in LIMITS.items()}},
     )  # fmt: skip
-    with service:
-        yield service
 
 
 @pytest.fixture(scope="module")
@@ -296,20 +290,16 @@ def test_openapi_documents_explain(client):
 
 
 @pytest.fixture(scope="module")
-def full_size_server(tmp_path_factory):
+def full_size_server(tmp_path_factory, module_live_service):
     """No checkpoint: the paper's full-size (untrained) net, whose Grad-CAM takes a good fraction of a second
     on one CPU thread — long enough to classify while it runs."""
     directory = tmp_path_factory.mktemp("explain-full")
-    service = ServiceProcess(
-        directory / "service.log",
-        "--checkpoint", str(directory / "absent.safetensors"),
-        "--device", "cpu",
+    return module_live_service(
         "--threads", "1",
         "--decode-workers", "1",
         "--reload-interval-s", "0",
+        checkpoint=directory / "absent.safetensors",
     )  # fmt: skip
-    with service:
-        yield service
 
 
 def test_classify_answers_while_an_explanation_runs(full_size_server, photos):
@@ -354,6 +344,7 @@ def test_classify_answers_while_an_explanation_runs(full_size_server, photos):
     assert max(end - start for start, end, _ in classifications) < longest_explanation
 
 
+@pytest.mark.slow
 def test_the_explain_net_is_built_once_and_goes_with_its_model(checkpoint, photos):
     """Built on the first explanation (not at load), reused, and freed with its LoadedModel when nothing
     refers to that any more (a hot reload drops the old model)."""
@@ -381,6 +372,7 @@ def test_the_explain_net_is_built_once_and_goes_with_its_model(checkpoint, photo
     assert gone() is None
 
 
+@pytest.mark.slow
 def test_the_explain_net_has_the_served_weights_without_keeping_a_second_copy(checkpoint, tmp_path, photos):
     """Until the first explanation the loaded model keeps no copy of the checkpoint's tensors: the net is
     built from the file it was loaded from (held open: renamed over or deleted, it is still that file), or

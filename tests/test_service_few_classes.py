@@ -5,7 +5,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_service_support import ServiceProcess, assert_problem
+from support.service import assert_problem
 
 from model import AlexNet, Checkpoint, ImageClass
 
@@ -13,14 +13,13 @@ PHOTO = Path(__file__).parent / "fixtures" / "images" / "n02123045_tabby.JPEG"
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def client(tmp_path_factory, module_live_service):
     directory = tmp_path_factory.mktemp("few-classes")
     classes = [ImageClass("n01440764", "tench"), ImageClass("n01443537", "goldfish"), ImageClass("n02123045", "tabby")]
     path = directory / "three.safetensors"
     Checkpoint.from_model(AlexNet(3, width=0.0625), classes=classes, provenance={"trained": True}).save(path)
-    service = ServiceProcess(directory / "service.log", "--checkpoint", str(path), "--device", "cpu",
-                             "--threads", "1", "--decode-workers", "1", "--reload-interval-s", "0")  # fmt: skip
-    with service, httpx.Client(base_url=service.url, timeout=60) as c:
+    service = module_live_service("--threads", "1", "--decode-workers", "1", "--reload-interval-s", "0", checkpoint=path)
+    with httpx.Client(base_url=service.url, timeout=60) as c:
         yield c
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
-from test_service_support import REPO, Direct, ServiceProcess, metric_value, png_header_only, write_checkpoint
+from support.service import REPO, Direct, metric_value, png_header_only, write_checkpoint
 from tritonclient.utils import InferenceServerException
 
 from service import inference_protocol as protocol
@@ -43,19 +43,15 @@ def direct(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
-    service = ServiceProcess(
-        checkpoint.with_suffix(".log"),
-        "--checkpoint", str(checkpoint),
-        "--device", "cpu",
+def server(checkpoint, module_live_service):
+    return module_live_service(
         "--threads", "1",
         "--decode-workers", "2",
         "--queue-size", "2",  # two stalled bodies fill it (test_a_full_queue_and_a_stalled_body)
         "--reload-interval-s", "0",
+        checkpoint=checkpoint,
         env={f"ALEXNET_{k.upper()}": str(v) for k, v in LIMITS.items()},
     )  # fmt: skip
-    with service:
-        yield service
 
 
 @pytest.fixture(scope="module")
@@ -445,6 +441,7 @@ def test_nested_json_data_is_row_major():
     assert protocol._flat([[1, [2, 3]], [], [[4]], 5]) == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_a_batch_mixing_images_and_preprocessed_tensors(checkpoint, photos):
     """The batcher may put /classify's uint8 images and /v2's FP32 tensors in one forward pass."""
     from service import engine

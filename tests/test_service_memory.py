@@ -22,7 +22,7 @@ from model import load_image
 from model.preprocessing import decode_peak_bytes, open_image
 from service import memory
 from service.settings import Settings, SettingsError
-from test_service_support import REPO, ServiceProcess
+from support.service import REPO, ServiceProcess
 
 sys.path.insert(0, str(REPO / "bench"))
 import memory_cgroup  # noqa: E402
@@ -212,6 +212,7 @@ MEASURE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_the_decode_estimate_bounds_what_decoding_takes(tmp_path):
     """Each image decoded in a fresh process: the growth of its peak resident memory (VmHWM, reset just
     before) is at most the estimate, and the estimate is not wildly above it (it must stay useful)."""
@@ -242,70 +243,71 @@ def _png(mode: str, side: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_an_image_that_can_never_fit_the_decode_budget_is_413(tmp_path, photos):
+def test_an_image_that_can_never_fit_the_decode_budget_is_413(tmp_path, photos, live_service):
     flags = ["--device", "cpu", "--checkpoint", str(tmp_path / "none.safetensors"), "--reload-interval-s", "0"]
     flags += ["--decode-memory-bytes", str(64 * MIB)]
-    with ServiceProcess(tmp_path / "log", *flags) as service:
-        big = _png("RGBA", 3000)  # 9 Mpx RGBA: ~110 MiB to decode
-        response = httpx.post(service.url + "/classify", files={"file": ("big.png", big, "image/png")}, timeout=60)
-        assert response.status_code == 413, response.text
-        assert "ALEXNET_DECODE_MEMORY_BYTES" in response.json()["detail"]
-        photo = photos[0].read_bytes()
-        assert httpx.post(service.url + "/classify", content=photo, headers={"Content-Type": "image/jpeg"}).is_success
+    service = live_service(*flags, device=None)
+    big = _png("RGBA", 3000)  # 9 Mpx RGBA: ~110 MiB to decode
+    response = httpx.post(service.url + "/classify", files={"file": ("big.png", big, "image/png")}, timeout=60)
+    assert response.status_code == 413, response.text
+    assert "ALEXNET_DECODE_MEMORY_BYTES" in response.json()["detail"]
+    photo = photos[0].read_bytes()
+    assert httpx.post(service.url + "/classify", content=photo, headers={"Content-Type": "image/jpeg"}).is_success
 
 
-def test_a_body_with_no_room_is_503_on_a_connection_that_stays_usable(tmp_path, photos):
+def test_a_body_with_no_room_is_503_on_a_connection_that_stays_usable(tmp_path, photos, live_service):
     """One client sends a large body slowly (its Content-Length held against the budget); a second body that
     does not fit beside it is refused with 503 memory-busy + Retry-After, and the same connection then
     classifies a photo once the first request is done."""
     flags = ["--device", "cpu", "--checkpoint", str(tmp_path / "none.safetensors"), "--reload-interval-s", "0"]
     flags += ["--body-memory-bytes", str(8 * MIB), "--max-body-bytes", str(6 * MIB)]
-    with ServiceProcess(tmp_path / "log", *flags) as service:
-        slow_size = 5 * MIB
-        release = threading.Event()
+    service = live_service(*flags, device=None)
+    slow_size = 5 * MIB
+    release = threading.Event()
 
-        def slow_body():
-            yield b"\0" * 1024
-            release.wait(30)
-            yield b"\0" * (slow_size - 1024)
+    def slow_body():
+        yield b"\0" * 1024
+        release.wait(30)
+        yield b"\0" * (slow_size - 1024)
 
-        def send_slow():
-            try:
-                httpx.post(
-                    service.url + "/classify",
-                    content=slow_body(),
-                    headers={"Content-Type": "image/png", "Content-Length": str(slow_size)},
-                    timeout=60,
-                )
-            except httpx.HTTPError:
-                pass
-
-        sender = threading.Thread(target=send_slow)
-        sender.start()
+    def send_slow():
         try:
-            with httpx.Client(base_url=service.url, timeout=60) as client:
-                deadline = time.monotonic() + 30
-                while True:  # until the slow request holds its reservation
-                    response = client.post(
-                        "/classify", content=b"\0" * (4 * MIB), headers={"Content-Type": "image/png"}
-                    )
-                    if response.status_code == 503 or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.05)
-                assert response.status_code == 503, response.text
-                assert response.json()["type"].endswith("memory-busy")
-                assert response.headers["retry-after"] == "1"
-                release.set()
-                sender.join(60)
-                photo = photos[0].read_bytes()
-                again = client.post("/classify", content=photo, headers={"Content-Type": "image/jpeg"})
-                assert again.status_code == 200, again.text
-                assert client.get("/metrics").status_code == 200
-        finally:
+            httpx.post(
+                service.url + "/classify",
+                content=slow_body(),
+                headers={"Content-Type": "image/png", "Content-Length": str(slow_size)},
+                timeout=60,
+            )
+        except httpx.HTTPError:
+            pass
+
+    sender = threading.Thread(target=send_slow)
+    sender.start()
+    try:
+        with httpx.Client(base_url=service.url, timeout=60) as client:
+            deadline = time.monotonic() + 30
+            while True:  # until the slow request holds its reservation
+                response = client.post(
+                    "/classify", content=b"\0" * (4 * MIB), headers={"Content-Type": "image/png"}
+                )
+                if response.status_code == 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert response.status_code == 503, response.text
+            assert response.json()["type"].endswith("memory-busy")
+            assert response.headers["retry-after"] == "1"
             release.set()
             sender.join(60)
+            photo = photos[0].read_bytes()
+            again = client.post("/classify", content=photo, headers={"Content-Type": "image/jpeg"})
+            assert again.status_code == 200, again.text
+            assert client.get("/metrics").status_code == 200
+    finally:
+        release.set()
+        sender.join(60)
 
 
+@pytest.mark.slow
 @needs_cgroup
 def test_settings_that_cannot_fit_the_cgroup_refuse_to_start_with_exit_2(tmp_path):
     with memory_cgroup.MemoryCgroup(1024 * MIB) as group:
@@ -343,6 +345,7 @@ def _bytes(quantity: str) -> int:
     return int(quantity)
 
 
+@pytest.mark.slow
 @needs_cgroup
 def test_the_kubernetes_pod_starts_within_its_memory_limit(tmp_path):
     """The Deployment's memory limit and ALEXNET_* environment, as a cgroup and environment here: the start-up
@@ -360,6 +363,7 @@ def test_the_kubernetes_pod_starts_within_its_memory_limit(tmp_path):
         assert '"event": "memory_bound"' in service.log() and "fits the limit" in service.log()
 
 
+@pytest.mark.slow
 @needs_cgroup
 def test_the_hostile_load_stays_inside_a_3_gib_cgroup(tmp_path):
     """Issue 13's load at compose's default limit (ALEXNET_API_MEMORY=3g) and every setting at its default: 64
@@ -384,25 +388,25 @@ def test_the_hostile_load_stays_inside_a_3_gib_cgroup(tmp_path):
     print(summary)
 
 
-def test_an_inference_protocol_json_body_too_large_to_parse_within_the_budget_is_413(tmp_path):
+def test_an_inference_protocol_json_body_too_large_to_parse_within_the_budget_is_413(tmp_path, live_service):
     """FP32 data as JSON numbers take up to 10× their text once parsed: counted before parsing, so a JSON body
     whose parse could never fit the body budget is refused (and the binary extension suggested)."""
     flags = ["--device", "cpu", "--checkpoint", str(tmp_path / "none.safetensors"), "--reload-interval-s", "0"]
     flags += ["--body-memory-bytes", str(16 * MIB), "--max-body-bytes", str(8 * MIB)]
-    with ServiceProcess(tmp_path / "log", *flags) as service:
-        numbers = ",".join(["1.5"] * (3 * 224 * 224 * 4))  # 4 images: 2.4 MB of JSON, ~20 MB parsed
-        body = '{"inputs":[{"name":"input","datatype":"FP32","shape":[4,3,224,224],"data":[%s]}]}' % numbers
-        response = httpx.post(
-            service.url + "/v2/models/alexnet/infer", content=body, headers={"Content-Type": "application/json"}
-        )
-        assert response.status_code == 413, response.text
-        assert "binary extension" in response.json()["error"]
-        one = ",".join(["0.5"] * (3 * 224 * 224))  # one image: 0.6 MB of JSON fits
-        body = '{"inputs":[{"name":"input","datatype":"FP32","shape":[1,3,224,224],"data":[%s]}]}' % one
-        response = httpx.post(
-            service.url + "/v2/models/alexnet/infer", content=body, headers={"Content-Type": "application/json"}
-        )
-        assert response.status_code == 200, response.text
+    service = live_service(*flags, device=None)
+    numbers = ",".join(["1.5"] * (3 * 224 * 224 * 4))  # 4 images: 2.4 MB of JSON, ~20 MB parsed
+    body = '{"inputs":[{"name":"input","datatype":"FP32","shape":[4,3,224,224],"data":[%s]}]}' % numbers
+    response = httpx.post(
+        service.url + "/v2/models/alexnet/infer", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413, response.text
+    assert "binary extension" in response.json()["error"]
+    one = ",".join(["0.5"] * (3 * 224 * 224))  # one image: 0.6 MB of JSON fits
+    body = '{"inputs":[{"name":"input","datatype":"FP32","shape":[1,3,224,224],"data":[%s]}]}' % one
+    response = httpx.post(
+        service.url + "/v2/models/alexnet/infer", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 200, response.text
 
 
 def test_waits_that_end_together_leave_the_budget_consistent():

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from test_service_support import ServiceProcess, assert_problem, write_checkpoint
+from support.service import assert_problem, write_checkpoint
 
 STATIC = Path(__file__).resolve().parents[1] / "service" / "static"
 CHROMIUM_ARGS = [
@@ -46,17 +46,13 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
-    service = ServiceProcess(
-        checkpoint.with_suffix(".log"),
-        "--checkpoint", str(checkpoint),
-        "--device", "cpu",
+def server(checkpoint, module_live_service):
+    return module_live_service(
         "--threads", "1",
         "--decode-workers", "1",
         "--reload-interval-s", "0.2",  # the last test swaps in an untrained checkpoint
+        checkpoint=checkpoint,
     )  # fmt: skip
-    with service:
-        yield service
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ import time
 import httpx
 import pytest
 import torch
-from test_service_support import (
+from support.service import (
     Direct,
-    ServiceProcess,
     assert_problem,
     assert_same_predictions,
     metric_value,
@@ -32,18 +31,14 @@ def directory(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(directory):
-    service = ServiceProcess(
-        directory / "service.log",
-        "--device", "cpu",
+def server(directory, module_live_service):
+    return module_live_service(
         "--threads", "1",
         "--decode-workers", "1",
         "--queue-size", "2",
         "--max-batch", "4",
         env={"ALEXNET_CHECKPOINT": str(directory / "best.safetensors"), "ALEXNET_RELOAD_INTERVAL_S": "0.1"},
     )  # fmt: skip
-    with service:
-        yield service
 
 
 @pytest.fixture(scope="module")

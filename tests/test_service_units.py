@@ -11,10 +11,9 @@ import time
 import httpx
 import pytest
 import torch
+from support.service import REPO, ServiceProcess, metric_value, write_checkpoint
 
 from model import load_checkpoint
-from test_service_support import REPO, ServiceProcess, metric_value, write_checkpoint
-
 from service import engine
 from service.engine import DeviceError, resolve_devices
 from service.metrics import Counter, Histogram, Registry
@@ -64,6 +63,7 @@ def test_device_specifications():
             resolve_devices("cuda:0,cuda:1")
 
 
+@pytest.mark.slow
 def test_bad_settings_exit_2_before_serving():
     result = subprocess.run(
         [sys.executable, "-m", "service", "--max-files", "none"],
@@ -76,6 +76,7 @@ def test_bad_settings_exit_2_before_serving():
     assert result.returncode == 2 and "--max-files" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_is_a_startup_error(tmp_path):
     """Never a half-working server: a clear error naming the file and a non-zero exit."""
     good = write_checkpoint(tmp_path / "good.safetensors", seed=3, width=0.0625)
@@ -114,6 +115,7 @@ def test_prometheus_text_format():
     ]
 
 
+@pytest.mark.slow
 def test_two_towers_answer_like_the_grouped_net(tmp_path, photos):
     """ALEXNET_DEVICE=cuda:0,cuda:1 runs the paper's two towers; on CPU ("cpu,cpu") the same code path.
     A single CPU device runs CPUInferenceNet (the net laid out for oneDNN); a single GPU runs the grouped
@@ -137,6 +139,7 @@ def test_two_towers_answer_like_the_grouped_net(tmp_path, photos):
     assert single.identity.sha256 == towers.identity.sha256 and single.identity.trained
 
 
+@pytest.mark.slow
 def test_predict_splits_batches_larger_than_max_batch(tmp_path, photos):
     """One request may hold more network inputs than max_batch (16 ten-crop images): run in chunks."""
     model = engine.load(write_checkpoint(tmp_path / "c.safetensors", seed=6, width=0.0625), (torch.device("cpu"),))
@@ -152,6 +155,7 @@ def test_predict_splits_batches_larger_than_max_batch(tmp_path, photos):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_untrained_net_is_the_same_on_every_start(monkeypatch, photos):
     """Without a checkpoint the net is initialised from engine.UNTRAINED_SEED: two builds have the same
     weights and answer a photo alike, and building one leaves the process's random state alone."""
@@ -179,6 +183,7 @@ def test_the_untrained_net_is_the_same_on_every_start(monkeypatch, photos):
     assert not torch.equal(other["conv1.weight"], a["conv1.weight"])
 
 
+@pytest.mark.slow
 def test_sigterm_lets_requests_in_flight_finish(tmp_path, photos):
     """Graceful shutdown: admitted requests are answered, then the process exits 0."""
     service = ServiceProcess(

@@ -1,118 +1,35 @@
 """training/: prepare → train → evaluate → a checkpoint the model package loads; bad input of every kind.
 
-Helpers here (``make_source``, ``prepare_quietly``, ``train_cli``) are shared by the other test_training_*
-files. Nets are scaled down (width 1/16) and datasets hold a few tiny images per class.
+Helpers (``make_source``, ``prepare_quietly``, ``train_cli``) are in tests/support/training.py, shared with
+the other test_training_* files. Nets are scaled down (width 1/16) and datasets hold a few tiny images per class.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import hashlib
 import json
-import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from support.training import (
+    PHOTOS,
+    REPO,
+    WNIDS,
+    digest,
+    expect_error,
+    make_source,
+    prepare_quietly,
+    train_cli,
+    tree_digest,
+)
 
 import model
 from model import AlexNet, Checkpoint, Preprocessing, imagenet_classes, load_checkpoint, load_image
 from training.__main__ import main
 from training.data import IMAGE_BYTES, PreparedDataset, TrainingError
 from training.prepare import prepare
-
-REPO = Path(__file__).resolve().parents[1]
-PHOTOS = REPO / "tests" / "fixtures" / "images"
-WNIDS = ("n01440764", "n01443537", "n01728572", "n02096051")  # real ImageNet classes: tench, goldfish, …
-SHAPES = ("ellipse", "rectangle", "triangle", "bar")
-COLOURS = ((220, 40, 40), (40, 190, 60), (50, 70, 230), (230, 210, 40))
-
-
-def draw_example(rng: random.Random, kind: int, size=(72, 64), noise: float = 0.0) -> Image.Image:
-    """A coloured shape on a grey background: class ``kind`` differs from the others in colour and shape."""
-    width, height = size
-    grey = rng.randint(60, 190)
-    image = Image.new("RGB", size, (grey, grey, grey))
-    draw = ImageDraw.Draw(image)
-    s = rng.randint(height * 3 // 8, height * 9 // 16)
-    x, y = rng.randint(4, width - s - 4), rng.randint(4, height - s - 4)
-    colour = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in COLOURS[kind % 4])
-    shape = SHAPES[kind % 4]
-    if shape == "ellipse":
-        draw.ellipse((x, y, x + s, y + s), fill=colour)
-    elif shape == "rectangle":
-        draw.rectangle((x, y, x + s, y + s), fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(x, y + s), (x + s, y + s), (x + s // 2, y)], fill=colour)
-    else:
-        draw.rectangle((4, y, width - 4, y + s // 3), fill=colour)
-    if noise:  # texture: no two neighbouring pixels equal, so max-pooling has no ties to break
-        texture = Image.frombytes("L", size, bytes(rng.getrandbits(8) for _ in range(width * height)))
-        image = Image.blend(image, texture.convert("RGB"), noise)
-    return image
-
-
-def make_source(root: Path, *, classes=3, train=4, val=2, wnids=WNIDS, seed=0, fmt="JPEG", noise=0.0) -> Path:
-    """An ImageNet-layout folder: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG."""
-    rng = random.Random(seed)
-    for split, count in (("train", train), ("val", val)):
-        for kind, wnid in enumerate(wnids[:classes] if count else ()):
-            folder = root / split / wnid
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                draw_example(rng, kind, noise=noise).save(folder / f"{wnid}_{i}.{fmt}", quality=92)
-    return root
-
-
-def prepare_quietly(src, dest, **kwargs):
-    return prepare(src, dest, show_progress=False, **{"workers": 0, **kwargs})
-
-
-def train_cli(data, out, *extra) -> int:
-    """``python -m training train`` in this process, with a tiny fast configuration."""
-    args = [
-        "train",
-        str(data),
-        "--out",
-        str(out),
-        "--width",
-        "0.0625",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "2",
-        "--workers",
-        "1",
-        "--lr",
-        "0.003",
-        "--no-progress",
-        *map(str, extra),
-    ]
-    return main(args)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Runs compared bit for bit must use the same number of threads (reductions split differently);
-    subprocesses get OMP_NUM_THREADS=1 to match."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +72,7 @@ def test_prepare_stores_the_shared_preprocessing_and_exact_stats(tiny):
     torch.testing.assert_close(p @ torch.diag(lam) @ p.T, stats.covariance.double(), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_prepare_flat_val_with_ground_truth_and_real_photos(tmp_path):
     """The real photos (one grayscale, one EXIF-rotated) as a flat val/ with Caffe's val.txt."""
     photos = sorted(PHOTOS.glob("*.JPEG"))
@@ -177,6 +95,7 @@ def test_prepare_flat_val_with_ground_truth_and_real_photos(tmp_path):
         assert torch.equal(val.images[i], load_image(photo.read_bytes()))
 
 
+@pytest.mark.slow
 def test_prepare_resumes_where_it_was_interrupted(tiny, tmp_path, monkeypatch):
     import training.prepare as prep
 
@@ -213,6 +132,7 @@ def test_prepare_resumes_where_it_was_interrupted(tiny, tmp_path, monkeypatch):
 # prepare → train → evaluate → load
 
 
+@pytest.mark.slow
 def test_prepare_train_evaluate_and_load(tiny, tmp_path, monkeypatch):
     calls = []
     from_uint8 = model.Preprocessor.from_uint8
@@ -301,16 +221,6 @@ def test_evaluate_maps_a_subset_of_the_checkpoint_classes(tiny, tmp_path):
 
 
 # Bad input: a clear message, exit status 2, nothing already written is damaged.
-
-
-def expect_error(capsys, argv, *fragments) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in last, err
-    return last
 
 
 @pytest.mark.parametrize(
@@ -426,6 +336,7 @@ def test_evaluate_rejects_classes_the_checkpoint_does_not_know(tiny, tmp_path, c
     expect_error(capsys, ["evaluate", str(tmp_path / "broken.safetensors"), str(tiny)], "broken.safetensors")
 
 
+@pytest.mark.slow
 def test_train_rejects_bad_runs_without_touching_files(tiny, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     expect_error(capsys, ["train", str(tiny), "--out", str(run), "--resume"], "holds no resume state")
@@ -470,6 +381,7 @@ def test_train_rejects_bad_runs_without_touching_files(tiny, tmp_path, capsys, m
     assert load_checkpoint(run / "last.safetensors").provenance["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_command_line_exit_status_and_message():
     """The real process: exit status 2 and one line on stderr, no traceback."""
     result = subprocess.run(
@@ -487,6 +399,7 @@ def test_command_line_exit_status_and_message():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags",
     [("--amp", "bf16", "--channels-last"), ("--amp", "fp16"), ("--conv1-padding", "none")],
@@ -503,6 +416,7 @@ def test_precision_memory_format_and_crop_variants_train(tiny, tmp_path, flags):
     assert checkpoint.preprocessing.crop == checkpoint.config.input_size == crop
 
 
+@pytest.mark.slow
 def test_a_directory_in_use_by_another_job_is_refused(tiny, tmp_path, capsys):
     from training.data import DirectoryLock
 

@@ -56,6 +56,7 @@ def test_lighting_shift_has_the_papers_covariance():
     assert along[:, 0].var() > along[:, 1].var() > along[:, 2].var()
 
 
+@pytest.mark.slow
 def test_augmentation_agrees_with_the_shared_preprocessing():
     """With no lighting, the corner/centre crops (mirrored or not) equal Preprocessor.from_uint8's 10 patches."""
     stats = make_stats()

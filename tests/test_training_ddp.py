@@ -21,7 +21,7 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-from test_training import REPO, make_source, one_thread, prepare_quietly, train_cli
+from support.training import REPO, make_source, one_thread, prepare_quietly, train_cli
 
 from model import AlexNet
 from training.data import derive_seed
@@ -38,6 +38,7 @@ def initial_weights(seed, num_classes, width):
     return net.grouped_state_dict()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tmp_path):
     prepared = tmp_path / "prepared"
     prepare_quietly(make_source(tmp_path / "src", classes=3, train=4, val=3), prepared)

@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from test_training import COLOURS, SHAPES, make_source, prepare_quietly
+from support.training import COLOURS, SHAPES, make_source, prepare_quietly
 
 from model import load_checkpoint
 from training.__main__ import main
@@ -52,6 +52,7 @@ def learned(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_a_scaled_down_net_learns_a_synthetic_task(learned):
     run = learned
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -82,6 +83,7 @@ def planted(kind: int, left: int, size: int = 80) -> Image.Image:
     return image
 
 
+@pytest.mark.slow
 def test_grad_cam_finds_the_planted_object(learned, tmp_path):
     """Grad-CAM (model.visualize) of the trained net for each class, its object drawn on the left or on the
     right: the heat map's centre of mass and its hottest column lie on the object's side."""

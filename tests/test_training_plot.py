@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from PIL import Image
-from test_training import make_source, prepare_quietly, train_cli
+from support.training import make_source, prepare_quietly, train_cli
 
 from training.__main__ import main
 from training.plot import CURVES_FILE, LR_DROP, TEN, VAL, draw_figure, lr_drops, write_curves
@@ -68,6 +68,7 @@ def hex_rgb(colour: str) -> tuple[int, int, int]:
     return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png_of_the_curves_with_lr_drops(tmp_path, capsys):
     run = write_run(tmp_path, synthetic_history())
     assert main(["plot", str(run)]) == 0
@@ -124,6 +125,7 @@ def visible_ticks(axis) -> list[tuple[float, str]]:
             if low - 1e-12 <= tick.get_loc() <= high + 1e-12]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "records, some_top1_labels",
     [(short_run(), {"92.5%", "93.5%", "94.0%"}), (synthetic_history(30), {"40%", "90%"})],
@@ -143,6 +145,7 @@ def test_percent_tick_labels_read_their_ticks_value_and_differ(records, some_top
     assert some_top1_labels <= {label for _, label in visible_ticks(figure.axes[1].yaxis)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "records",
     [short_run(), synthetic_history(30, drops=(12, 13)), synthetic_history(30, drops=(12, 13, 14, 29))],
@@ -212,6 +215,7 @@ def test_a_plotting_failure_is_a_note_for_training(tmp_path):
     assert note.startswith("note: could not draw curves.png: ")
 
 
+@pytest.mark.slow
 def test_training_draws_the_curves_after_each_epoch(tmp_path, capsys, monkeypatch):
     data = tmp_path / "prepared"
     prepare_quietly(make_source(tmp_path / "src", classes=2, train=3, val=1), data)
@@ -231,6 +235,7 @@ def test_training_draws_the_curves_after_each_epoch(tmp_path, capsys, monkeypatc
     assert (run / CURVES_FILE).read_bytes() == first  # the last picture drawn stays
 
 
+@pytest.mark.slow
 def test_training_draws_the_kernels_after_each_epoch_and_plot_draws_any_checkpoints(tmp_path, capsys):
     """filters.png: the paper's Fig. 3 for the epoch's weights; `plot CHECKPOINT` for any checkpoint."""
     from model import load_checkpoint

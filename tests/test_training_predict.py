@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_service_support import write_checkpoint
+from support.service import write_checkpoint
 
 import training.predict
 from model import load_checkpoint
@@ -105,6 +105,7 @@ def assert_top_k(record: dict, probabilities: torch.Tensor, classes, k: int = 5)
         assert math.isclose(p["score"], score, rel_tol=5e-4, abs_tol=1e-6), (p, score)
 
 
+@pytest.mark.slow
 def test_a_folder_is_classified_as_the_net_does_and_bad_files_get_an_error(tmp_path, capsys, checkpoint, reference):
     expected, classes = reference
     folder = photos_folder(tmp_path)
@@ -124,6 +125,7 @@ def test_a_folder_is_classified_as_the_net_does_and_bad_files_get_an_error(tmp_p
     assert summary["complete"] and summary["files"] == 12 and summary["top1_error"] is None
 
 
+@pytest.mark.slow
 def test_files_lists_top_k_and_too_large_images(tmp_path, capsys, checkpoint, reference):
     expected, classes = reference
     listing = tmp_path / "list.txt"
@@ -144,6 +146,7 @@ def test_files_lists_top_k_and_too_large_images(tmp_path, capsys, checkpoint, re
     assert records(tmp_path / "big.jsonl")[0]["error"].startswith("ImageTooLarge: image is ")
 
 
+@pytest.mark.slow
 def test_workers_in_processes_give_the_same_file_as_inline(tmp_path, capsys, checkpoint):
     folder = photos_folder(tmp_path)
     for workers in (0, 2):
@@ -170,6 +173,7 @@ def test_a_rerun_skips_the_files_done_and_drops_an_unfinished_last_line(tmp_path
     assert code == 2 and err.startswith("error: ") and "crops: 'center' then, 'ten' now" in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_the_rerun_continues(tmp_path, capsys, checkpoint, monkeypatch):
     folder = photos_folder(tmp_path, corrupt=False)
     full, out = tmp_path / "full.jsonl", tmp_path / "out.jsonl"
@@ -191,6 +195,7 @@ def test_ctrl_c_exits_130_and_the_rerun_continues(tmp_path, capsys, checkpoint, 
     assert_same_records(out, full)
 
 
+@pytest.mark.slow
 def test_an_imagenet_layout_folder_is_scored(tmp_path, capsys, checkpoint, reference):
     """Each photo is filed under a wnid chosen from the net's own ranking, so the expected errors are known."""
     expected, classes = reference
@@ -221,6 +226,7 @@ def test_an_imagenet_layout_folder_is_scored(tmp_path, capsys, checkpoint, refer
     assert json.loads((tmp_path / "plain.jsonl.summary.json").read_text())["labels"] is None
 
 
+@pytest.mark.slow
 def test_a_ground_truth_file_is_scored_and_csv_has_the_same_content(tmp_path, capsys, checkpoint, reference):
     expected, classes = reference
     folder = photos_folder(tmp_path)
@@ -273,6 +279,7 @@ def test_a_ground_truth_file_is_scored_and_csv_has_the_same_content(tmp_path, ca
     assert code == 2 and "line 1: 'n99999999' is neither a class index" in err
 
 
+@pytest.mark.slow
 def test_ten_crops_average_the_softmax_over_the_paper_patches(tmp_path, capsys, checkpoint, reference):
     expected, classes = reference
     out = tmp_path / "ten.jsonl"
@@ -282,6 +289,7 @@ def test_ten_crops_average_the_softmax_over_the_paper_patches(tmp_path, capsys, 
         assert_top_k(recs[photo.name], expected[photo.name][1], classes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["fc7", "fc6"])
 def test_features_are_the_nets_hidden_activations(tmp_path, capsys, checkpoint, reference, layer):
     expected, classes = reference
@@ -342,6 +350,7 @@ def test_bad_input_is_one_error_line_and_exit_2_a_bad_checkpoint_exit_1(tmp_path
     assert code == 1 and err.startswith(f"error: {bad}: ") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_the_command_line_as_users_run_it(tmp_path, checkpoint):
     """``python -m training predict`` in a subprocess (it re-runs itself with OMP_WAIT_POLICY=PASSIVE)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from test_training import REPO, make_source, prepare_quietly, train_cli
+from support.training import REPO, make_source, prepare_quietly, train_cli
 
 from model import AlexNet, load_checkpoint
 from training.data import TrainingError
@@ -44,6 +44,7 @@ def test_weight_decay_applies_to_weights_and_not_to_biases(decay_biases):
     assert any(b.abs().max() > 0 for n, b in before.items() if n.endswith("bias"))  # (biases of 1: a real check)
 
 
+@pytest.mark.slow
 def test_the_choice_is_recorded_in_the_checkpoint(prepared, tmp_path):
     assert train_cli(prepared, tmp_path / "run", "--epochs", "1") == 0
     training = load_checkpoint(tmp_path / "run" / "last.safetensors").training
@@ -106,12 +107,13 @@ def test_devices_under_torchrun_are_shifted_by_local_rank(monkeypatch):
         resolve_devices("cuda:0,cuda:1", three)
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_stops_every_rank_with_one_message(prepared, tmp_path):
     """Rank 1's loss is NaN at step 1; rank 0's is finite. Both stop at the next check (one all-reduced
     flag, --log-every 1 here) rather than rank 0 waiting in an all-reduce until the timeout."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(REPO / "tests" / "train_with_hooks.py"), "--nan-on-rank", "1", "--nan-at-step", "1", "--",
+        str(REPO / "tests" / "support" / "train_with_hooks.py"), "--nan-on-rank", "1", "--nan-at-step", "1", "--",
         str(prepared), "--out", str(tmp_path / "run"), "--width", "0.0625", "--batch-size", "4", "--epochs", "2",
         "--workers", "0", "--no-progress", "--devices", "cpu", "--log-every", "1", "--dist-timeout", "60",
     ]  # fmt: skip
@@ -123,6 +125,7 @@ def test_a_nan_on_one_rank_stops_every_rank_with_one_message(prepared, tmp_path)
     assert not (tmp_path / "run" / "last.safetensors").exists()  # nothing written from the diverged epoch
 
 
+@pytest.mark.slow
 def test_deterministic_runs_and_the_settings_are_restored(prepared, tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
     assert train_cli(prepared, tmp_path / "run", "--epochs", "1", "--deterministic") == 0
@@ -133,6 +136,7 @@ def test_deterministic_runs_and_the_settings_are_restored(prepared, tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+@pytest.mark.slow
 def test_compile_without_a_working_compiler_is_a_clear_error(prepared, tmp_path):
     env = {**os.environ, "CXX": str(tmp_path / "no-such-c++")}  # inductor's CPU backend needs a C++ compiler
     command = [sys.executable, "-m", "training", "train", str(prepared), "--out", str(tmp_path / "run"), "--compile"]

@@ -11,7 +11,7 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-from test_training import REPO, make_source, one_thread, prepare_quietly, train_cli
+from support.training import REPO, make_source, one_thread, prepare_quietly, train_cli
 
 # Dropout stays on (0.5): its masks must also come out the same after a resume.
 ARGS = ("--seed", "3", "--lr", "0.005")
@@ -36,7 +36,7 @@ def killed_run(prepared, run, kill_at_step: int, *extra) -> None:
     """``python -m training train`` in a subprocess that SIGKILLs itself after ``kill_at_step`` steps."""
     command = [
         sys.executable,
-        str(REPO / "tests" / "train_with_hooks.py"),
+        str(REPO / "tests" / "support" / "train_with_hooks.py"),
         "--kill-after-steps",
         str(kill_at_step),
         "--",
@@ -72,6 +72,7 @@ def metrics_without_timing(run):
     return [{k: v for k, v in m.items() if k not in ("seconds", "images_per_second")} for m in lines]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, saved_at",
     [
@@ -107,6 +108,7 @@ def test_resume_after_sigkill_equals_uninterrupted_training(prepared, uninterrup
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
 
 
+@pytest.mark.slow
 def test_a_finished_run_resumes_to_nothing_and_can_be_extended(prepared, uninterrupted, tmp_path, capsys):
     import shutil
 

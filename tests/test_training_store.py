@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.training import WNIDS, digest, expect_error, make_source, prepare_quietly, train_cli, tree_digest
 
 from model import load_image
 from model.files import atomic_write
-from tests.test_training import WNIDS, digest, expect_error, make_source, prepare_quietly, train_cli, tree_digest
 from training.data import IMAGE_BYTES, PreparedDataset, TrainingError
 from training.loader import BatchLoader, LoaderError
 
@@ -84,6 +84,7 @@ def full_size_store(small: Path, dest: Path, count: int = IMAGENET_TRAIN) -> Pat
 # The raw store at ImageNet's size.
 
 
+@pytest.mark.slow
 def test_a_full_size_raw_store_is_mapped_read_only_and_reads_in_bounded_memory(stores, tmp_path):
     """A private writable mapping of 252 GB is refused on a machine with less RAM + swap (overcommit mode
     0); a shared read-only one costs only the pages read."""
@@ -122,6 +123,7 @@ def read_only_mount(source: Path, target: Path):
         pytest.skip(f"cannot remount read-only: {remount.stderr.decode().strip()}")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="needs root to bind-mount")
 def test_both_stores_read_from_a_read_only_volume(stores, tmp_path):
     """docker-compose mounts the prepared data read-only (root ignores file permissions: a real ro mount)."""
@@ -173,6 +175,7 @@ def test_jpeg_store_holds_the_shared_preprocessing_within_jpeg_error(stores):
         assert error.pow(2).mean().sqrt() < 1.0 and error.abs().max() <= 16
 
 
+@pytest.mark.slow
 def test_jpeg_store_of_real_photos_is_close_to_the_raw_pixels(tmp_path):
     """The ten real photos, through the shared preprocessing, then the store's JPEG at quality 90."""
     src = tmp_path / "src"
@@ -189,6 +192,7 @@ def test_jpeg_store_of_real_photos_is_close_to_the_raw_pixels(tmp_path):
     assert error.pow(2).mean().sqrt() < 3.2 and error.abs().max() <= 48
 
 
+@pytest.mark.slow
 def test_a_jpeg_store_trains_an_epoch(stores, tmp_path):
     assert train_cli(stores / "jpeg", tmp_path / "run", "--epochs", "1") == 0
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -325,6 +329,7 @@ def test_a_killed_worker_raises_instead_of_hanging(stores):
     assert not any(p.is_alive() for p in loader._workers)  # the others were ended too
 
 
+@pytest.mark.slow
 def test_batches_held_too_long_are_an_error_not_a_hang(stores):
     split = PreparedDataset(stores / "jpeg").split("train")
     with BatchLoader(split, 1, 4, slots=2, release_timeout=0.5) as loader:
@@ -358,6 +363,7 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie has exited (nobody may reap it in a container)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
 def test_no_worker_outlives_its_consumer(stores, how):
     """Ctrl-C ends the workers through close(); a consumer killed outright leaves them to notice (≤ 1 s)."""
