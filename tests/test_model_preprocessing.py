@@ -118,10 +118,44 @@ def test_first_frame_of_an_animation():
     assert decode_image(webp).getpixel((15, 15)) == (255, 0, 0)
 
 
-def test_bmp_and_tiff_are_accepted():
-    image = Image.new("RGB", (20, 20), (1, 2, 3))
-    for fmt in ("BMP", "TIFF", "WEBP"):
-        assert decode_image(encode(image, fmt, **({"lossless": True} if fmt == "WEBP" else {}))).getpixel((1, 1)) == (1, 2, 3)
+def lossless_copies(photos) -> dict[str, Image.Image]:
+    """Two real photos as plain in-memory images (no EXIF, no file): colour (RGB) and grayscale (L)."""
+    colour = decode_image(next(p for p in photos if "goldfish" in p.name).read_bytes())
+    with Image.open(next(p for p in photos if "Airedale" in p.name)) as opened:
+        assert opened.mode == "L"
+        grey = Image.frombytes("L", opened.size, opened.tobytes())
+    return {"RGB": colour, "L": grey}
+
+
+def assert_decodes_as_the_png(image: Image.Image, data: bytes, what: str) -> None:
+    """``data`` (the same image in a lossless format) decodes to exactly the PNG's pixels and size, and
+    becomes exactly the PNG's 256×256 network input."""
+    png = encode(image, "PNG")
+    decoded, reference = decode_image(data), decode_image(png)
+    assert decoded.mode == reference.mode == "RGB" and decoded.size == reference.size == image.size, what
+    assert decoded.tobytes() == reference.tobytes(), what
+    assert torch.equal(load_image(data), load_image(png)), what
+
+
+def test_bmp_and_tiff_are_accepted(photos):
+    """A real photo, colour and grayscale, as BMP and as TIFF (uncompressed, LZW, deflate): the pixels and the
+    preprocessed input of the same image as PNG, every one."""
+    variants = {"BMP": ("BMP", {}), "TIFF": ("TIFF", {}), "TIFF-LZW": ("TIFF", {"compression": "tiff_lzw"})}
+    variants["TIFF-deflate"] = ("TIFF", {"compression": "tiff_adobe_deflate"})
+    for mode, image in lossless_copies(photos).items():
+        for name, (fmt, options) in variants.items():
+            data = encode(image, fmt, **options)
+            with Image.open(io.BytesIO(data)) as opened:
+                assert opened.format == fmt, name  # it is what its name says
+            assert_decodes_as_the_png(image, data, f"{name} {mode}")
+
+
+def test_lossless_webp_is_accepted(photos):
+    """A real photo, colour and grayscale, as lossless WebP: the pixels and preprocessed input of the PNG."""
+    for mode, image in lossless_copies(photos).items():
+        data = encode(image, "WEBP", lossless=True, exact=True)
+        assert data[8:12] == b"WEBP" and b"VP8L" in data[:40], mode  # lossless (VP8L), not lossy VP8
+        assert_decodes_as_the_png(image, data, f"WebP {mode}")
 
 
 def png_header_only(width: int, height: int) -> bytes:
