@@ -453,8 +453,15 @@ def build() -> list[tuple[Entry, bytes]]:
     add(
         "largest-allowed.webp",
         webp_constant(8000, 8000),
+        413,
+        "64 MP in 38 bytes: exactly the default pixel limit, but decoding it takes ~1.1 GiB, more than the whole "
+        "default decode budget (ALEXNET_DECODE_MEMORY_BYTES): refused from its header, before decoding",
+    )
+    add(
+        "large-decoded.webp",
+        webp_constant(4000, 4000),
         "ok",
-        "64 MP in 38 bytes: exactly the default limit, decoded (memory bounded by max_pixels × decode threads)",
+        "16 MP in 38 bytes: ~290 MiB to decode, inside the decode budget: decoded (waiting for room if need be)",
     )
     add("bomb.gif", gif_bomb(), 413, "GIF: a 65535² screen and frame")
     add("bomb.webp", webp_bomb(), 413, "lossless WebP: 16384² pixels, no data")
