@@ -43,23 +43,19 @@ ImageBytes = Union[bytes, Sequence[bytes]]
 
 class ImageError(ValueError):
     """Input that is not an image we can classify; the subclasses say which kind. What a service answers
-    for each kind is the service's business (service/problems.py maps these classes to HTTP statuses).
-
-    ``status`` is kept for callers that read it; nothing in this project does any more, and it is to go."""
-
-    status = 422
+    for each kind is the service's business (service/problems.py maps these classes to HTTP statuses)."""
 
 
 class UnsupportedImage(ImageError):
-    status = 415
+    """Not one of ALLOWED_FORMATS."""
 
 
 class CorruptImage(ImageError):
-    status = 422
+    """Empty, truncated or undecodable data."""
 
 
 class ImageTooLarge(ImageError):
-    status = 413
+    """More pixels than allowed (or, in a service, more decoding memory than it allows)."""
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ def test_bad_input_shape_is_a_clear_error():
 def test_forward_passes_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
     """Without keep_freed_memory a full-size pass at batch 8 faults in ~9,000 fresh pages every time
     (glibc hands its freed activations back to the kernel); with it, the freed pages are used again."""
-    fast = CPUInferenceNet(AlexNet())  # calls keep_freed_memory()
+    fast = CPUInferenceNet(AlexNet())  # the service and predict set the thresholds themselves, as here
     assert keep_freed_memory() is True
     x = torch.randn(8, 3, 224, 224)
     for _ in range(2):

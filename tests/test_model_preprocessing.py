@@ -171,7 +171,7 @@ def png_header_only(width: int, height: int) -> bytes:
 def test_pixel_limit_is_checked_before_decoding():
     with pytest.raises(ImageTooLarge, match="50,000×50,000|limit") as e:
         decode_image(png_header_only(50_000, 50_000))
-    assert e.value.status == 413
+    assert "pixels" in str(e.value)
     with pytest.raises(ImageTooLarge):
         decode_image(encode(Image.new("RGB", (100, 100)), "PNG"), max_pixels=9_999)
 
@@ -192,18 +192,16 @@ def test_not_images(data, error):
 
 
 def test_unsupported_but_real_formats_are_refused():
-    with pytest.raises(UnsupportedImage) as e:
+    with pytest.raises(UnsupportedImage, match="supported format"):
         decode_image(encode(Image.new("RGB", (10, 10)), "PPM"))
-    assert e.value.status == 415
 
 
 def test_truncated_images(photos):
     jpeg = photos[0].read_bytes()
     png = encode(Image.effect_noise((300, 300), 50).convert("RGB"), "PNG")
     for data in (jpeg[: len(jpeg) // 2], png[: len(png) // 2], jpeg[:200]):
-        with pytest.raises(CorruptImage) as e:
+        with pytest.raises(CorruptImage):
             load_image(data)
-        assert e.value.status == 422
 
 
 def test_ten_crops_are_corners_centre_and_mirrors():

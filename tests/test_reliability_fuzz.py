@@ -29,6 +29,7 @@ from support.service import write_checkpoint
 
 from model import ImageError, Preprocessing, Preprocessor, load_image
 from model.preprocessing import IMAGENET_RGB_MEAN
+from service.problems import image_problem
 
 # Pillow warns about the damage it works around (corrupt EXIF, tags past the end): expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL")
@@ -131,7 +132,7 @@ def check_preprocessing(data: bytes, crops: str) -> None:
     try:
         x = PREPROCESSOR.from_bytes(data, crops, max_pixels=MAX_PIXELS)
     except ImageError as e:
-        assert 400 <= e.status < 500 and str(e)
+        assert 400 <= image_problem(e, "image").status < 500 and str(e)
         return
     expected = (1, 3, 224, 224) if crops == "center" else (1, 10, 3, 224, 224)
     assert tuple(x.shape) == expected and x.dtype == torch.float32

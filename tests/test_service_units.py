@@ -17,6 +17,7 @@ from model import load_checkpoint
 from service import engine
 from service.engine import DeviceError, resolve_devices
 from service.metrics import Counter, Histogram, Registry
+from service.problems import image_problem
 from service.settings import Settings, SettingsError, parse_devices
 
 
@@ -90,6 +91,22 @@ def test_a_corrupt_checkpoint_is_a_startup_error(tmp_path):
     log = service.log()
     assert code == 3, log  # uvicorn's exit status for a failed start-up
     assert "cannot start the service" in log and str(corrupt) in log and "truncated" in log
+
+
+def test_each_kind_of_bad_image_has_its_status():
+    """The model says what is wrong with an image (its error's class); the service says what HTTP answers it."""
+    from model import CorruptImage, ImageError, ImageTooLarge, UnsupportedImage
+
+    for error, status, slug in (
+        (ImageTooLarge("too many pixels"), 413, "image-too-large"),
+        (UnsupportedImage("not an image"), 415, "unsupported-image"),
+        (CorruptImage("truncated"), 422, "invalid-image"),
+        (ImageError("something else"), 422, "invalid-image"),
+    ):
+        problem = image_problem(error, "file 2 ('a.png')")
+        assert (problem.status, problem.slug) == (status, slug)
+        assert problem.detail == f"file 2 ('a.png'): {error}"
+    assert not hasattr(ImageError, "status"), "model knows nothing of HTTP"
 
 
 def test_prometheus_text_format():
