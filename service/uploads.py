@@ -12,6 +12,7 @@ hold the body twice and need one contiguous block its size), and counted against
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -41,12 +42,8 @@ async def read_uploads(
     """The images in a multipart form (every ``file`` part) or a raw ``image/*`` body, which must arrive
     within ``timeout`` seconds: a client that stalls mid-body would otherwise hold its queue place forever
     (64 stalled connections would lock everyone else out). The body is counted in ``reservation``."""
-    reservation = reservation or Reservation(None)
-    try:
-        async with asyncio.timeout(timeout):
-            return await _read_uploads(request, max_body_bytes, max_files, reservation)
-    except TimeoutError:
-        raise ProblemError(408, "body-timeout", f"the request body did not arrive within {timeout:g} s") from None
+    async with _reading(request, max_body_bytes, timeout):
+        return await _read_uploads(request, max_body_bytes, max_files, reservation or Reservation(None))
 
 
 async def read_body(
@@ -54,12 +51,24 @@ async def read_body(
 ) -> bytes:
     """The whole raw body, whatever its Content-Type, under the same limit, budget and timeout as an upload."""
     reservation = reservation or Reservation(None)
+    async with _reading(request, max_body_bytes, timeout):
+        await _check_declared_length(request, max_body_bytes, reservation)
+        return b"".join([chunk async for chunk in _limited(request, max_body_bytes, reservation)])
+
+
+@contextlib.asynccontextmanager
+async def _reading(request: Request, max_body_bytes: int, timeout: float):
+    """A body's read: within ``timeout`` (else 408); refused for want of room (503), what is left of it is
+    drained first (discard_body), so the client reads the 503 on a connection it can use again."""
     try:
         async with asyncio.timeout(timeout):
-            await _check_declared_length(request, max_body_bytes, reservation)
-            return b"".join([chunk async for chunk in _limited(request, max_body_bytes, reservation)])
+            yield
     except TimeoutError:
         raise ProblemError(408, "body-timeout", f"the request body did not arrive within {timeout:g} s") from None
+    except ProblemError as e:
+        if e.status == 503:
+            await discard_body(request, max_body_bytes=max_body_bytes, timeout=timeout)
+        raise
 
 
 async def _read_uploads(
@@ -132,7 +141,8 @@ def _no_room(reservation: Reservation) -> ProblemError:
     return ProblemError(
         503,
         "memory-busy",
-        f"request bodies in memory are at the limit ({budget.capacity:,} bytes, ALEXNET_BODY_MEMORY_BYTES); retry later",
+        f"request bodies in memory are at the limit ({budget.capacity:,} bytes, ALEXNET_BODY_MEMORY_BYTES); "
+        "retry later",
         {"Retry-After": "1"},
     )
 

@@ -109,18 +109,13 @@ async def receive(
     bodies count against the body budget until they are decoded (then they are dropped)."""
     settings = state.settings
     with state.body_reservation() as reservation:
-        try:
-            uploads = await read_uploads(
-                request,
-                max_body_bytes=settings.max_body_bytes,
-                max_files=settings.max_files if max_files is None else max_files,
-                timeout=settings.body_timeout_s,
-                reservation=reservation,
-            )
-        except ProblemError as e:
-            if e.status == 503:  # no room for the body now: the client will retry on this connection
-                await discard(request, state)
-            raise
+        uploads = await read_uploads(
+            request,
+            max_body_bytes=settings.max_body_bytes,
+            max_files=settings.max_files if max_files is None else max_files,
+            timeout=settings.body_timeout_s,
+            reservation=reservation,
+        )
         clock.decode_started = time.perf_counter()
         images = await state.decode(model, uploads)
     return uploads, images

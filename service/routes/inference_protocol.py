@@ -34,7 +34,7 @@ from ..schemas import (
 from ..state import ServiceState
 from ..uploads import Upload, read_body
 from .dependencies import ReadyModel, State, require_ready
-from .images import admitted, discard
+from .images import admitted
 
 log = logging.getLogger("service")
 
@@ -254,17 +254,8 @@ async def _infer(
     # and each one's memory (the body, then what parsing it takes) held against the body budget.
     async with admitted(request, state):
         with state.body_reservation() as reservation:
-            try:
-                body = await read_body(
-                    request,
-                    max_body_bytes=settings.max_body_bytes,
-                    timeout=settings.body_timeout_s,
-                    reservation=reservation,
-                )
-            except ProblemError as e:
-                if e.status == 503:  # no room for the body now: the client will retry on this connection
-                    await discard(request, state)
-                raise
+            limits = {"max_body_bytes": settings.max_body_bytes, "timeout": settings.body_timeout_s}
+            body = await read_body(request, reservation=reservation, **limits)
             header, binary = protocol.split_body(body, header_length)
             await _reserve_parsing(reservation, len(body), len(header), len(binary))
             parsed = protocol.parse_request(header)
