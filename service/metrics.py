@@ -141,7 +141,9 @@ ROUTE_EXAMPLES = (
 class ServiceMetrics:
     """The service's metrics. Gauges read live state through the callables given."""
 
-    def __init__(self, queue_depth: Callable[[], dict], model_info: Callable[[], dict]):
+    def __init__(
+        self, queue_depth: Callable[[], dict], model_info: Callable[[], dict], memory: Callable[[], dict] = dict
+    ):
         self.registry = r = Registry()
         self.requests = r.add(
             Counter(
@@ -192,7 +194,20 @@ class ServiceMetrics:
             Histogram("alexnet_queue_wait_seconds", "time a request waited for its forward pass", LATENCY_BUCKETS)
         )
         self.rejected = r.add(Counter("alexnet_queue_rejections_total", "requests refused with 503: queue full"))
+        self.memory_busy = r.add(
+            Counter("alexnet_memory_busy_total", "requests refused with 503: no room for their body in the body budget")
+        )
         self.reloads = r.add(Counter("alexnet_model_reloads_total", "checkpoint reloads by result", ("result",)))
+        r.add(
+            Gauge(
+                "alexnet_memory_bytes",
+                "the memory bound (README, Memory): bytes held and the budget of request bodies and of decodes "
+                "(budget=bodies|decodes, of=in_use|capacity), and the start-up check's worst case and the "
+                "cgroup's limit (budget=process, of=worst_case|limit; no limit: not reported)",
+                memory,
+                ("budget", "of"),
+            )
+        )
         r.add(
             Gauge(
                 "alexnet_queue_depth",

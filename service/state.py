@@ -35,6 +35,7 @@ from .engine import Explanation, LoadedModel, Task
 from .explaining import Explainers
 from .memory import ByteBudget, Reservation
 from .metrics import ServiceMetrics
+from .problems import ProblemError
 from .settings import Settings
 from .uploads import Upload
 
@@ -59,13 +60,14 @@ class ServiceState:
         self.settings = settings
         self.model: LoadedModel | None = None
         self.ready = False
-        self.metrics = ServiceMetrics(queue_depth=self._queue_depth, model_info=self._model_info)
+        self.metrics = ServiceMetrics(queue_depth=self._queue_depth, model_info=self._model_info, memory=self._memory)
         self.batcher: Batcher | None = None
         self.bodies = ByteBudget(settings.body_memory_bytes)
         self.decoder = Decoder(ByteBudget(settings.decode_memory_bytes), settings.max_pixels)
         self.explainers = Explainers(settings.explain_concurrency, self.metrics)
         self._watcher: asyncio.Task | None = None
         self.worst_case: memory.WorstCase | None = None
+        self.memory_limit: int | None = None  # the cgroup's, found at start-up
 
     async def start(self) -> None:
         s = self.settings
@@ -153,6 +155,7 @@ class ServiceState:
             decoded_image_bytes=image.numel() * image.element_size(),
         )
         limit, source = memory.cgroup_memory_limit()
+        self.memory_limit = limit
         fields = {"event": "memory_bound", "worst_case_bytes": worst.total, "limit_bytes": limit}
         if limit is None:
             log.info("memory: worst case %s; %s", worst.describe(), source, extra={"fields": fields})
@@ -190,6 +193,10 @@ class ServiceState:
         reservation = Reservation(self.bodies)
         try:
             yield reservation
+        except ProblemError as e:
+            if e.slug == "memory-busy":
+                self.metrics.memory_busy.inc()
+            raise
         finally:
             reservation.release()
 
@@ -231,6 +238,19 @@ class ServiceState:
             ("waiting_inputs",): batcher.waiting_rows,
             ("explaining",): explaining,
         }
+
+    def _memory(self) -> dict:
+        out = {
+            ("bodies", "in_use"): self.bodies.in_use,
+            ("bodies", "capacity"): self.bodies.capacity,
+            ("decodes", "in_use"): self.decoder.budget.in_use,
+            ("decodes", "capacity"): self.decoder.budget.capacity,
+        }
+        if self.worst_case is not None:
+            out[("process", "worst_case")] = self.worst_case.total
+        if self.memory_limit is not None:
+            out[("process", "limit")] = self.memory_limit
+        return out
 
     def _model_info(self) -> dict:
         if self.model is None:

@@ -22,7 +22,7 @@ from model import load_image
 from model.preprocessing import decode_peak_bytes, open_image
 from service import memory
 from service.settings import Settings, SettingsError
-from support.service import REPO, ServiceProcess
+from support.service import REPO, ServiceProcess, metric_value
 
 sys.path.insert(0, str(REPO / "bench"))
 import memory_cgroup  # noqa: E402
@@ -301,7 +301,11 @@ def test_a_body_with_no_room_is_503_on_a_connection_that_stays_usable(tmp_path, 
             photo = photos[0].read_bytes()
             again = client.post("/classify", content=photo, headers={"Content-Type": "image/jpeg"})
             assert again.status_code == 200, again.text
-            assert client.get("/metrics").status_code == 200
+            metrics = client.get("/metrics").text
+            assert metric_value(metrics, "alexnet_memory_busy_total") >= 1
+            assert metric_value(metrics, "alexnet_memory_bytes", budget="bodies", of="capacity") == 8 * MIB
+            assert metric_value(metrics, "alexnet_memory_bytes", budget="bodies", of="in_use") == 0, "all given back"
+            assert metric_value(metrics, "alexnet_memory_bytes", budget="process", of="worst_case") > 0
     finally:
         release.set()
         sender.join(60)
