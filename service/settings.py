@@ -46,7 +46,7 @@ class Settings(BaseModel):
     queue_size: int = Field(64, ge=1, description="requests admitted at once (body to answer); more → 503")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body limit, counted while streaming")
     body_memory_bytes: int = Field(
-        256 * 1024 * 1024,
+        192 * 1024 * 1024,
         ge=1,
         description="bytes of request bodies held at once, all requests together; no room → 503 + Retry-After",
     )
