@@ -162,93 +162,25 @@ def build_model(
     ``mean_image_file``: {"name", "sha256", "shape", "dtype"} of the mean image written beside the model,
     recorded in the metadata (``export`` writes it; None when the preprocessing has no mean image)."""
     onnx = _onnx()
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     check_opset(opset)
     check_exportable(checkpoint)
     config = checkpoint.config
+    graph = _Graph(checkpoint)
+    graph.layers(softmax)
     size = config.input_size
-    lrn = onnx_lrn_attributes(config.lrn)
-
-    initializers = [
-        numpy_helper.from_array(tensor.detach().to("cpu", torch.float32).contiguous().numpy(), name)
-        for name, tensor in checkpoint.state_dict.items()
-    ]
-    nodes = []
-
-    def conv(name, x, *, pads, stride=1, group=1):
-        weight = checkpoint.state_dict[f"{name}.weight"]
-        nodes.append(
-            helper.make_node(
-                "Conv", [x, f"{name}.weight", f"{name}.bias"], [name], name=name,
-                kernel_shape=list(weight.shape[2:]), strides=[stride, stride], pads=pads, group=group,
-            )
-        )  # fmt: skip
-        return name
-
-    def relu(x, out):
-        nodes.append(helper.make_node("Relu", [x], [out], name=out))
-        return out
-
-    def max_pool(x, out):
-        kernel, stride = [POOL_SIZE, POOL_SIZE], [POOL_STRIDE, POOL_STRIDE]
-        nodes.append(helper.make_node("MaxPool", [x], [out], name=out, kernel_shape=kernel, strides=stride))
-        return out
-
-    def flatten(x):
-        nodes.append(helper.make_node("Flatten", [x], ["flatten"], name="flatten", axis=1))
-        return "flatten"
-
-    def local_response_norm(x, out, channels):
-        if config.lrn_across_towers:  # Caffe's: windows span both towers' maps
-            nodes.append(helper.make_node("LRN", [x], [out], name=out, **lrn))
-            return out
-        # The paper's: each tower's maps on their own. [N, C, H, W] → [2N, C/2, H, W] puts the two halves
-        # side by side as batch items (0 in a Reshape shape copies that dimension: H and W).
-        towers, back = f"{out}.towers_shape", f"{out}.shape"
-        initializers.append(numpy_helper.from_array(np.array([-1, channels // 2, 0, 0], np.int64), towers))
-        initializers.append(numpy_helper.from_array(np.array([-1, channels, 0, 0], np.int64), back))
-        nodes.append(helper.make_node("Reshape", [x, towers], [f"{out}.towers"], name=f"{out}.split_towers"))
-        nodes.append(helper.make_node("LRN", [f"{out}.towers"], [f"{out}.towers_normalised"], name=out, **lrn))
-        nodes.append(helper.make_node("Reshape", [f"{out}.towers_normalised", back], [out], name=f"{out}.join_towers"))
-        return out
-
-    def gemm(name, x, out):
-        nodes.append(helper.make_node("Gemm", [x, f"{name}.weight", f"{name}.bias"], [out], name=name, transB=1))
-        return out
-
-    # The layer table, walked as the nets walk it; the ops after layer i are named relu<i>, norm<i>, pool<i>.
-    x, below = INPUT_NAME, None
-    for number, layer in enumerate(LAYERS, 1):
-        if layer.is_conv:
-            pads = conv1_pads(config.conv1_padding) if layer.reads == "image" else [layer.padding] * 4
-            x = conv(layer.name, x, pads=pads, stride=layer.stride, group=layer.groups)
-        else:
-            if below.is_conv:  # the first fully connected layer reads the maps in channel, row, column order
-                x = flatten(x)
-            x = gemm(layer.name, x, LOGITS_NAME if layer is LAYERS[-1] else layer.name)
-        for op in layer.after:  # dropout: the identity at inference, omitted
-            if op == "relu":
-                x = relu(x, f"relu{number}")
-            elif op == "lrn":
-                x = local_response_norm(x, f"norm{number}", config.outputs(layer))
-            elif op == "pool":
-                x = max_pool(x, f"pool{number}")
-        below = layer
-    if softmax:
-        nodes.append(helper.make_node("Softmax", [x], [PROBABILITIES_NAME], name="softmax", axis=1))
-
-    graph = helper.make_graph(
-        nodes,
+    proto = helper.make_graph(
+        graph.nodes,
         "alexnet",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, 3, size, size])],
         [helper.make_tensor_value_info(output_name(softmax), TensorProto.FLOAT, [BATCH_DIM, config.num_classes])],
-        initializer=initializers,
+        initializer=graph.initializers,
         doc_string=input_description(checkpoint.preprocessing, mean_image_file),
     )
     opset_imports = [helper.make_opsetid("", opset)]
     model = helper.make_model(
-        graph,
+        proto,
         opset_imports=opset_imports,
         producer_name="alexnet-reference (python -m model.export)",
         producer_version=code_version(),
@@ -262,6 +194,88 @@ def build_model(
     )
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+class _Graph:
+    """The nodes and initializers of the exported graph, one method per kind of op."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.checkpoint, self.config = checkpoint, checkpoint.config
+        self.lrn = onnx_lrn_attributes(self.config.lrn)
+        self.initializers = [
+            numpy_helper.from_array(tensor.detach().to("cpu", torch.float32).contiguous().numpy(), name)
+            for name, tensor in checkpoint.state_dict.items()
+        ]
+        self.nodes = []
+
+    def layers(self, softmax: bool) -> None:
+        """The layer table, walked as the nets walk it; the ops after layer i are named relu<i>, norm<i>,
+        pool<i>."""
+        x, below = INPUT_NAME, None
+        for number, layer in enumerate(LAYERS, 1):
+            if layer.is_conv:
+                pads = conv1_pads(self.config.conv1_padding) if layer.reads == "image" else [layer.padding] * 4
+                x = self.conv(layer.name, x, pads=pads, stride=layer.stride, group=layer.groups)
+            else:
+                if below.is_conv:  # the first fully connected layer reads the maps in channel, row, column order
+                    x = self.flatten(x)
+                x = self.gemm(layer.name, x, LOGITS_NAME if layer is LAYERS[-1] else layer.name)
+            for op in layer.after:  # dropout: the identity at inference, omitted
+                if op == "relu":
+                    x = self.relu(x, f"relu{number}")
+                elif op == "lrn":
+                    x = self.local_response_norm(x, f"norm{number}", self.config.outputs(layer))
+                elif op == "pool":
+                    x = self.max_pool(x, f"pool{number}")
+            below = layer
+        if softmax:
+            self.nodes.append(self.helper.make_node("Softmax", [x], [PROBABILITIES_NAME], name="softmax", axis=1))
+
+    def conv(self, name, x, *, pads, stride=1, group=1):
+        weight = self.checkpoint.state_dict[f"{name}.weight"]
+        self.nodes.append(
+            self.helper.make_node(
+                "Conv", [x, f"{name}.weight", f"{name}.bias"], [name], name=name,
+                kernel_shape=list(weight.shape[2:]), strides=[stride, stride], pads=pads, group=group,
+            )
+        )  # fmt: skip
+        return name
+
+    def relu(self, x, out):
+        self.nodes.append(self.helper.make_node("Relu", [x], [out], name=out))
+        return out
+
+    def max_pool(self, x, out):
+        kernel, stride = [POOL_SIZE, POOL_SIZE], [POOL_STRIDE, POOL_STRIDE]
+        self.nodes.append(self.helper.make_node("MaxPool", [x], [out], name=out, kernel_shape=kernel, strides=stride))
+        return out
+
+    def flatten(self, x):
+        self.nodes.append(self.helper.make_node("Flatten", [x], ["flatten"], name="flatten", axis=1))
+        return "flatten"
+
+    def local_response_norm(self, x, out, channels):
+        make_node = self.helper.make_node
+        if self.config.lrn_across_towers:  # Caffe's: windows span both towers' maps
+            self.nodes.append(make_node("LRN", [x], [out], name=out, **self.lrn))
+            return out
+        # The paper's: each tower's maps on their own. [N, C, H, W] → [2N, C/2, H, W] puts the two halves
+        # side by side as batch items (0 in a Reshape shape copies that dimension: H and W).
+        towers, back = f"{out}.towers_shape", f"{out}.shape"
+        self.initializers.append(self.numpy_helper.from_array(np.array([-1, channels // 2, 0, 0], np.int64), towers))
+        self.initializers.append(self.numpy_helper.from_array(np.array([-1, channels, 0, 0], np.int64), back))
+        self.nodes.append(make_node("Reshape", [x, towers], [f"{out}.towers"], name=f"{out}.split_towers"))
+        self.nodes.append(make_node("LRN", [f"{out}.towers"], [f"{out}.towers_normalised"], name=out, **self.lrn))
+        self.nodes.append(make_node("Reshape", [f"{out}.towers_normalised", back], [out], name=f"{out}.join_towers"))
+        return out
+
+    def gemm(self, name, x, out):
+        node = self.helper.make_node("Gemm", [x, f"{name}.weight", f"{name}.bias"], [out], name=name, transB=1)
+        self.nodes.append(node)
+        return out
 
 
 def check_opset(opset: int) -> None:
