@@ -26,6 +26,7 @@ from .preprocessing import (
     UnsupportedImage,
     decode_image,
     load_image,
+    open_image,
 )
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "keep_freed_memory",
     "load_checkpoint",
     "load_image",
+    "open_image",
     "parse_devices",
     "parse_synset_words",
 ]

@@ -201,7 +201,7 @@ def _count(pieces: tuple[bytes, ...], marker: bytes) -> int:
 
 
 def decode_image(
-    data: ImageBytes,
+    data: ImageBytes | Image.Image,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = (255, 255, 255),
@@ -213,8 +213,9 @@ def decode_image(
     checked from the header before any pixel is decoded) or CorruptImage (truncated or undecodable).
     ``draft_shorter_side`` lets the JPEG decoder shrink by 2/4/8 while keeping the shorter side at
     least that long: a 12-MP photo decodes several times faster and no detail at 256 px is lost.
+    ``data`` may also be what ``open_image`` returned (its header read and checked once, not again).
     """
-    image = open_image(data, max_pixels=max_pixels)
+    image = data if isinstance(data, Image.Image) else open_image(data, max_pixels=max_pixels)
     width, height = image.size
     try:
         if draft_shorter_side and image.format in ("JPEG", "MPO"):
@@ -294,7 +295,7 @@ def decode_peak_bytes(image: Image.Image, *, draft_shorter_side: int | None = No
     bound from its header (mode, size, format), so a service can budget decodes before they start.
 
     Counted (in Pillow's storage, 4 bytes a pixel for RGB): the decoded image; EXIF rotation's copy if the
-    header asks for one; each
+    header asks for one (and for a PNG whose EXIF may come after its pixels); each
     conversion on the way to RGB while its source is alive (the worst are RGB/LA with transparency →
     RGBA → composited RGB + alpha: 13 bytes a pixel, and 16-bit grayscale → float → scaled → L: 10); a
     progressive JPEG's whole-image coefficient buffer (6 bytes a pixel at full size, whatever the draft);
@@ -318,8 +319,7 @@ def decode_peak_bytes(image: Image.Image, *, draft_shorter_side: int | None = No
         conversion = 4 + 4 + 1  # → RGBA, the RGB canvas, its alpha channel
     else:
         conversion = 0 if image.mode == "RGB" else 4  # → RGB
-    rotated = _orientation(image) not in (None, 1)
-    per_pixel = stored * (2 if rotated else 1) + conversion  # decoded (+ its upright copy), then conversions
+    per_pixel = stored * (2 if _may_rotate(image) else 1) + conversion
     peak = decoded * per_pixel
     if image.format in ("JPEG", "MPO") and (image.info.get("progressive") or image.info.get("progression")):
         peak += full * 6  # libjpeg buffers every coefficient of a progressive image (16 bits, 3 components)
@@ -330,22 +330,27 @@ def decode_peak_bytes(image: Image.Image, *, draft_shorter_side: int | None = No
     return int(peak * 1.05) + 4 * 1024 * 1024  # allocator rounding, the decoder's own state
 
 
-def _orientation(image: Image.Image) -> int | None:
+def _may_rotate(image: Image.Image) -> bool:
+    """Whether decode_image's EXIF rotation may copy the image, from the header alone. A PNG may keep its
+    EXIF (eXIf) after the pixels, and Pillow's getexif() would decode the whole image to find it: unknown
+    there, so counted."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return True
     try:
-        return image.getexif().get(0x0112)
+        return image.getexif().get(0x0112) not in (None, 1)
     except Exception:
-        return None  # a broken EXIF block: _upright ignores it too
+        return False  # a broken EXIF block: _upright ignores it too
 
 
 def load_image(
-    data: ImageBytes,
+    data: ImageBytes | Image.Image,
     *,
     size: int = 256,
     resample: str = "bilinear",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = (255, 255, 255),
 ) -> torch.Tensor:
-    """Image bytes → the paper's stored form: uint8 [3, size, size], RGB."""
+    """Image bytes (or an ``open_image`` result) → the paper's stored form: uint8 [3, size, size], RGB."""
     image = decode_image(data, max_pixels=max_pixels, background=background, draft_shorter_side=size)
     return to_square_uint8(image, size, resample)
 
@@ -411,14 +416,13 @@ class Preprocessor:
         patches += [p.flip(-1) for p in patches]
         return torch.stack(patches, dim=1)
 
-    def decode_peak_bytes(self, data: ImageBytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
-        """Most memory ``load(data)`` can take (see ``decode_peak_bytes``); reads only the header, raising
-        what ``load`` would for an unsupported format, too many pixels or a broken header."""
-        image = open_image(data, max_pixels=max_pixels)
+    def decode_peak_bytes(self, image: Image.Image) -> int:
+        """Most memory ``load(image)`` can take for an ``open_image`` result (see ``decode_peak_bytes``)."""
         return decode_peak_bytes(image, draft_shorter_side=self.config.resize)
 
-    def load(self, data: ImageBytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-        """Image bytes → uint8 [3, resize, resize] with this checkpoint's resize, filter and background."""
+    def load(self, data: ImageBytes | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """Image bytes, or an ``open_image`` result → uint8 [3, resize, resize] with this checkpoint's
+        resize, filter and background."""
         c = self.config
         return load_image(data, size=c.resize, resample=c.resample, max_pixels=max_pixels, background=c.background)
 

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from model import CorruptImage, ImageError, ImageTooLarge
+from model import CorruptImage, ImageError, ImageTooLarge, open_image
 
 from . import problems
 from .engine import LoadedModel
@@ -55,19 +55,22 @@ class Decoder:
 
     async def _decode_one(self, model: LoadedModel, upload: Upload) -> torch.Tensor:
         loop = asyncio.get_running_loop()
-        need = await loop.run_in_executor(self._threads, _decode_peak, model, upload.data, self.max_pixels)
+        # The header is read (and checked) once; the opened image waits for room, then decodes.
+        image, need = await loop.run_in_executor(self._threads, _open, model, upload.data, self.max_pixels)
         if need > self.budget.capacity:
             raise ImageTooLarge(
                 f"decoding it needs up to {need / MIB:,.0f} MiB, more than all decodes together may use "
                 f"({self.budget.capacity / MIB:,.0f} MiB, ALEXNET_DECODE_MEMORY_BYTES)"
             )
         async with self.budget.hold(need):
-            return await loop.run_in_executor(self._threads, _decode, model, upload.data, self.max_pixels)
+            return await loop.run_in_executor(self._threads, _decode, model, image)
 
 
-def _decode_peak(model: LoadedModel, data, max_pixels: int) -> int:
+def _open(model: LoadedModel, data, max_pixels: int):
+    """The image, its header read and checked, and the most memory decoding it can take."""
     try:
-        return model.preprocessor.decode_peak_bytes(data, max_pixels=max_pixels)
+        image = open_image(data, max_pixels=max_pixels)
+        return image, model.preprocessor.decode_peak_bytes(image)
     except ImageError:
         raise
     except Exception as e:  # as in _decode
@@ -75,9 +78,9 @@ def _decode_peak(model: LoadedModel, data, max_pixels: int) -> int:
         raise CorruptImage(f"cannot read image header: {type(e).__name__}: {e}") from None
 
 
-def _decode(model: LoadedModel, data, max_pixels: int) -> torch.Tensor:
+def _decode(model: LoadedModel, image) -> torch.Tensor:
     try:
-        return model.preprocessor.load(data, max_pixels=max_pixels)
+        return model.preprocessor.load(image)
     except ImageError:
         raise
     except Exception as e:  # a decoder failure the model package did not anticipate: still the input's fault
