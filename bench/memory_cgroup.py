@@ -50,6 +50,13 @@ class MemoryCgroup:
         root = _v2_root() or _v1_root()
         self.path = root / (name or f"alexnet-{uuid.uuid4().hex[:12]}")
 
+    @classmethod
+    def existing(cls, path: Path, *, v2: bool, limit_bytes: int) -> MemoryCgroup:
+        """A group that is already there (not created, not removed): for reading its peak and OOM kills."""
+        group = cls.__new__(cls)
+        group.path, group.v2, group.limit_bytes = path, v2, limit_bytes
+        return group
+
     def __enter__(self) -> MemoryCgroup:
         self.path.mkdir()
         if self.v2:
@@ -123,32 +130,12 @@ class MemoryCgroup:
 
 def own_group_peak() -> dict | None:
     """The peak, limit and OOM kills of the memory cgroup this process is in, when that group has a limit
-    (e.g. inside a container); None otherwise. Includes everything in the group (this process too)."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
+    (e.g. inside a container); None otherwise. Includes everything in the group (this process too). The group
+    is found as the service finds it for its start-up check (service.memory.cgroup_memory_limit)."""
+    from service.memory import cgroup_memory_limit
+
+    limit, source = cgroup_memory_limit()
+    if limit is None:
         return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "" and _v2_root():
-            names = ("memory.max", "memory.peak", "memory.events")
-            candidates = [ROOT / path.lstrip("/"), ROOT]
-        elif "memory" in controllers.split(",") and _v1_root():
-            names = ("memory.limit_in_bytes", "memory.max_usage_in_bytes", "memory.oom_control")
-            candidates = [ROOT / "memory" / path.lstrip("/"), ROOT / "memory"]
-        else:
-            continue
-        for directory in candidates:
-            limit_file, peak_file, events_file = (directory / n for n in names)
-            if not limit_file.exists():
-                continue
-            text = limit_file.read_text().strip()
-            if text == "max" or int(text) >= 1 << 62:
-                continue
-            oom = 0
-            for event in events_file.read_text().splitlines() if events_file.exists() else []:
-                key, _, value = event.partition(" ")
-                oom = int(value) if key == "oom_kill" else oom
-            peak = int(peak_file.read_text()) if peak_file.exists() else None
-            return {"path": str(directory), "limit": int(text), "peak": peak, "oom_kills": oom}
-    return None
+    group = MemoryCgroup.existing(Path(source).parent, v2=Path(source).name == "memory.max", limit_bytes=limit)
+    return {"path": str(group.path), "limit": limit, "peak": group.peak, "oom_kills": group.oom_kills}

@@ -106,15 +106,21 @@ async def _read_uploads(
     )
 
 
+def _declared_length(request: Request) -> int | None:
+    """The Content-Length, if the request has a usable one."""
+    declared = request.headers.get("content-length")
+    return int(declared) if declared is not None and declared.isdigit() else None
+
+
 async def _check_declared_length(request: Request, max_body_bytes: int, reservation: Reservation) -> None:
     """Before reading: a Content-Length over the limit is 413; one the body budget has no room for waits for
     room (the body unread meanwhile), then is 503."""
-    declared = request.headers.get("content-length")
-    if declared is None or not declared.isdigit():
+    declared = _declared_length(request)
+    if declared is None:
         return
-    if int(declared) > max_body_bytes:
+    if declared > max_body_bytes:
         raise _too_large(max_body_bytes)  # no need to read what will be refused anyway
-    if not await reservation.grow_to(int(declared)):
+    if not await reservation.grow_to(declared):
         raise _no_room(reservation)  # the body is drained before the answer (discard_body)
 
 
@@ -122,8 +128,8 @@ async def discard_body(request: Request, *, max_body_bytes: int, timeout: float)
     """Read what is left of a refused request's body and drop it, chunk by chunk (no memory held), so the
     client, still sending, reads the answer on a connection that stays open instead of seeing it reset.
     Only for bodies within the limit and only for ``timeout`` seconds; otherwise the connection closes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+    declared = _declared_length(request)
+    if declared is not None and declared > max_body_bytes:
         return
     size = 0
     try:
