@@ -13,6 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 from support.service import (
+    BATCHING_FLAGS,
+    SMALL_LIMITS_ENV,
     Direct,
     assert_problem,
     assert_same_predictions,
@@ -21,8 +23,6 @@ from support.service import (
     png_header_only,
     write_checkpoint,
 )
-
-LIMITS = {"max_body_bytes": 1_000_000, "max_files": 4, "max_pixels": 2_000_000}
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +39,7 @@ def direct(checkpoint):
 @pytest.fixture(scope="module")
 def server(checkpoint, module_live_service):
     # stopped by SIGTERM after the module: graceful shutdown, exit status 0
-    return module_live_service(
-        "--max-batch", "32",
-        "--max-wait-ms", "20",  # long enough that concurrent requests reliably share a forward pass
-        "--threads", "1",
-        "--decode-workers", "2",
-        "--reload-interval-s", "0",
-        checkpoint=checkpoint,
-        env={f"ALEXNET_{k.upper()}": str(v) for k, v in LIMITS.items()},  # settings from the environment too
-    )  # fmt: skip
+    return module_live_service(*BATCHING_FLAGS, checkpoint=checkpoint, env=SMALL_LIMITS_ENV)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,9 @@ import pytest
 import torch
 from support.corpus import corpus_request, write_corpus
 from support.service import (
+    BATCHING_FLAGS,
+    SMALL_LIMITS,
+    SMALL_LIMITS_ENV,
     Direct,
     assert_problem,
     assert_same_predictions,
@@ -26,7 +29,7 @@ from support.service import (
 from service import engine
 from service.engine import Task
 
-LIMITS = {"max_body_bytes": 1_000_000, "max_files": 4, "max_pixels": 2_000_000}
+LIMITS = SMALL_LIMITS
 WIDTH = 0.125  # 4096 × 0.125 = 512 units in fc6 and fc7
 # Measured: the service's CPUInferenceNet (oneDNN, Winograd convolutions) and the grouped net differ by ~2e-6
 # of a vector's norm (batch 1 or 10 alike, width 1/8 or full); a mix-up of images differs by ~1.
@@ -46,15 +49,7 @@ def direct(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, module_live_service):
-    return module_live_service(
-        "--max-batch", "32",
-        "--max-wait-ms", "20",  # long enough that concurrent requests reliably share a forward pass
-        "--threads", "1",
-        "--decode-workers", "2",
-        "--reload-interval-s", "0",
-        checkpoint=checkpoint,
-        env={f"ALEXNET_{k.upper()}": str(v) for k, v in LIMITS.items()},
-    )  # fmt: skip
+    return module_live_service(*BATCHING_FLAGS, checkpoint=checkpoint, env=SMALL_LIMITS_ENV)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-from support.training import REPO, make_source, one_thread, prepare_quietly, train_cli
+from support.training import REPO, TINY_RUN, make_source, one_thread, prepare_quietly, train_cli
 
 from model import AlexNet
 from training.data import derive_seed
@@ -61,15 +61,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         str(prepared),
         "--out",
         str(ddp),
-        "--width",
-        "0.0625",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "2",
-        "--workers",
-        "1",
-        "--no-progress",
+        *TINY_RUN,
         *ARGS,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

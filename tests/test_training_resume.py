@@ -11,7 +11,7 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-from support.training import REPO, make_source, one_thread, prepare_quietly, train_cli
+from support.training import REPO, TINY_RUN, make_source, one_thread, prepare_quietly, train_cli
 
 # Dropout stays on (0.5): its masks must also come out the same after a resume.
 ARGS = ("--seed", "3", "--lr", "0.005")
@@ -43,15 +43,7 @@ def killed_run(prepared, run, kill_at_step: int, *extra) -> None:
         str(prepared),
         "--out",
         str(run),
-        "--width",
-        "0.0625",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "2",
-        "--workers",
-        "1",
-        "--no-progress",
+        *TINY_RUN,
         *ARGS,
         *extra,
     ]

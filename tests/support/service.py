@@ -28,6 +28,12 @@ from model import AlexNet, Checkpoint, Preprocessing, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 PROBLEM_FIELDS = {"type", "title", "status", "detail"}
+# Small limits for the endpoint tests, given to the server through the environment (settings from there too).
+SMALL_LIMITS = {"max_body_bytes": 1_000_000, "max_files": 4, "max_pixels": 2_000_000}
+SMALL_LIMITS_ENV = {f"ALEXNET_{k.upper()}": str(v) for k, v in SMALL_LIMITS.items()}
+# A server whose concurrent requests reliably share a forward pass: a 20 ms wait is long enough for them.
+BATCHING_FLAGS = ("--max-batch", "32", "--max-wait-ms", "20", "--threads", "1", "--decode-workers", "2")
+BATCHING_FLAGS += ("--reload-interval-s", "0")
 
 
 def free_port() -> int:
