@@ -1,7 +1,7 @@
 """POST /explain over real HTTP: Grad-CAM of one image as a PNG overlay or JSON, equal to
 model.visualize.grad_cam of the same preprocessed image computed here; the class by wnid or index; its own
 concurrency limit (503 + Retry-After, never a queue) that leaves /classify answering; every bad request
-refused as /classify refuses it. (That the map lands on a planted object: tests/test_training_learning.py.)"""
+refused as /classify refuses it. (That the map lands on the right object: tests/test_model_visualize.py.)"""
 
 from __future__ import annotations
 

@@ -8,13 +8,10 @@ too hard. Over seeds 0–3 this configuration reached a best validation error of
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
-import torch
-from PIL import Image, ImageDraw
-from support.training import COLOURS, SHAPES, make_source, prepare_quietly
+from support.training import make_source, prepare_quietly
 
 from model import load_checkpoint
 from training.__main__ import main
@@ -65,44 +62,3 @@ def test_a_scaled_down_net_learns_a_synthetic_task(learned):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val"]["center"]["top1_error"] == best
     assert summary["val"]["ten"]["top1_error"] <= 0.5  # the paper's 10-patch average agrees
-
-
-def planted(kind: int, left: int, size: int = 80) -> Image.Image:
-    """One object of class ``kind`` (test_training's colours and shapes) at a known place on plain grey."""
-    image = Image.new("RGB", (256, 256), (128, 128, 128))
-    draw, top, colour = ImageDraw.Draw(image), 88, COLOURS[kind]
-    box = (left, top, left + size, top + size)
-    if SHAPES[kind] == "ellipse":
-        draw.ellipse(box, fill=colour)
-    elif SHAPES[kind] == "rectangle":
-        draw.rectangle(box, fill=colour)
-    elif SHAPES[kind] == "triangle":
-        draw.polygon([(left, top + size), (left + size, top + size), (left + size // 2, top)], fill=colour)
-    else:
-        draw.rectangle((left, top, left + size, top + size // 3), fill=colour)
-    return image
-
-
-@pytest.mark.slow
-def test_grad_cam_finds_the_planted_object(learned, tmp_path):
-    """Grad-CAM (model.visualize) of the trained net for each class, its object drawn on the left or on the
-    right: the heat map's centre of mass and its hottest column lie on the object's side."""
-    from model.visualize import grad_cam, overlay
-
-    checkpoint = load_checkpoint(learned / "best.safetensors")
-    net, preprocessor = checkpoint.build(), checkpoint.preprocessor()
-    crop_offset = (256 - 224) // 2
-    for kind in range(4):
-        for left in (30, 146):
-            image = planted(kind, left)
-            buffer = io.BytesIO()
-            image.save(buffer, "PNG")
-            heat, explained, probability = grad_cam(net, preprocessor.from_bytes(buffer.getvalue()), kind)
-            assert explained == kind and 0 < probability <= 1 and heat.shape == (224, 224)
-            centre = left + 40 - crop_offset  # the object's centre column in the 224 crop
-            columns = heat.sum(0)
-            mass_centre = float((columns * torch.arange(224)).sum() / columns.sum())
-            hottest = int(columns.argmax())
-            on_its_side = (lambda c: c < 112) if centre < 112 else (lambda c: c >= 112)
-            assert on_its_side(mass_centre) and on_its_side(hottest), (kind, left, mass_centre, hottest)
-    overlay(image.crop((16, 16, 240, 240)), heat).save(tmp_path / "grad-cam.png")  # to look at
