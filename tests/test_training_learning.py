@@ -3,7 +3,14 @@ better than chance (75 % top-1 error) on held-out images.
 
 The recipe is the paper's (SGD, momentum 0.9, weight decay 5e-4, augmentation, dropout, plateau drops)
 except the learning rate: with 4 classes and batches of 16, the paper's 0.01 swings the class priors
-too hard. Over seeds 0–3 this configuration reached a best validation error of 0–31 % in 12 epochs.
+too hard.
+
+What the run learns depends on the CPU's kernels (oneDNN, MKL and ATen pick different code on AVX-512,
+AVX2 and older chips, and the sums round differently), so the threshold covers the spread over seeds and
+kernel paths. Measured over seeds 0–4, each with the kernels of this AVX2 machine, with oneDNN/MKL held to
+AVX (ATen's default kernels) and held to SSE4.1: the best val top-1 error of 14 epochs was 0–25 % (4 of
+the 16 val images wrong at worst), its 10-patch error the same. The thresholds, 50 % for both, leave 4
+more images of margin, and stay 4 images below chance. With --lr 1e-9 (0 is refused) the error stays at 75 %.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def test_a_scaled_down_net_learns_a_synthetic_task(learned):
     run = learned
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     best = min(m["val_top1_error"] for m in metrics)
-    assert best <= 0.4, [m["val_top1_error"] for m in metrics]  # chance: 0.75
+    assert best <= 0.5, [m["val_top1_error"] for m in metrics]  # chance: 0.75
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
 
     checkpoint = load_checkpoint(run / "best.safetensors")
