@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from model import AlexNet, Checkpoint, Preprocessing, Preprocessor, file_identity, load_checkpoint
 from model.files import atomic_write, remove_stale_temporaries
+from model.network import BIAS_ONE_LAYERS
 
 from .augment import ALPHA_STD, TrainAugmentation
 from .data import DirectoryLock, PreparedDataset, ShardedBatches, TrainingError, derive_seed, epoch_order
@@ -61,6 +62,7 @@ from .plot import write_curves, write_filters
 from .progress import Progress, format_duration
 from .schedule import PlateauSchedule
 from .state import read_state, restore_state, save_state
+from .update_rule import UPDATE_RULES, PaperSGD
 
 # 1. Hyper-parameters (they define the run: the paper's values are the defaults) and options (how to run it).
 
@@ -82,7 +84,8 @@ class Hyperparameters:
     dropout: float = 0.5
     conv1_padding: str = "overhang"
     lighting_std: float = ALPHA_STD
-    init: str = "width-scaled"  # or "paper"; the same net at width 1 (see scale_init_to_width_)
+    init: str = "width-scaled"  # or "paper" (the same net at width 1: see scale_init_to_width_), or "caffe"
+    update_rule: str = "paper"  # the paper's SGD (lr inside the velocity), or "pytorch" (torch.optim.SGD)
     seed: int = 0
     amp: str = "off"  # "bf16" or "fp16": autocast; fp16 adds gradient scaling
     channels_last: bool = False
@@ -103,6 +106,7 @@ FIXED_ON_RESUME = (
     "seed",
     "amp",
     "init",
+    "update_rule",
 )
 
 
@@ -397,8 +401,7 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
     model = AlexNet(
         len(data.classes), width=hp.width, dropout=hp.dropout, conv1_padding=hp.conv1_padding, devices=devices
     )
-    if hp.init == "width-scaled":
-        scale_init_to_width_(model)
+    initialise_(model, hp.init)
     if hp.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, hp)
@@ -457,12 +460,21 @@ def _training_record(hp: Hyperparameters, options: Options, dist, devices, batch
         "processes": dist.world,
         "steps_per_epoch": batches.steps_per_epoch,
         "optimizer": "SGD",
+        "update_rule_formula": UPDATE_RULE_RECORD[hp.update_rule],
+        "initial_biases": f"{initial_bias(hp.init):g} in {', '.join(BIAS_ONE_LAYERS)}; 0 elsewhere"
+        + (" (Caffe's bvlc_alexnet; the paper's is 1)" if hp.init == "caffe" else " (paper §5)"),
         "weight_decay_on": "weights and biases" if hp.decay_biases else "weights (biases undecayed)",
         "lighting": "paper PCA, λ for [0,1] pixels",
         "store": store,
         **({"tf32": options.tf32, "compile": options.compile} if devices[0].type == "cuda" else {}),
         "deterministic": options.deterministic,
     }
+
+
+UPDATE_RULE_RECORD = {
+    "paper": "paper §5: v ← momentum·v − weight_decay·lr·w − lr·∇L, w ← w + v",
+    "pytorch": "torch.optim.SGD: b ← momentum·b + weight_decay·w + ∇L, w ← w − lr·b",
+}
 
 
 def _saved_state(out: Path, resume: bool) -> tuple[dict | None, dict | None]:
@@ -517,25 +529,58 @@ def check_hyperparameters(hp: Hyperparameters) -> None:
         problems.append("--width must be positive")
     if not 0 <= hp.dropout < 1:
         problems.append("--dropout must be in [0, 1)")
-    if hp.init not in ("paper", "width-scaled"):
-        problems.append("--init must be paper or width-scaled")
+    if hp.init not in INITS:
+        problems.append(f"--init must be one of {', '.join(INITS)}")
+    if hp.update_rule not in UPDATE_RULES:
+        problems.append(f"--update-rule must be one of {', '.join(UPDATE_RULES)}")
     if hp.amp not in ("off", "bf16", "fp16"):
         problems.append("--amp must be off, bf16 or fp16")
     if problems:
         raise TrainingError("; ".join(problems))
 
 
-def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.SGD:
-    """SGD with two parameter groups: weights decayed by ``weight_decay``; biases too only with
-    ``decay_biases`` (the paper's update rule decays w; cuda-convnet's ``wc`` and Caffe's
-    ``decay_mult: 0`` leave biases undecayed, and so do we by default)."""
+def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    """SGD by ``hp.update_rule`` (update_rule.py: the paper's, or torch.optim.SGD) with two parameter
+    groups: weights decayed by ``weight_decay``; biases too only with ``decay_biases`` (the paper's update
+    rule decays w; cuda-convnet's ``wc`` and Caffe's ``decay_mult: 0`` leave biases undecayed, and so do
+    we by default)."""
     weights = [p for name, p in model.named_parameters() if not name.endswith("bias")]
     biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
     groups = [
         {"params": weights, "weight_decay": hp.weight_decay},
         {"params": biases, "weight_decay": hp.weight_decay if hp.decay_biases else 0.0},
     ]
-    return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+    if hp.update_rule == "pytorch":
+        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+    return PaperSGD(groups, lr=hp.lr, momentum=hp.momentum)
+
+
+# --init: "paper" is §5 as written; "width-scaled" is the same net at width 1; "caffe" deviates (see below).
+INITS = ("width-scaled", "paper", "caffe")
+CAFFE_BIAS = 0.1  # Caffe's bvlc_alexnet: "initializing non-zero biases to 0.1 instead of 1 ... 1 gave flat loss"
+
+
+def initial_bias(init: str) -> float:
+    """The starting bias of conv2, conv4, conv5, fc6 and fc7 under ``init``."""
+    return CAFFE_BIAS if init == "caffe" else 1.0
+
+
+def initialise_(model: AlexNet, init: str) -> None:
+    """Turn the paper's initialisation (AlexNet's own) into ``init``'s."""
+    if init in ("width-scaled", "caffe"):
+        scale_init_to_width_(model)
+    if init == "caffe":
+        start_biases_at_caffe_value_(model)
+
+
+@torch.no_grad()
+def start_biases_at_caffe_value_(model: AlexNet) -> None:
+    """The biases the paper starts at 1 (conv2, conv4, conv5, fc6, fc7) start at 0.1, as Caffe's
+    bvlc_alexnet did: with 1, the loss sits at chance for a while before anything is learned."""
+    for tower in model.towers:
+        for name, layer in tower.layers().items():
+            if name in BIAS_ONE_LAYERS:
+                layer.bias.fill_(CAFFE_BIAS)
 
 
 @torch.no_grad()
