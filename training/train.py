@@ -59,8 +59,8 @@ from .evaluate import evaluate, format_results
 from .feed import DeviceFeed
 from .loader import BatchLoader
 from .plot import write_curves, write_filters
-from .progress import Progress, format_duration
-from .schedule import PlateauSchedule
+from .progress import AtMostEvery, Progress, format_duration
+from .schedule import CHANCE_MARGIN, PlateauSchedule
 from .state import read_state, restore_state, save_state
 from .update_rule import UPDATE_RULES, PaperSGD
 
@@ -190,6 +190,7 @@ class Run:
     best: dict = field(default_factory=lambda: {"epoch": None, "val_top1_error": math.inf})
     steps_run: int = 0
     curves_notes: set = field(default_factory=set)
+    pictures: AtMostEvery = field(default_factory=lambda: AtMostEvery(PICTURES_EVERY_SECONDS))
 
     @property
     def is_writer(self) -> bool:
@@ -271,13 +272,19 @@ def train_step(run: Run, x, labels: torch.Tensor, epoch: int, step: int) -> tupl
     return loss, logits
 
 
+# curves.png and filters.png are redrawn after an epoch only this long after the last drawing (and always after
+# the last epoch): on a tiny run, drawing them after every epoch took as long as the epoch itself.
+PICTURES_EVERY_SECONDS = 10.0
+
+
 def end_of_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -> None:
-    """Evaluate, adjust the learning rate, write the checkpoints, the state and the metrics."""
+    """Evaluate, adjust the learning rate, write the checkpoints, the pictures, the state and the metrics."""
+    trained = time.perf_counter()
     train_loss, train_wrong, train_images, _ = totals
     val = _evaluate(run, run.model, Preprocessor(run.preprocessing, run.data.stats.mean_image),
                     ("center", "ten") if run.options.ten_crop else ("center",))
     lr_used = run.schedule.lr
-    dropped = run.schedule.step(val["center"]["top1_error"], epoch + 1)
+    dropped = run.schedule.step(val["center"]["top1_error"], epoch + 1, train_loss / train_images)
     improved = val["center"]["top1_error"] < run.best["val_top1_error"]
     if improved:
         run.best = {"epoch": epoch + 1, "val_top1_error": val["center"]["top1_error"]}
@@ -300,24 +307,41 @@ def end_of_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float
         "lr_dropped_after": dropped,
     }
     run.history.append(metrics)
+    if run.is_writer:
+        artifact = checkpoint_of(run, epoch + 1, val)
+        artifact.save(run.out / "last.safetensors")
+        if improved:
+            artifact.save(run.out / "best.safetensors")
+        if run.pictures.due(force=epoch + 1 == run.hp.epochs):
+            for note in (write_curves(run.out, run.history), write_filters(run.out, artifact)):
+                if note is not None and note not in run.curves_notes:  # never raised: pictures never stop training
+                    run.curves_notes.add(note)  # said once per run, not every epoch
+                    run.log(note)
+    # The epoch's whole length: training, evaluation, checkpoints and pictures (the state and metrics are
+    # written after it, being where it is recorded).
+    metrics["wall_seconds"] = train_seconds + time.perf_counter() - trained
     if not run.is_writer:
         return
-    artifact = checkpoint_of(run, epoch + 1, val)
-    artifact.save(run.out / "last.safetensors")
-    if improved:
-        artifact.save(run.out / "best.safetensors")
     save_state(run.state_path, run.model, run.optimizer, run.scaler, state_info(run, epoch + 1, 0, None))
     atomic_write(run.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.history).encode())
-    for note in (write_curves(run.out, run.history), write_filters(run.out, artifact)):
-        if note is not None and note not in run.curves_notes:  # never raised: pictures never stop training
-            run.curves_notes.add(note)  # said once per run, not every epoch
-            run.log(note)
     run.log(
         f"epoch {epoch + 1}/{run.hp.epochs}: train loss {metrics['train_loss']:.4f}, "
         f"val loss {metrics['val_loss']:.4f}, val top-1 error {metrics['val_top1_error']:.2%}, "
         f"top-5 error {metrics['val_top5_error']:.2%}, lr {lr_used:g}, {metrics['images_per_second']:,.1f} img/s"
         + (f" — lr now {run.schedule.lr:g}" if dropped else "")
         + (" (best so far)" if improved else "")
+        + ("" if run.schedule.left_chance else flat_start_note(len(run.data.classes), run.hp.init, metrics["train_loss"]))
+    )
+
+
+def flat_start_note(classes: int, init: str, loss: float) -> str:
+    """What the per-epoch line adds while the training loss has not yet left chance (schedule.at_chance),
+    so that no one stops a healthy run during the paper's flat start."""
+    where = "still at" if loss < math.log(classes) * (1 + CHANCE_MARGIN) else "not yet below"
+    whose = "Caffe's init (biases 0.1) can start" if init == "caffe" else "the paper's init (biases 1) starts"
+    return (
+        f" — loss {where} chance (ln {classes} = {math.log(classes):.2f}): {whose} flat, usually for a few "
+        "hundred steps (~370 on Imagenette at --width 0.5); let the run go on"
     )
 
 
@@ -344,6 +368,7 @@ def final_evaluation(run: Run) -> dict:
             "val": val,
             "lr_drops": sum(1 for m in history if m["lr_dropped_after"]),
             "train_seconds": sum(m["seconds"] for m in history),
+            "wall_seconds": sum(m.get("wall_seconds", m["seconds"]) for m in history),
             "hyperparameters": dataclasses.asdict(run.hp),
         }
         if run.is_writer:
@@ -354,9 +379,20 @@ def final_evaluation(run: Run) -> dict:
             atomic_write(summary_path, (json.dumps(summary, indent=1) + "\n").encode())
     run.log(format_results(summary["val"], f"best epoch {summary['best_epoch']} of {summary['epochs']} "
                                           f"({out / 'best.safetensors'}):"))
-    run.log(f"trained {summary['epochs']} epochs in {format_duration(summary['train_seconds'])}, "
-            f"{summary['lr_drops']} lr drops")
+    run.log(summary_line(summary))
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    """The run's last line: its true length, with the training steps' share (on a tiny run, evaluating and
+    writing files take most of it)."""
+    wall = summary.get("wall_seconds", summary["train_seconds"])  # (a summary.json from before wall_seconds)
+    epochs = summary["epochs"]
+    return (
+        f"trained {epochs} epoch{'s' if epochs != 1 else ''} in {format_duration(wall)} (training steps "
+        f"{format_duration(summary['train_seconds'])}; the rest evaluation, checkpoints and pictures), "
+        f"{summary['lr_drops']} lr drop{'s' if summary['lr_drops'] != 1 else ''}"
+    )
 
 
 # 3. Set-up: resume state, data, processes, model, optimizer, loader; everything held is released by `cleanup`.
@@ -406,7 +442,7 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, hp)
     schedule = PlateauSchedule(hp.lr, hp.patience, hp.max_lr_drops, hp.lr_drop_factor,
-                               hp.min_improvement, hp.plateau_start)
+                               hp.min_improvement, hp.plateau_start, classes=len(data.classes))
     scaler = torch.amp.GradScaler(devices[0].type) if hp.amp == "fp16" else None
 
     stats = data.stats
