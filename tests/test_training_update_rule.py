@@ -91,6 +91,22 @@ def test_the_rules_agree_while_the_lr_is_constant_with_v_equal_to_minus_lr_times
     torch.testing.assert_close(paper.state[w]["velocity"], -0.01 * pytorch.state[w2]["momentum_buffer"])
 
 
+def test_parameters_on_two_devices_are_updated_each_with_its_own_lists():
+    """The towers may sit on two GPUs: the step groups its foreach lists by device. Here "meta" stands in for
+    the second device (shapes only); the CPU tensors must still get the formula's values."""
+    w = torch.ones(3, requires_grad=True)
+    other = torch.ones(5, device="meta", requires_grad=True)
+    without_grad = torch.ones(2, requires_grad=True)
+    optimizer = PaperSGD([w, other, without_grad], lr=0.1, momentum=0.9, weight_decay=0.5)
+    for _ in range(2):
+        w.grad, other.grad = torch.full((3,), 2.0), torch.ones(5, device="meta")
+        optimizer.step()
+    # v1 = −0.5·0.1·1 − 0.1·2 = −0.25, w1 = 0.75; v2 = 0.9·v1 − 0.05·0.75 − 0.2 = −0.4625, w2 = 0.2875
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.2875))
+    assert optimizer.state[other]["velocity"].device.type == "meta" and other.shape == (5,)
+    assert without_grad not in optimizer.state and torch.equal(without_grad.detach(), torch.ones(2))
+
+
 def test_make_optimizer_uses_the_paper_rule_unless_asked_for_pytorchs():
     net = AlexNet(10, width=0.0625)
     paper = make_optimizer(net, Hyperparameters())
