@@ -109,9 +109,12 @@ def test_a_runs_lines_and_pictures(prepared, tmp_path, capsys, monkeypatch, inte
     monkeypatch.setattr(training.train, "PICTURES_EVERY_SECONDS", interval)
     drawn = []
     real_write_curves = training.train.write_curves
-    monkeypatch.setattr(
-        training.train, "write_curves", lambda out, history: drawn.append(len(history)) or real_write_curves(out, history)
-    )
+
+    def counted_write_curves(out, history):
+        drawn.append(len(history))
+        return real_write_curves(out, history)
+
+    monkeypatch.setattr(training.train, "write_curves", counted_write_curves)
     run = tmp_path / "run"
     assert train_cli(prepared, run, "--epochs", "3") == 0
     assert drawn == drawn_after and (run / "curves.png").exists() and (run / "filters.png").exists()

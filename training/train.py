@@ -280,18 +280,19 @@ PICTURES_EVERY_SECONDS = 10.0
 def end_of_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -> None:
     """Evaluate, adjust the learning rate, write the checkpoints, the pictures, the state and the metrics."""
     trained = time.perf_counter()
-    train_loss, train_wrong, train_images, _ = totals
+    loss_sum, train_wrong, train_images, _ = totals
+    train_loss = loss_sum / train_images
     val = _evaluate(run, run.model, Preprocessor(run.preprocessing, run.data.stats.mean_image),
                     ("center", "ten") if run.options.ten_crop else ("center",))
     lr_used = run.schedule.lr
-    dropped = run.schedule.step(val["center"]["top1_error"], epoch + 1, train_loss / train_images)
+    dropped = run.schedule.step(val["center"]["top1_error"], epoch + 1, train_loss)
     improved = val["center"]["top1_error"] < run.best["val_top1_error"]
     if improved:
         run.best = {"epoch": epoch + 1, "val_top1_error": val["center"]["top1_error"]}
     metrics = {
         "epoch": epoch + 1,
         "lr": lr_used,
-        "train_loss": train_loss / train_images,
+        "train_loss": train_loss,
         "train_top1_error": train_wrong / train_images,
         "val_loss": val["center"]["loss"],
         "val_top1_error": val["center"]["top1_error"],
@@ -330,14 +331,14 @@ def end_of_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float
         f"top-5 error {metrics['val_top5_error']:.2%}, lr {lr_used:g}, {metrics['images_per_second']:,.1f} img/s"
         + (f" — lr now {run.schedule.lr:g}" if dropped else "")
         + (" (best so far)" if improved else "")
-        + ("" if run.schedule.left_chance else flat_start_note(len(run.data.classes), run.hp.init, metrics["train_loss"]))
+        + ("" if run.schedule.left_chance else flat_start_note(len(run.data.classes), run.hp.init, train_loss))
     )
 
 
-def flat_start_note(classes: int, init: str, loss: float) -> str:
+def flat_start_note(classes: int, init: str, train_loss: float) -> str:
     """What the per-epoch line adds while the training loss has not yet left chance (schedule.at_chance),
     so that no one stops a healthy run during the paper's flat start."""
-    where = "still at" if loss < math.log(classes) * (1 + CHANCE_MARGIN) else "not yet below"
+    where = "still at" if train_loss < math.log(classes) * (1 + CHANCE_MARGIN) else "not yet below"
     whose = "Caffe's init (biases 0.1) can start" if init == "caffe" else "the paper's init (biases 1) starts"
     return (
         f" — loss {where} chance (ln {classes} = {math.log(classes):.2f}): {whose} flat, usually for a few "
