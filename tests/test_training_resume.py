@@ -61,7 +61,7 @@ def state_of(run):
 
 def metrics_without_timing(run):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in m.items() if k not in ("seconds", "images_per_second")} for m in lines]
+    return [{k: v for k, v in m.items() if k not in ("seconds", "wall_seconds", "images_per_second")} for m in lines]
 
 
 @pytest.mark.slow

@@ -112,10 +112,19 @@ def _train_flags(commands) -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--init",
-        choices=("width-scaled", "paper"),
+        choices=("width-scaled", "paper", "caffe"),
         default=h,
         help="paper: N(0, 0.01²) weights, biases 1/0 as in §5; width-scaled (default): the same, with the "
-        "std of conv2…fc8 ×1/√width so that a narrow net starts like the full one (identical at width 1)",
+        "std of conv2…fc8 ×1/√width so that a narrow net starts like the full one (identical at width 1); "
+        "caffe: width-scaled, but the biases the paper sets to 1 start at 0.1 — a deviation from the paper, "
+        "as Caffe's bvlc_alexnet, where 1 'gave flat loss'",
+    )
+    t.add_argument(
+        "--update-rule",
+        choices=("paper", "pytorch"),
+        default=h,
+        help="paper (default): v ← momentum·v − decay·lr·w − lr·∇L, w ← w + v, so after an lr drop the step "
+        "shrinks over ~20-40 steps; pytorch: torch.optim.SGD, lr outside the momentum, the step shrinks at once",
     )
     t.add_argument("--seed", type=int, default=h, help=f"(default {DEFAULTS.seed})")
     t.add_argument(

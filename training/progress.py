@@ -12,10 +12,31 @@ import time
 
 
 def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    hours, rest = divmod(seconds, 3600)
+    """``16.2 s`` under a minute (a tiny run's whole length must not read as 00:00), ``3 min 05 s`` under an
+    hour, ``2 h 07 min`` beyond."""
+    seconds = max(0.0, seconds)
+    if seconds < 59.95:  # (59.96 would print as "60.0 s")
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
     minutes, seconds = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
+class AtMostEvery:
+    """``due()`` is True at most once every ``seconds`` (counted from creation), or whenever forced: for
+    work worth redoing now and then, not at every occasion (redrawing a picture after every epoch)."""
+
+    def __init__(self, seconds: float, clock=time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.last = clock()
+
+    def due(self, force: bool = False) -> bool:
+        now = self.clock()
+        if force or now - self.last >= self.seconds:
+            self.last = now
+            return True
+        return False
 
 
 class Progress:

@@ -6,12 +6,25 @@ The paper says no more than that. Two guards turn it into a rule that survives r
     validation images), so a gain inside the noise does not reset the count;
   * epochs up to ``start_epoch`` never count as epochs without improvement. With the paper's init the
     error can sit at chance for several epochs before anything is learned; counting them would divide the
-    learning rate before learning starts (seen: a 10-class run dropped to 0.001 at epoch 7, still at 90 %).
+    learning rate before learning starts (seen: a 10-class run dropped to 0.001 at epoch 7, still at 90 %);
+  * nor does any epoch before the training loss first leaves chance, ln(classes), by ``CHANCE_MARGIN``.
+    How long the flat start lasts is a number of steps (~370 on Imagenette at width 0.5), not of epochs:
+    on a small dataset it outlasts any ``start_epoch`` (a 300-image run sat at ln 100 for 29 epochs).
 """
 
 from __future__ import annotations
 
 import math
+
+# The loss has left chance once it is below (1 − CHANCE_MARGIN)·ln(classes): 2.26 for 10 classes, 6.77
+# for 1000. A flat start wanders within a few thousandths of ln(classes).
+CHANCE_MARGIN = 0.02
+
+
+def at_chance(loss: float, classes: int) -> bool:
+    """Whether a training loss is still where an untrained net's is: about ln(classes), or above (the paper's
+    init gives each class a constant logit offset, so the very first loss is often above ln(classes))."""
+    return loss > (1 - CHANCE_MARGIN) * math.log(classes)
 
 
 class PlateauSchedule:
@@ -25,19 +38,24 @@ class PlateauSchedule:
         factor: float,
         min_improvement: float = 0.0,
         start_epoch: int = 0,
+        classes: int | None = None,
     ):
         self.lr, self.patience, self.max_drops, self.factor = lr, patience, max_drops, factor
-        self.min_improvement, self.start_epoch = min_improvement, start_epoch
+        self.min_improvement, self.start_epoch, self.classes = min_improvement, start_epoch, classes
         self.best = math.inf
         self.epochs_without_improvement = 0
         self.drops = 0
+        self.left_chance = classes is None  # without a class count there is no chance level to wait for
 
-    def step(self, error: float, epoch: int) -> bool:
-        """Record the validation error after ``epoch`` (1-based); True when the learning rate was just lowered."""
+    def step(self, error: float, epoch: int, train_loss: float | None = None) -> bool:
+        """Record the validation error and the mean training loss after ``epoch`` (1-based); True when the
+        learning rate was just lowered."""
+        if not self.left_chance and train_loss is not None and not at_chance(train_loss, self.classes):
+            self.left_chance = True  # for good: a later rise back to chance is a plateau like any other
         if error < self.best - self.min_improvement:
             self.best, self.epochs_without_improvement = error, 0
             return False
-        if epoch <= self.start_epoch:
+        if epoch <= self.start_epoch or not self.left_chance:
             return False
         self.epochs_without_improvement += 1
         if self.epochs_without_improvement >= self.patience and self.drops < self.max_drops:
@@ -53,8 +71,11 @@ class PlateauSchedule:
             "best": self.best,
             "epochs_without_improvement": self.epochs_without_improvement,
             "drops": self.drops,
+            "left_chance": self.left_chance,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.lr, self.best = float(state["lr"]), float(state["best"])
         self.epochs_without_improvement, self.drops = int(state["epochs_without_improvement"]), int(state["drops"])
+        # (a state from before this guard: the next epoch's loss decides, as it would have here)
+        self.left_chance = bool(state.get("left_chance", self.classes is None))

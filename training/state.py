@@ -3,6 +3,12 @@ else: position, schedule, metrics, hyper-parameters, the gradient scaler). Nothi
 
 Version 2: the optimizer has two parameter groups (weights, then biases: biases are not decayed), so a
 version-1 state (one group) cannot be continued by this code.
+
+Version 3: the hyper-parameters name the update rule (``update_rule``: "paper", the default since, keeps a
+``velocity`` per parameter; "pytorch", torch.optim.SGD, a ``momentum_buffer``). A version-2 state was
+trained with torch.optim.SGD: it is read as ``update_rule`` "pytorch" and continues exactly with that rule.
+It is not converted to the paper's: v = −lr·b holds only while the learning rate stays constant, and
+changing the rule in the middle of a run would make it another run (--update-rule is fixed on --resume).
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import torch
 from model.files import read_safetensors, write_safetensors
 
 from .data import TrainingError
+from .update_rule import STATE_KEYS
 
 STATE_FORMAT = "alexnet-train-state"
-STATE_VERSION = 2
+STATE_VERSION = 3
+READABLE_VERSIONS = ("2", "3")
 
 
 def save_state(path: Path, model, optimizer, scaler, info: dict) -> None:
@@ -44,13 +52,17 @@ def read_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise TrainingError(f"{path}: cannot read the resume state ({e})") from None
     if meta.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path}: not a training state file")
-    if meta.get("format_version") != str(STATE_VERSION):
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
         raise TrainingError(
-            f"{path}: state format version {meta.get('format_version')}; this code reads {STATE_VERSION} "
+            f"{path}: state format version {version}; this code reads {' and '.join(READABLE_VERSIONS)} "
             "(version 2 stopped decaying biases). Finish the run with the code that started it, or start a new "
             "run in another --out directory"
         )
-    return json.loads(meta["state"]), tensors
+    info = json.loads(meta["state"])
+    if version == "2":  # before --update-rule: every run used torch.optim.SGD
+        info["hyperparameters"].setdefault("update_rule", "pytorch")
+    return info, tensors
 
 
 def restore_state(info: dict, tensors: dict, model, optimizer, scaler) -> None:
@@ -63,6 +75,13 @@ def restore_state(info: dict, tensors: dict, model, optimizer, scaler) -> None:
     for name, value in info["optimizer"]["scalars"].items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
+    rule = info["hyperparameters"].get("update_rule")
+    found = {key for entries in state.values() for key in entries}
+    if found and found != {STATE_KEYS.get(rule)}:  # (the rule is fixed on resume: this is a damaged file)
+        raise TrainingError(
+            f"the resume state's optimizer holds {', '.join(sorted(found))}, not the {STATE_KEYS.get(rule)} of "
+            f"update rule {rule}; start a new run in another --out directory"
+        )
     optimizer.load_state_dict({"state": state, "param_groups": info["optimizer"]["param_groups"]})
     if scaler is not None and info.get("grad_scaler"):
         scaler.load_state_dict(info["grad_scaler"])

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from model import AlexNet, Checkpoint, Preprocessing, Preprocessor, file_identity, load_checkpoint
 from model.files import atomic_write, remove_stale_temporaries
+from model.network import BIAS_ONE_LAYERS
 
 from .augment import ALPHA_STD, TrainAugmentation
 from .data import DirectoryLock, PreparedDataset, ShardedBatches, TrainingError, derive_seed, epoch_order
@@ -58,9 +59,10 @@ from .evaluate import evaluate, format_results
 from .feed import DeviceFeed
 from .loader import BatchLoader
 from .plot import write_curves, write_filters
-from .progress import Progress, format_duration
-from .schedule import PlateauSchedule
+from .progress import AtMostEvery, Progress, format_duration
+from .schedule import CHANCE_MARGIN, PlateauSchedule
 from .state import read_state, restore_state, save_state
+from .update_rule import UPDATE_RULES, PaperSGD
 
 # 1. Hyper-parameters (they define the run: the paper's values are the defaults) and options (how to run it).
 
@@ -82,7 +84,8 @@ class Hyperparameters:
     dropout: float = 0.5
     conv1_padding: str = "overhang"
     lighting_std: float = ALPHA_STD
-    init: str = "width-scaled"  # or "paper"; the same net at width 1 (see scale_init_to_width_)
+    init: str = "width-scaled"  # or "paper" (the same net at width 1: see scale_init_to_width_), or "caffe"
+    update_rule: str = "paper"  # the paper's SGD (lr inside the velocity), or "pytorch" (torch.optim.SGD)
     seed: int = 0
     amp: str = "off"  # "bf16" or "fp16": autocast; fp16 adds gradient scaling
     channels_last: bool = False
@@ -103,6 +106,7 @@ FIXED_ON_RESUME = (
     "seed",
     "amp",
     "init",
+    "update_rule",
 )
 
 
@@ -186,6 +190,7 @@ class Run:
     best: dict = field(default_factory=lambda: {"epoch": None, "val_top1_error": math.inf})
     steps_run: int = 0
     curves_notes: set = field(default_factory=set)
+    pictures: AtMostEvery = field(default_factory=lambda: AtMostEvery(PICTURES_EVERY_SECONDS))
 
     @property
     def is_writer(self) -> bool:
@@ -267,20 +272,27 @@ def train_step(run: Run, x, labels: torch.Tensor, epoch: int, step: int) -> tupl
     return loss, logits
 
 
+# curves.png and filters.png are redrawn after an epoch only this long after the last drawing (and always after
+# the last epoch): on a tiny run, drawing them after every epoch took as long as the epoch itself.
+PICTURES_EVERY_SECONDS = 10.0
+
+
 def end_of_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -> None:
-    """Evaluate, adjust the learning rate, write the checkpoints, the state and the metrics."""
-    train_loss, train_wrong, train_images, _ = totals
+    """Evaluate, adjust the learning rate, write the checkpoints, the pictures, the state and the metrics."""
+    trained = time.perf_counter()
+    loss_sum, train_wrong, train_images, _ = totals
+    train_loss = loss_sum / train_images
     val = _evaluate(run, run.model, Preprocessor(run.preprocessing, run.data.stats.mean_image),
                     ("center", "ten") if run.options.ten_crop else ("center",))
     lr_used = run.schedule.lr
-    dropped = run.schedule.step(val["center"]["top1_error"], epoch + 1)
+    dropped = run.schedule.step(val["center"]["top1_error"], epoch + 1, train_loss)
     improved = val["center"]["top1_error"] < run.best["val_top1_error"]
     if improved:
         run.best = {"epoch": epoch + 1, "val_top1_error": val["center"]["top1_error"]}
     metrics = {
         "epoch": epoch + 1,
         "lr": lr_used,
-        "train_loss": train_loss / train_images,
+        "train_loss": train_loss,
         "train_top1_error": train_wrong / train_images,
         "val_loss": val["center"]["loss"],
         "val_top1_error": val["center"]["top1_error"],
@@ -296,24 +308,41 @@ def end_of_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float
         "lr_dropped_after": dropped,
     }
     run.history.append(metrics)
+    if run.is_writer:
+        artifact = checkpoint_of(run, epoch + 1, val)
+        artifact.save(run.out / "last.safetensors")
+        if improved:
+            artifact.save(run.out / "best.safetensors")
+        if run.pictures.due(force=epoch + 1 == run.hp.epochs):
+            for note in (write_curves(run.out, run.history), write_filters(run.out, artifact)):
+                if note is not None and note not in run.curves_notes:  # never raised: pictures never stop training
+                    run.curves_notes.add(note)  # said once per run, not every epoch
+                    run.log(note)
+    # The epoch's whole length: training, evaluation, checkpoints and pictures (the state and metrics are
+    # written after it, being where it is recorded).
+    metrics["wall_seconds"] = train_seconds + time.perf_counter() - trained
     if not run.is_writer:
         return
-    artifact = checkpoint_of(run, epoch + 1, val)
-    artifact.save(run.out / "last.safetensors")
-    if improved:
-        artifact.save(run.out / "best.safetensors")
     save_state(run.state_path, run.model, run.optimizer, run.scaler, state_info(run, epoch + 1, 0, None))
     atomic_write(run.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.history).encode())
-    for note in (write_curves(run.out, run.history), write_filters(run.out, artifact)):
-        if note is not None and note not in run.curves_notes:  # never raised: pictures never stop training
-            run.curves_notes.add(note)  # said once per run, not every epoch
-            run.log(note)
     run.log(
         f"epoch {epoch + 1}/{run.hp.epochs}: train loss {metrics['train_loss']:.4f}, "
         f"val loss {metrics['val_loss']:.4f}, val top-1 error {metrics['val_top1_error']:.2%}, "
         f"top-5 error {metrics['val_top5_error']:.2%}, lr {lr_used:g}, {metrics['images_per_second']:,.1f} img/s"
         + (f" — lr now {run.schedule.lr:g}" if dropped else "")
         + (" (best so far)" if improved else "")
+        + ("" if run.schedule.left_chance else flat_start_note(len(run.data.classes), run.hp.init, train_loss))
+    )
+
+
+def flat_start_note(classes: int, init: str, train_loss: float) -> str:
+    """What the per-epoch line adds while the training loss has not yet left chance (schedule.at_chance),
+    so that no one stops a healthy run during the paper's flat start."""
+    where = "still at" if train_loss < math.log(classes) * (1 + CHANCE_MARGIN) else "not yet below"
+    whose = "Caffe's init (biases 0.1) can start" if init == "caffe" else "the paper's init (biases 1) starts"
+    return (
+        f" — loss {where} chance (ln {classes} = {math.log(classes):.2f}): {whose} flat, usually for a few "
+        "hundred steps (~370 on Imagenette at --width 0.5); let the run go on"
     )
 
 
@@ -340,6 +369,7 @@ def final_evaluation(run: Run) -> dict:
             "val": val,
             "lr_drops": sum(1 for m in history if m["lr_dropped_after"]),
             "train_seconds": sum(m["seconds"] for m in history),
+            "wall_seconds": sum(m.get("wall_seconds", m["seconds"]) for m in history),
             "hyperparameters": dataclasses.asdict(run.hp),
         }
         if run.is_writer:
@@ -350,9 +380,20 @@ def final_evaluation(run: Run) -> dict:
             atomic_write(summary_path, (json.dumps(summary, indent=1) + "\n").encode())
     run.log(format_results(summary["val"], f"best epoch {summary['best_epoch']} of {summary['epochs']} "
                                           f"({out / 'best.safetensors'}):"))
-    run.log(f"trained {summary['epochs']} epochs in {format_duration(summary['train_seconds'])}, "
-            f"{summary['lr_drops']} lr drops")
+    run.log(summary_line(summary))
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    """The run's last line: its true length, with the training steps' share (on a tiny run, evaluating and
+    writing files take most of it)."""
+    wall = summary.get("wall_seconds", summary["train_seconds"])  # (a summary.json from before wall_seconds)
+    epochs = summary["epochs"]
+    return (
+        f"trained {epochs} epoch{'s' if epochs != 1 else ''} in {format_duration(wall)} (training steps "
+        f"{format_duration(summary['train_seconds'])}; the rest evaluation, checkpoints and pictures), "
+        f"{summary['lr_drops']} lr drop{'s' if summary['lr_drops'] != 1 else ''}"
+    )
 
 
 # 3. Set-up: resume state, data, processes, model, optimizer, loader; everything held is released by `cleanup`.
@@ -397,13 +438,12 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
     model = AlexNet(
         len(data.classes), width=hp.width, dropout=hp.dropout, conv1_padding=hp.conv1_padding, devices=devices
     )
-    if hp.init == "width-scaled":
-        scale_init_to_width_(model)
+    initialise_(model, hp.init)
     if hp.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, hp)
     schedule = PlateauSchedule(hp.lr, hp.patience, hp.max_lr_drops, hp.lr_drop_factor,
-                               hp.min_improvement, hp.plateau_start)
+                               hp.min_improvement, hp.plateau_start, classes=len(data.classes))
     scaler = torch.amp.GradScaler(devices[0].type) if hp.amp == "fp16" else None
 
     stats = data.stats
@@ -457,12 +497,21 @@ def _training_record(hp: Hyperparameters, options: Options, dist, devices, batch
         "processes": dist.world,
         "steps_per_epoch": batches.steps_per_epoch,
         "optimizer": "SGD",
+        "update_rule_formula": UPDATE_RULE_RECORD[hp.update_rule],
+        "initial_biases": f"{initial_bias(hp.init):g} in {', '.join(BIAS_ONE_LAYERS)}; 0 elsewhere"
+        + (" (Caffe's bvlc_alexnet; the paper's is 1)" if hp.init == "caffe" else " (paper §5)"),
         "weight_decay_on": "weights and biases" if hp.decay_biases else "weights (biases undecayed)",
         "lighting": "paper PCA, λ for [0,1] pixels",
         "store": store,
         **({"tf32": options.tf32, "compile": options.compile} if devices[0].type == "cuda" else {}),
         "deterministic": options.deterministic,
     }
+
+
+UPDATE_RULE_RECORD = {
+    "paper": "paper §5: v ← momentum·v − weight_decay·lr·w − lr·∇L, w ← w + v",
+    "pytorch": "torch.optim.SGD: b ← momentum·b + weight_decay·w + ∇L, w ← w − lr·b",
+}
 
 
 def _saved_state(out: Path, resume: bool) -> tuple[dict | None, dict | None]:
@@ -517,25 +566,58 @@ def check_hyperparameters(hp: Hyperparameters) -> None:
         problems.append("--width must be positive")
     if not 0 <= hp.dropout < 1:
         problems.append("--dropout must be in [0, 1)")
-    if hp.init not in ("paper", "width-scaled"):
-        problems.append("--init must be paper or width-scaled")
+    if hp.init not in INITS:
+        problems.append(f"--init must be one of {', '.join(INITS)}")
+    if hp.update_rule not in UPDATE_RULES:
+        problems.append(f"--update-rule must be one of {', '.join(UPDATE_RULES)}")
     if hp.amp not in ("off", "bf16", "fp16"):
         problems.append("--amp must be off, bf16 or fp16")
     if problems:
         raise TrainingError("; ".join(problems))
 
 
-def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.SGD:
-    """SGD with two parameter groups: weights decayed by ``weight_decay``; biases too only with
-    ``decay_biases`` (the paper's update rule decays w; cuda-convnet's ``wc`` and Caffe's
-    ``decay_mult: 0`` leave biases undecayed, and so do we by default)."""
+def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    """SGD by ``hp.update_rule`` (update_rule.py: the paper's, or torch.optim.SGD) with two parameter
+    groups: weights decayed by ``weight_decay``; biases too only with ``decay_biases`` (the paper's update
+    rule decays w; cuda-convnet's ``wc`` and Caffe's ``decay_mult: 0`` leave biases undecayed, and so do
+    we by default)."""
     weights = [p for name, p in model.named_parameters() if not name.endswith("bias")]
     biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
     groups = [
         {"params": weights, "weight_decay": hp.weight_decay},
         {"params": biases, "weight_decay": hp.weight_decay if hp.decay_biases else 0.0},
     ]
-    return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+    if hp.update_rule == "pytorch":
+        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+    return PaperSGD(groups, lr=hp.lr, momentum=hp.momentum)
+
+
+# --init: "paper" is §5 as written; "width-scaled" is the same net at width 1; "caffe" deviates (see below).
+INITS = ("width-scaled", "paper", "caffe")
+CAFFE_BIAS = 0.1  # Caffe's bvlc_alexnet: "initializing non-zero biases to 0.1 instead of 1 ... 1 gave flat loss"
+
+
+def initial_bias(init: str) -> float:
+    """The starting bias of conv2, conv4, conv5, fc6 and fc7 under ``init``."""
+    return CAFFE_BIAS if init == "caffe" else 1.0
+
+
+def initialise_(model: AlexNet, init: str) -> None:
+    """Turn the paper's initialisation (AlexNet's own) into ``init``'s."""
+    if init in ("width-scaled", "caffe"):
+        scale_init_to_width_(model)
+    if init == "caffe":
+        start_biases_at_caffe_value_(model)
+
+
+@torch.no_grad()
+def start_biases_at_caffe_value_(model: AlexNet) -> None:
+    """The biases the paper starts at 1 (conv2, conv4, conv5, fc6, fc7) start at 0.1, as Caffe's
+    bvlc_alexnet did: with 1, the loss sits at chance for a while before anything is learned."""
+    for tower in model.towers:
+        for name, layer in tower.layers().items():
+            if name in BIAS_ONE_LAYERS:
+                layer.bias.fill_(CAFFE_BIAS)
 
 
 @torch.no_grad()
