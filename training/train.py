@@ -54,6 +54,7 @@ from .devices import (
     init_distributed,
     resolve_devices,
     seed_dropout,
+    select_device,
 )
 from .evaluate import evaluate, format_results
 from .feed import DeviceFeed
@@ -377,13 +378,15 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
             f"--resume: {options.data} is not the dataset this run was trained on ({saved_info['dataset']})"
         )
     batches = ShardedBatches(len(train_split), hp.batch_size, hp.seed, dist.rank, dist.world)
-    if options.compile:
-        check_compiler(devices[0])
-    # The loader's worker processes are forked here, before the process group and the model exist.
+    select_device(devices)  # before anything opens a CUDA context
+    # The loader's worker processes are forked here, before the process group, the model and the compiler
+    # exist (the loader forks them before it pins its buffers).
     workers = default_workers(train_split, dist) if options.workers is None else options.workers
     loader = cleanup.enter_context(
         BatchLoader(train_split, workers, batches.local_batch, pin_memory=devices[0].type == "cuda")
     )
+    if options.compile:
+        check_compiler(devices[0])
 
     # Numerics and processes.
     cleanup.enter_context(
