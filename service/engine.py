@@ -313,6 +313,19 @@ def _png(width: int, height: int) -> bytes:
 _WARM_UP_PNG = _png(32, 24)
 
 
+def start_runtime(devices: tuple[torch.device, ...]) -> None:
+    """On GPUs, initialise CUDA, cuBLAS and cuDNN (a matmul and a convolution on each device) before the
+    model's load is measured: their host memory, hundreds of MiB, is paid once per process and belongs to
+    the ready size, not to the model's load, which a hot reload and /explain's net are counted as costing
+    again (service/memory.py). On the CPU there is nothing to start."""
+    for device in devices:
+        if device.type == "cuda":
+            x = torch.ones(1, 1, 8, 8, device=device)
+            F.conv2d(x, torch.ones(1, 1, 3, 3, device=device))
+            x.flatten(1) @ x.flatten(1).T
+            torch.cuda.synchronize(device)
+
+
 def runs_cpu_inference_net(devices: tuple[torch.device, ...]) -> bool:
     """One CPU device: the net is served as ``CPUInferenceNet``, whose forward passes want the process's
     allocator to keep freed memory (model.keep_freed_memory, which the service sets at start-up)."""

@@ -14,7 +14,8 @@ answer. Each has a bound:
 - decoded images: ``queue_size`` × ``max_files`` of them at most.
 
 ``worst_case`` adds these to what the process holds once ready (the model, the runtime, a full batch's
-activations), what a hot reload and /explain's own net add (both measured from the first model's load), and
+activations), what a hot reload and /explain's own net add (both measured from the first model's load; on a
+GPU the CUDA runtime is started before that load, so its cost counts once, in the ready size), and
 allocator slack; at start-up it is compared with the memory limit of the process's cgroup.
 """
 

@@ -19,6 +19,23 @@ ENV_PREFIX = "ALEXNET_"
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
+# The batching defaults when the service runs on a GPU. 16 inputs and 100 ms were chosen on CPUs, where a
+# forward pass of 16 takes ~100 ms; a GPU runs 128 in a few ms, so a batch may be larger and wait far less.
+# These numbers are not yet measured on a GPU: bench/gpu_check.py's sweep of ALEXNET_MAX_BATCH and
+# ALEXNET_MAX_WAIT_MS measures them (BENCHMARKS.md, "GPU acceptance run").
+GPU_DEFAULTS = {"max_batch": 128, "max_wait_ms": 10.0}
+
+
+def serves_on_cuda(device: object) -> bool:
+    """Whether a ``device`` setting ends up on a GPU ("auto" does when CUDA is available)."""
+    spec = str(device).strip().lower()
+    if spec == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return spec.startswith("cuda")
+
+
 class SettingsError(ValueError):
     """A setting that cannot be used; the message names the variable and the problem."""
 
@@ -35,13 +52,15 @@ class Settings(BaseModel):
     device: str = Field(
         "auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, or cuda:0,cuda:1 (two towers)"
     )
-    max_batch: int = Field(16, ge=1, le=4096, description="most network inputs (images × crops) in one forward")
+    max_batch: int = Field(
+        16, ge=1, le=4096, description="most network inputs (images × crops) in one forward (GPU: 128)"
+    )
     max_wait_ms: float = Field(
         100.0,
         ge=0,
         le=10_000,
         description="how long a batch may wait for more requests when recent load says "
-        "they are coming (a lone client never waits)",
+        "they are coming (a lone client never waits; GPU: 10)",
     )
     queue_size: int = Field(64, ge=1, description="requests admitted at once (body to answer); more → 503")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body limit, counted while streaming")
@@ -77,6 +96,14 @@ class Settings(BaseModel):
     @classmethod
     def _lowercase(cls, value):
         return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpu_defaults(cls, values):
+        """On a GPU, the batching defaults of GPU_DEFAULTS where max_batch / max_wait_ms are not given."""
+        if isinstance(values, dict) and serves_on_cuda(values.get("device", "auto")):
+            return {**GPU_DEFAULTS, **values}
+        return values
 
     @field_validator("device")
     @classmethod

@@ -78,6 +78,7 @@ class ServiceState:
             # pass then run with the allocator that CPUInferenceNet's throughput assumes (model/malloc.py).
             model_package.keep_freed_memory()
         path = s.checkpoint
+        await loop.run_in_executor(None, engine.start_runtime, devices)  # counted once, not in the load's cost
         with memory.MeasureLoad() as load_cost:
             if _missing(path):
                 log.warning(UNTRAINED_WARNING, path, path)

@@ -12,11 +12,45 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_the_gpu_acceptance_script_dry_runs_on_the_cpu():
-    command = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--http-seconds", "1"]
+    command = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, (result.stdout[-4000:], result.stderr[-4000:])
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and " | ok | " in line]
-    sections = {row.split("|")[1].strip() for row in rows}
-    assert sections == {"logits", "steps", "train", "serve"}, result.stdout[-4000:]
-    assert sum("store" in row for row in rows if row.startswith("| train")) == 4  # raw ×3 and jpeg
-    assert result.stdout.splitlines()[-2] == f"{len(rows)} passed, 0 failed, 1 skipped"  # (DDP needs 2 GPUs)
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = [[cell.strip(" |") for cell in row] for row in rows[1:]]  # (after the header)
+    by_result = {}
+    for section, check, outcome, figure, threshold in rows:
+        by_result.setdefault(outcome, []).append((section, check, threshold))
+    assert set(by_result) == {"ok", "skipped (no GPU)"}, by_result.keys()
+    sections = {section for section, *_ in by_result["ok"]}
+    assert sections == {"steps", "logits", "precision", "loader", "train", "eval", "serve"}, sections
+    # The rates are shown with their thresholds on the GPU machine.
+    thresholds = {threshold for section, _, threshold in by_result["ok"] if section in ("train", "loader")}
+    assert "> 0 (on the GPU: ≥ 8,000 img/s)" in thresholds and "> 0 (on the GPU: ≥ 16,000 img/s)" in thresholds
+    assert sum(section == "train" and "store" in check for section, check, _ in by_result["ok"]) == 4  # raw ×3, jpeg
+    gpu_only = {section for section, *_ in by_result["skipped (no GPU)"]}
+    assert gpu_only == {"precision", "memory", "loader", "two GPUs", "serve"}, gpu_only
+    assert result.stdout.splitlines()[-2] == f"{len(by_result['ok'])} passed, 0 failed, " \
+        f"{len(by_result['skipped (no GPU)'])} not run"
+
+
+@pytest.mark.slow
+def test_a_service_that_does_not_start_is_a_failed_row_and_the_table_still_prints(tmp_path):
+    """service_process.start_service ends with sys.exit when the service exits: a row, not the end."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, runpy\n"
+        f"sys.argv = ['gpu_check.py', '--device', 'cpu']\n"
+        f"sys.path.insert(0, {str(REPO / 'bench')!r})\n"
+        "import gpu_check\n"
+        "def broken(args, table, root):\n"
+        "    sys.exit('the service exited with 1')\n"
+        "for name in ('check_resume', 'check_logits', 'check_precision', 'check_steps', 'check_memory'):\n"
+        "    setattr(gpu_check, name, lambda *a, **k: None)\n"
+        "gpu_check.make_stores = lambda *a: {}\n"
+        "gpu_check.check_service = broken\n"
+        "sys.exit(gpu_check.main())\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "| serve | raised | FAIL | SystemExit: the service exited with 1 |" in result.stdout, result.stdout[-3000:]
+    assert "0 passed, 1 failed, 0 not run" in result.stdout

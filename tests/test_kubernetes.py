@@ -1,13 +1,14 @@
 """deploy/kubernetes/ (README, "Running on Kubernetes"): every kustomization renders (the API's base, its
-cpu and gpu overlays, the KServe InferenceService, the PyTorchJob); every built-in object, and every pod
-inside a custom resource, passes the Kubernetes schema (kubernetes-validate, offline: it bundles the
-schemas); the custom resources (InferenceService, PyTorchJob, ServiceMonitor) pass the JSON Schemas in
-deploy/kubernetes/crd-schemas.json, written from their CRDs; the API's pod runs as the image's unprivileged
-user with the settings docker-compose gives it, and the overlays and the InferenceService change only what
-they mean to; the PyTorchJob's command, run as the training operator would run it on two nodes, trains and
-resumes; every probe path answers on a live service, and every series that the HPA, the prometheus-adapter
-rule and the Grafana dashboard read is one its /metrics exports; checkov finds nothing it was not told to
-skip (installed into its own virtual environment, .venv-checkov, on first use)."""
+cpu and gpu overlays, the KServe InferenceService, the PyTorchJob, the TrainJob and its runtime); every
+built-in object, and every pod inside a custom resource, passes the Kubernetes schema (kubernetes-validate,
+offline: it bundles the schemas); the custom resources (InferenceService, PyTorchJob, TrainJob,
+TrainingRuntime, ServiceMonitor) pass the JSON Schemas in deploy/kubernetes/crd-schemas.json, written from
+their CRDs; the API's pod runs as the image's unprivileged user with the settings docker-compose gives it,
+and the overlays and the InferenceService change only what they mean to; the TrainJob's pod, as Kubeflow
+Trainer fills it in, is the PyTorchJob's; each job's command, run as its operator would run it on two
+nodes, trains and resumes; every probe path answers on a live service, and every series that the HPA, the
+prometheus-adapter rule and the Grafana dashboard read is one its /metrics exports; checkov finds nothing
+it was not told to skip (installed into its own virtual environment, .venv-checkov, on first use)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ from training.__main__ import _parser as training_parser
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "kubernetes"
 BASE = DEPLOY / "base"
-KUSTOMIZATIONS = ("base", "overlays/cpu", "overlays/gpu", "kserve", "training", "checkpoints")
+KUSTOMIZATIONS = (
+    "base", "overlays/cpu", "overlays/gpu", "kserve", "training", "trainjob", "training-claims", "checkpoints"
+)  # fmt: skip
 BUILT_IN_GROUPS = {"v1", "apps/v1", "policy/v1", "autoscaling/v2"}
 CRD_SCHEMAS = json.loads((DEPLOY / "crd-schemas.json").read_text())
 # spec.predictor fields of an InferenceService that are KServe's own, not the inlined PodSpec's (component.go,
@@ -44,6 +47,10 @@ PREDICTOR_NOT_POD = {
     "deploymentStrategy", "name", "storageUris", "storageContainerName", "workerSpec", "model", "sklearn",
     "xgboost", "tensorflow", "pytorch", "triton", "onnx", "huggingface", "pmml", "lightgbm", "paddle",
 }  # fmt: skip
+# What Kubeflow Trainer's torch plugin gives the TrainJob's node container (kubeflow/trainer v2.3.0,
+# pkg/runtime/framework/plugins/torch/torch.go, pkg/constants/constants.go): node 0's name in the JobSet's
+# headless Service, and the port it adds to the container.
+TRAINER_MASTER_PORT = 29400
 CHECKOV_VERSION = "3.3.30"
 CHECKOV_VENV = REPO / ".venv-checkov"
 
@@ -73,9 +80,20 @@ def by_kind(objects: list[dict], kind: str) -> dict:
 
 
 def embedded_pods(obj: dict) -> dict[str, dict]:
-    """The pods a custom resource makes, as built-in objects: a PyTorchJob's replica templates as PodTemplates,
-    an InferenceService's predictor (less KServe's own fields) as a Pod."""
+    """The pods a custom resource makes, as built-in objects: a PyTorchJob's replica templates and a
+    TrainingRuntime's replicated jobs' pod templates as PodTemplates, an InferenceService's predictor (less
+    KServe's own fields) as a Pod."""
     name = obj["metadata"]["name"]
+    if obj["kind"] == "TrainingRuntime":
+        return {
+            f"{name}-{job['name']}": {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": f"{name}-{job['name']}"},
+                "template": job["template"]["spec"]["template"],
+            }
+            for job in obj["spec"]["template"]["spec"]["replicatedJobs"]
+        }
     if obj["kind"] == "PyTorchJob":
         return {
             f"{name}-{replica.lower()}": {
@@ -97,6 +115,47 @@ def embedded_pods(obj: dict) -> dict[str, dict]:
             }
         }
     return {}
+
+
+def trainer_pod(job: dict, objects: list[dict]) -> dict:
+    """The pod Kubeflow Trainer makes for a TrainJob, as a PodTemplate: its runtime's (in `objects`) trainer
+    job's pod, with the node container filled in from spec.trainer and the torch plugin's PET_* variables
+    and port (pkg/runtime/framework/plugins/torch/torch.go; PET_NODE_RANK from the completion index)."""
+    ref = job["spec"]["runtimeRef"]
+    (runtime,) = [o for o in objects if o["kind"] == ref["kind"] and o["metadata"]["name"] == ref["name"]]
+    assert ref["apiGroup"] == runtime["apiVersion"].split("/")[0]
+    (node_job,) = [
+        j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"]
+        if j["template"]["metadata"]["labels"].get("trainer.kubeflow.org/trainjob-ancestor-step") == "trainer"
+    ]  # fmt: skip
+    template = copy.deepcopy(node_job["template"]["spec"]["template"])
+    (container,) = [c for c in template["spec"]["containers"] if c["name"] == "node"]
+    trainer = job["spec"]["trainer"]
+    container.update(image=trainer["image"], command=trainer["command"], args=trainer["args"],
+                     resources=trainer["resourcesPerNode"])  # fmt: skip
+    name = job["metadata"]["name"]
+    container["env"] = [*container.get("env", []), *trainer["env"],
+        {"name": "PET_NNODES", "value": str(trainer["numNodes"])},
+        {"name": "PET_NPROC_PER_NODE", "value": str(trainer.get("numProcPerNode", "auto"))},
+        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {"name": "PET_MASTER_ADDR", "value": f"{name}-node-0-0.{name}"},
+        {"name": "PET_MASTER_PORT", "value": str(TRAINER_MASTER_PORT)},
+    ]  # fmt: skip
+    container["ports"] = [*container.get("ports", []), {"containerPort": TRAINER_MASTER_PORT, "protocol": "TCP"}]
+    return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{name}-node"}, "template": template}
+
+
+def pods_of(objects: list[dict]) -> list[dict]:
+    """Every pod inside the custom resources of one render (embedded_pods), a runtime's as the TrainJob that
+    runs on it has the Trainer fill it in."""
+    pods = {}
+    for obj in objects:
+        pods |= embedded_pods(obj)
+    for job in (o for o in objects if o["kind"] == "TrainJob"):
+        pods.pop(f"{job['spec']['runtimeRef']['name']}-node")
+        pods[f"{job['metadata']['name']}-node"] = trainer_pod(job, objects)
+    return list(pods.values())
 
 
 def as_pod(obj: dict) -> dict:
@@ -154,11 +213,10 @@ def test_built_in_objects_pass_the_kubernetes_schema(renders, name):
     )
     version = kubernetes_validate.utils.latest_version()
     checked = 0
-    for obj in renders[name]:
-        built_in = [obj] if obj["apiVersion"] in BUILT_IN_GROUPS else list(embedded_pods(obj).values())
-        for each in built_in:
-            kubernetes_validate.validate(each, version, strict=True)  # strict: an unknown field fails
-            checked += 1
+    built_in = [o for o in renders[name] if o["apiVersion"] in BUILT_IN_GROUPS] + pods_of(renders[name])
+    for each in built_in:
+        kubernetes_validate.validate(each, version, strict=True)  # strict: an unknown field fails
+        checked += 1
     assert checked >= 1
 
 
@@ -186,6 +244,19 @@ def test_crd_schemas_catch_what_they_are_for(renders):
     broken.append(wrong)
     wrong = copy.deepcopy(job)
     wrong["spec"]["pytorchReplicaSpecs"]["Chief"] = wrong["spec"]["pytorchReplicaSpecs"].pop("Worker")
+    broken.append(wrong)
+    trainjob, runtime = by_kind(renders["trainjob"], "TrainJob"), by_kind(renders["trainjob"], "TrainingRuntime")
+    wrong = copy.deepcopy(trainjob)
+    wrong["spec"]["trainer"]["numProcPerNode"] = "2"  # an integer since Trainer v2.2 (was int-or-string)
+    broken.append(wrong)
+    wrong = copy.deepcopy(trainjob)
+    wrong["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "2"})  # the torch plugin's to set
+    broken.append(wrong)
+    wrong = copy.deepcopy(trainjob)
+    wrong["spec"]["podTemplateOverrides"] = []  # before v2.2; runtimePatches since
+    broken.append(wrong)
+    wrong = copy.deepcopy(runtime)
+    wrong["spec"]["template"]["spec"]["replicatedJobs"][0]["replicas"] = 2  # the webhook's: always 1
     broken.append(wrong)
     wrong = copy.deepcopy(by_kind(renders["base"], "ServiceMonitor"))
     wrong["spec"]["endpoints"][0]["interval"] = "15 seconds"
@@ -421,6 +492,54 @@ def test_pytorchjob_shape(renders):
     assert claims == {"alexnet-prepared": ["ReadOnlyMany"], "alexnet-training-run": ["ReadWriteMany"]}
 
 
+def torchrun_launch(script: str) -> tuple[dict[str, str], str]:
+    """The torchrun flags a job's shell script passes (flag → the variable it reads) and what it runs."""
+    flags = dict(re.findall(r'--([a-z-]+)="\$\{([A-Z_]+):\?', script))
+    return flags, script.split("--max-restarts=0", 1)[1]
+
+
+def test_trainjob_runs_the_pytorchjob_pod(renders):
+    """The TrainJob is the PyTorchJob for Kubeflow Trainer v2: on its runtime (shipped beside it, the torch
+    plugin's shape), the pod the Trainer makes is the PyTorchJob's pod, with the same command, flags,
+    environment, resources, image and claims; 2 nodes × 2 processes."""
+    objects = renders["trainjob"]
+    job, runtime = by_kind(objects, "TrainJob"), by_kind(objects, "TrainingRuntime")
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                         "name": runtime["metadata"]["name"]}  # fmt: skip
+    assert runtime["spec"]["mlPolicy"]["torch"] == {}  # the plugin that sets PET_* and the port
+    trainer = job["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, 2)
+    (jobset_job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert jobset_job["name"] == "node" and jobset_job["replicas"] == 1
+    assert jobset_job["template"]["spec"]["backoffLimit"] == 0  # a failure restarts the whole JobSet
+    assert runtime["spec"]["template"]["spec"]["failurePolicy"]["maxRestarts"] == 6  # the PyTorchJob's backoffLimit
+
+    pytorchjob = by_kind(renders["training"], "PyTorchJob")
+    master = copy.deepcopy(pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"])
+    made = copy.deepcopy(trainer_pod(job, objects)["template"])
+    assert made["spec"].pop("restartPolicy") == "Never"
+    (theirs,), (ours,) = master["spec"]["containers"], made["spec"]["containers"]
+    assert (theirs.pop("name"), ours.pop("name")) == ("pytorch", "node")
+    assert [p["containerPort"] for p in ours.pop("ports")] == [TRAINER_MASTER_PORT]
+    theirs.pop("ports")
+    # The same torchrun flags from the same PET_* variables, and the same command under torchrun.
+    script, their_script = ours["command"].pop(2), theirs["command"].pop(2)
+    assert torchrun_launch(script) == torchrun_launch(their_script)
+    assert set(torchrun_launch(script)[0].values()) == {
+        "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}  # fmt: skip
+    env = {e["name"]: e.get("value") for e in ours.pop("env")}
+    assert env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "2"
+    assert {k: v for k, v in env.items() if not k.startswith("PET_")} == {
+        e["name"]: e["value"] for e in theirs.pop("env")}  # fmt: skip
+    assert ours["image"] == "alexnet-train:latest"
+    assert made == master  # everything else: image, args, resources, volumes, security, placement, labels
+    assert [o for o in objects if o["kind"] == "PersistentVolumeClaim"] == [
+        o for o in renders["training"] if o["kind"] == "PersistentVolumeClaim"]  # fmt: skip
+    # The runtime's own image is the job's, so that one `kustomize edit set image` sets both.
+    (runtime_container,) = jobset_job["template"]["spec"]["template"]["spec"]["containers"]
+    assert runtime_container["image"] == trainer["image"]
+
+
 def operator_environment(job: dict, replica: str, index: int, master_port: int) -> dict[str, str]:
     """The variables the training operator (v1.7+, no elasticPolicy) sets in a replica's container
     (pkg/controller.v1/pytorch/envvar.go, master.go), for a Master reachable at 127.0.0.1."""
@@ -436,13 +555,35 @@ def operator_environment(job: dict, replica: str, index: int, master_port: int) 
     }  # fmt: skip
 
 
+def trainer_environment(job: dict, objects: list[dict], index: int, master_port: int) -> dict[str, str]:
+    """The PET_* variables Kubeflow Trainer's torch plugin sets in the TrainJob's pod with completion index
+    `index` (trainer_pod), for a node 0 reachable at 127.0.0.1."""
+    (container,) = trainer_pod(job, objects)["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    return {"PET_NNODES": env["PET_NNODES"], "PET_NPROC_PER_NODE": env["PET_NPROC_PER_NODE"],
+            "PET_NODE_RANK": str(index), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(master_port),
+            "PYTHONUNBUFFERED": "1"}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_pytorchjob_command_trains_and_resumes_as_the_operator_runs_it(renders, tmp_path):
+@pytest.mark.parametrize("kind", ["PyTorchJob", "TrainJob"])
+def test_job_command_trains_and_resumes_as_its_operator_runs_it(renders, tmp_path, kind):
     """The container's command, as written, on two "nodes" (two copies here, one per pod) with the
-    environment the operator gives each pod: 2 × 2 processes on the CPU (gloo), then rerun after the first
-    run finished, when the run folder holds a state: the command adds --resume and the run continues."""
-    job = by_kind(renders["training"], "PyTorchJob")
-    (container,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    environment the training operator (PyTorchJob) or Kubeflow Trainer (TrainJob) gives each pod: 2 × 2
+    processes on the CPU (gloo), then rerun after the first run finished, when the run folder holds a state:
+    the command adds --resume and the run continues."""
+    if kind == "PyTorchJob":
+        job = by_kind(renders["training"], "PyTorchJob")
+        (container,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+        pod_environments = lambda port: [operator_environment(job, "Master", 0, port),
+                                         operator_environment(job, "Worker", 0, port)]  # fmt: skip
+    else:
+        job = by_kind(renders["trainjob"], "TrainJob")
+        (container,) = trainer_pod(job, renders["trainjob"])["template"]["spec"]["containers"]
+        nodes = job["spec"]["trainer"]["numNodes"]
+        pod_environments = lambda port: [
+            trainer_environment(job, renders["trainjob"], node, port) for node in range(nodes)
+        ]
     prepared, run = tmp_path / "prepared", tmp_path / "run"
     prepare_quietly(make_source(tmp_path / "src", classes=2, train=4, val=2), prepared)
     run.mkdir()
@@ -465,10 +606,9 @@ def test_pytorchjob_command_trains_and_resumes_as_the_operator_runs_it(renders, 
         ]
         pods = []
         with contextlib.ExitStack() as stack:
-            for replica, index in (("Master", 0), ("Worker", 0)):
-                env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"}
-                env |= operator_environment(job, replica, index, port)
-                log = stack.enter_context(open(tmp_path / f"{replica}-{epochs}.log", "w"))
+            for node, pod_environment in enumerate(pod_environments(port)):
+                env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"} | pod_environment
+                log = stack.enter_context(open(tmp_path / f"node{node}-{epochs}.log", "w"))
                 pod = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
                 stack.callback(pod.kill)  # a no-op once it has exited; on a failed assertion, no orphans
                 pods.append((pod, Path(log.name)))
@@ -480,7 +620,7 @@ def test_pytorchjob_command_trains_and_resumes_as_the_operator_runs_it(renders, 
         return logs
 
     master_log, _ = run_pods(epochs=1)
-    assert "4 process(es)" in master_log  # 2 nodes × nprocPerNode 2
+    assert "4 process(es)" in master_log  # 2 nodes × 2 processes
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     master_log, _ = run_pods(epochs=2)
     assert "resuming" in master_log
@@ -523,10 +663,10 @@ def test_checkov_finds_nothing_unexpected(renders, tmp_path):
     executable = checkov()
     scanned = set()
     for name, objects in renders.items():
-        pods = [as_pod(p) for o in objects for p in embedded_pods(o).values()]
+        pods = [as_pod(p) for p in pods_of(objects)]
         (tmp_path / f"{name.replace('/', '-')}.yaml").write_text(yaml.safe_dump_all(objects + pods))
         scanned |= {f"{o['kind']}.{o['metadata']['name']}" for o in objects + pods}
-    for pod in [as_pod(p) for o in renders["training"] for p in embedded_pods(o).values()]:
+    for pod in [as_pod(p) for name in ("training", "trainjob") for p in pods_of(renders[name])]:
         for key, value in pod["metadata"].get("annotations", {}).items():
             if key.startswith("checkov.io/skip"):
                 assert re.fullmatch(r"CKV2?_K8S_\d+=\S.{20,}", value), value  # each annotated skip says why
@@ -541,5 +681,6 @@ def test_checkov_finds_nothing_unexpected(renders, tmp_path):
     assert failed == [] and result.returncode == 0, "\n".join(failed)
     checked = {".".join(c["resource"].split(".")[::2][:2]) for c in report["results"]["passed_checks"]}
     # checkov's resource ids are KIND.NAMESPACE.NAME: every Deployment and pod was looked at
-    for resource in ("Deployment.alexnet-api", "Pod.alexnet-predictor", "Pod.alexnet-train-master"):
+    for resource in ("Deployment.alexnet-api", "Pod.alexnet-predictor", "Pod.alexnet-train-master",
+                     "Pod.alexnet-train-node"):  # fmt: skip
         assert resource in checked and resource in scanned, (resource, sorted(checked))

@@ -437,3 +437,44 @@ def test_waits_that_end_together_leave_the_budget_consistent():
         assert await budget.acquire(100, timeout=0.01) and budget.in_use == 100
 
     asyncio.run(scenario())
+
+
+def test_the_cuda_runtime_is_started_before_the_models_load_is_measured(tmp_path, monkeypatch):
+    """On a GPU, CUDA's and cuDNN's start-up (hundreds of MiB) must not be counted as the model's load: a
+    reload and /explain's net are counted as costing that load again. Recorded on the CPU."""
+    from service import engine
+    from service.state import ServiceState
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    class Measured:
+        def __enter__(self):
+            calls.append("measure")
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def untrained(devices):
+        calls.append("load")
+        raise Stop
+
+    monkeypatch.setattr(engine, "start_runtime", lambda devices: calls.append(("runtime", devices)))
+    monkeypatch.setattr(memory, "MeasureLoad", Measured)
+    monkeypatch.setattr(engine, "untrained", untrained)
+    state = ServiceState(Settings(checkpoint=tmp_path / "missing.safetensors", device="cpu"))
+    with pytest.raises(Stop):
+        asyncio.run(state.start())
+    assert calls == [("runtime", (engine.torch.device("cpu"),)), "measure", "load"]
+
+
+def test_starting_the_runtime_on_the_cpu_does_nothing(monkeypatch):
+    import torch
+
+    from service import engine
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("no CUDA on the CPU"))
+    engine.start_runtime((torch.device("cpu"),))

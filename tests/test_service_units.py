@@ -35,6 +35,19 @@ def test_settings_defaults_environment_and_flags():
     assert (flags_win.port, flags_win.max_batch) == (9100, 8)
 
 
+def test_batching_defaults_are_the_gpus_when_serving_on_a_gpu_and_given_values_win(monkeypatch):
+    cpu = Settings.load({"ALEXNET_DEVICE": "cpu"})
+    assert (cpu.max_batch, cpu.max_wait_ms) == (16, 100.0)
+    gpu = Settings.load({"ALEXNET_DEVICE": "cuda:0"})
+    assert (gpu.max_batch, gpu.max_wait_ms) == (128, 10.0)
+    given = Settings.load({"ALEXNET_DEVICE": "cuda", "ALEXNET_MAX_WAIT_MS": "50"}, max_batch="32")
+    assert (given.max_batch, given.max_wait_ms) == (32, 50.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # "auto" on a machine with a GPU
+    assert Settings.load({}).max_batch == 128
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Settings.load({}).max_batch == 16
+
+
 @pytest.mark.parametrize(
     "environ, named",
     [

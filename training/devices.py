@@ -82,14 +82,20 @@ def resolve_devices(spec: str | None, dist: Distributed) -> tuple[torch.device, 
     return (devices[0], devices[-1])
 
 
+def select_device(devices) -> None:
+    """Make tower 0's GPU this process's current device, first thing: whatever touches CUDA before (the
+    loader's pinned buffers, cuDNN's handles, default streams) would otherwise open a context on GPU 0,
+    in every process of a multi-process run and in a single-process run on another GPU alike."""
+    if devices[0].type == "cuda":
+        torch.cuda.set_device(devices[0])
+
+
 def init_distributed(dist: Distributed, devices, timeout_seconds: float) -> None:
     """Join the process group (NCCL on GPUs, gloo on CPUs). ``timeout_seconds`` bounds how long a
     collective waits for the slowest rank: it must outlast rank 0 writing a checkpoint (~1 GB per epoch)."""
     if dist.world == 1:
         return
     backend = "nccl" if devices[0].type == "cuda" else "gloo"
-    if devices[0].type == "cuda":
-        torch.cuda.set_device(devices[0])
     torch_distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
 
 

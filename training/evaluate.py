@@ -57,17 +57,12 @@ def evaluate(
     bar = Progress(len(indices), "evaluate", enabled=show_progress and rank == 0)
 
     with BatchLoader(split, workers, batch_size, pin_memory=device.type == "cuda") as loader:
-        copied = None  # (event, batch): the previous batch, handed back once its copy to the GPU is done
+        hand_back = HandBack(device)
         for batch in loader.batches(enumerate(batches)):
             images = batch.images.to(device, non_blocking=True)
             labels = batch.labels if label_map is None else label_map[batch.labels]
             labels = labels.to(device, non_blocking=True)
-            if device.type == "cuda":
-                if copied is not None:
-                    copied[0].synchronize()
-                    copied[1].release()
-                copied = (torch.cuda.Event(), batch)
-                copied[0].record()
+            hand_back.copy_queued(batch)
             for crop in crops:
                 x = preprocessor.from_uint8(images, crop)  # THE shared preprocessing
                 log_probs = _log_probs(net, x, batch_size, autocast)
@@ -75,9 +70,7 @@ def evaluate(
             if device.type != "cuda":
                 batch.release()  # (on the CPU, ``images`` was the slot itself: released after use)
             bar.update(len(labels))
-        if copied is not None:
-            copied[0].synchronize()
-            copied[1].release()
+        hand_back.finish()
     bar.close()
 
     if world > 1:
@@ -91,6 +84,33 @@ def evaluate(
     for crop, (loss, wrong1, wrong5, n) in ((c, s.tolist()) for c, s in sums.items()):
         results[crop] = {"loss": loss / n, "top1_error": wrong1 / n, "top5_error": wrong5 / n, "images": int(n)}
     return results
+
+
+class HandBack:
+    """Hands each loaded batch back to the loader once its copy to a GPU has completed (the batch before
+    is handed back when the next one's copy is queued). The copy runs on ``device``'s current stream, so
+    the event marking its end is recorded there: on the current device's stream (another GPU's, when
+    ``device`` is not the current device) it would mark nothing, and the loader could refill the pinned
+    slot while the copy still reads it. On the CPU there is no copy: the caller releases after use."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.previous = None  # (event, batch)
+
+    def copy_queued(self, batch) -> None:
+        if self.device.type != "cuda":
+            return
+        self.finish()
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.previous = (event, batch)
+
+    def finish(self) -> None:
+        if self.previous is not None:
+            event, batch = self.previous
+            event.synchronize()
+            batch.release()
+            self.previous = None
 
 
 def _log_probs(net, x: torch.Tensor, max_rows: int, autocast) -> torch.Tensor:

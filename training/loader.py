@@ -20,7 +20,8 @@ How a slot is filled depends on the store (training/data.py):
   (slot, indices) to an idle worker and waits for its completion message; Pillow's per-image Python
   work would hold the GIL in threads. With ``pin_memory`` that shared buffer is page-locked once in place
   (``cudaHostRegister``), so the batch is copied to the GPU from where it was decoded; should
-  registering fail, each batch is copied into a pinned buffer first. A damaged record raises the
+  registering fail, each batch is copied into a pinned buffer first (said once on stderr; the
+  loader's ``host_path`` says which way was taken). The workers are forked before anything is pinned. A damaged record raises the
   split's TrainingError (record index, source file, what to do) in the consumer; a worker that dies
   (killed, out of memory) raises LoaderError instead of hanging. Workers ignore SIGINT (Ctrl-C is the
   consumer's: ``close`` ends them) and exit by themselves within a second when their parent is gone.
@@ -37,6 +38,7 @@ import mmap
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import traceback
 import weakref
@@ -112,12 +114,16 @@ class BatchLoader:
         self._registered = None  # pointer registered with cudaHostRegister
         self._pinned_copy: torch.Tensor | None = None
 
-        self._labels = torch.empty(self.slots, batch_size, dtype=torch.int64, pin_memory=self.pinned)
+        self.host_path: str | None = None  # how batches reach the GPU; None when not pinning (see _pin_shared_buffer)
         if self.uses_processes:
             # MAP_SHARED | MAP_ANONYMOUS: the forked workers write into the very pages this process reads.
             self._shared = mmap.mmap(-1, self.slots * batch_size * IMAGE_BYTES)
             self._images = torch.frombuffer(self._shared, dtype=torch.uint8).view(shape)
+            # Forked before anything here touches CUDA: pinning creates the CUDA context (on the current
+            # device), which the workers have no use for.
             self._start_workers()
+        self._labels = torch.empty(self.slots, batch_size, dtype=torch.int64, pin_memory=self.pinned)
+        if self.uses_processes:
             if self.pinned:
                 self._pin_shared_buffer()
         else:
@@ -313,13 +319,31 @@ class BatchLoader:
         pointer, nbytes = self._images.data_ptr(), self._images.numel()
         try:
             cudart = torch.cuda.cudart()
-            ok = int(cudart.cudaHostRegister(pointer, nbytes, 0)) == 0  # cudaHostRegisterDefault; 0 = success
-        except Exception:
-            ok = False
+            error = int(cudart.cudaHostRegister(pointer, nbytes, 0))  # cudaHostRegisterDefault; 0 = success
+            ok, why = error == 0, f"CUDA error {error}"
+        except Exception as e:
+            ok, why = False, f"{type(e).__name__}: {e}"[:200]
         if ok:
             self._registered = pointer
+            self.host_path = "registered"
+            _say_once("the JPEG workers' shared buffer is page-locked in place (cudaHostRegister): no extra copy")
         else:
             self._pinned_copy = torch.empty(self._images.shape, dtype=torch.uint8, pin_memory=True)
+            self.host_path = f"copied ({why})"
+            _say_once(
+                f"cudaHostRegister of the JPEG workers' shared buffer failed ({why}): each batch is copied "
+                "into pinned memory first, on the training thread"
+            )
+
+
+# Which way batches reach the GPU, said once per process (each epoch's evaluation makes a loader too).
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        print(f"loader: {message}", file=sys.stderr, flush=True)
 
 
 def _shut_down(workers, conns, pool) -> None:

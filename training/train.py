@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from .devices import (
     init_distributed,
     resolve_devices,
     seed_dropout,
+    select_device,
 )
 from .evaluate import evaluate, format_results
 from .feed import DeviceFeed
@@ -417,13 +419,15 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
             f"--resume: {options.data} is not the dataset this run was trained on ({saved_info['dataset']})"
         )
     batches = ShardedBatches(len(train_split), hp.batch_size, hp.seed, dist.rank, dist.world)
-    if options.compile:
-        check_compiler(devices[0])
-    # The loader's worker processes are forked here, before the process group and the model exist.
+    select_device(devices)  # before anything opens a CUDA context
+    # The loader's worker processes are forked here, before the process group, the model and the compiler
+    # exist (the loader forks them before it pins its buffers).
     workers = default_workers(train_split, dist) if options.workers is None else options.workers
     loader = cleanup.enter_context(
         BatchLoader(train_split, workers, batches.local_batch, pin_memory=devices[0].type == "cuda")
     )
+    if options.compile:
+        check_compiler(devices[0])
 
     # Numerics and processes.
     cleanup.enter_context(
@@ -638,9 +642,36 @@ def scale_init_to_width_(model: AlexNet) -> None:
 
 def compile_towers(model: AlexNet) -> None:
     """torch.compile each tower's stretches between exchanges (``Tower.run``: each runs on one device, so
-    each graph does): it fuses LRN's ~20 elementwise passes, memory-bound on a GPU, into a few kernels."""
-    for tower in model.towers:
-        tower.run = torch.compile(tower.run)
+    each graph does): it fuses LRN's ~20 elementwise passes, memory-bound on a GPU, into a few kernels.
+
+    Every (tower, stretch) is compiled from a code object of its own. Dynamo keeps its graphs per code
+    object, at most ``recompile_limit`` (8) of them: through one shared ``run``, 2 towers × 4 stretches ×
+    (training, evaluation) overflowed it, and every call past the 8th graph ran uncompiled. Alone, a
+    stretch needs a graph per mode and per batch size, a handful at most.
+    """
+    for number, tower in enumerate(model.towers):
+        tower.run = _CompiledStretches(tower, number)
+
+
+class _CompiledStretches:
+    """A tower's ``run``, compiled separately for each stretch of steps it is called with."""
+
+    def __init__(self, tower, number: int):
+        self.tower, self.number = tower, number
+        self.compiled: dict[tuple, Callable] = {}
+
+    def __call__(self, steps, x: torch.Tensor) -> torch.Tensor:
+        compiled = self.compiled.get(steps)
+        if compiled is None:
+            name = f"tower{self.number}_{steps[0][0].name}_to_{steps[-1][0].name}" if steps else f"tower{self.number}"
+            compiled = self.compiled[steps] = torch.compile(_own_code(type(self.tower).run, name).__get__(self.tower))
+        return compiled(steps, x)
+
+
+def _own_code(function, name: str):
+    """``function`` with a code object of its own (named ``name``), so that dynamo caches its graphs apart."""
+    code = function.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
 
 
 def default_workers(split, dist: Distributed) -> int:
