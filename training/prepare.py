@@ -250,7 +250,7 @@ def _streamed(locators: list, root: Path):
                 if stream is not None:
                     stream.close()
                 stream, shard, position = tarfile.open(wanted_shard, mode="r|gz"), wanted_shard, 0
-            for member in stream:
+            while (member := stream.next()) is not None:  # (iterating the TarFile again would start over)
                 if member.isfile() and is_image_name(member.name):
                     position += 1
                     if position - 1 == n:
@@ -258,6 +258,7 @@ def _streamed(locators: list, root: Path):
                         break
             else:
                 raise TrainingError(f"{shard}: ended before image {n + 1}; it changed since it was listed")
+            stream.members.clear()  # a stream keeps every header it read: not 1.28 million of them
     finally:
         if stream is not None:
             stream.close()
@@ -627,6 +628,8 @@ def _prepare_locked(source: Source, dest: Path, workers, name, chunk, show_progr
     finally:
         pool.terminate()
         pool.join()
+        while _archives:  # opened here by --workers 0
+            os.close(_archives.popitem()[1])
 
     skipped_lines = [f"{split}\t{s['file']}\t{s['error']}" for split in SPLITS for s in indexes[split]["skipped"]]
     atomic_write(dest / "skipped.txt", "".join(line + "\n" for line in skipped_lines).encode())
