@@ -116,6 +116,8 @@ def check_every_label(dest: Path, copy: Copy, classes=WNIDS, val_names=None) -> 
     wnids = [c.wnid for c in dataset.classes]
     assert wnids == sorted(classes)
     assert dataset.meta["classes_sha256"] == class_list_sha256(wnids)
+    said = dataset.provenance()  # what `evaluate` prints
+    assert f"form {dataset.meta['source_form']}" in said and class_list_sha256(wnids)[:16] in said
     for split in SPLITS:
         stored = dataset.split(split)
         expected = 2 * len(classes) if split == "train" else len(val_names or classes)
