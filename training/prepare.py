@@ -9,7 +9,7 @@ shorter side 256, centre 256×256) in a pool of worker processes, which for ``--
 re-encode it as a JPEG (``--quality``, 4:4:4 chroma), and sum the statistics of the few images of each task
 (so the main process adds one array per task, not one per image). The main process appends the results to the
 split's partial files (raw: ``DEST/.<split>.u8.partial``; jpeg: ``.<split>.jpg.partial`` with
-``.<split>.offsets.partial`` and ``.<split>.crc32.partial``) and, every ``--chunk`` images, fsyncs them and
+``.<split>.offsets.partial`` and ``.<split>.crc32.partial``) and, every ``--chunk`` images, fsyncs them (in a thread, while it goes on) and
 atomically records how far it got (images, data bytes, the running sums for the statistics) in
 ``DEST/.<split>.progress.safetensors``. A rerun after an interruption truncates every partial file to
 the last record, consistently, and continues from there. Finished files appear by rename;
@@ -362,6 +362,14 @@ class _Progress:
         except Exception:
             return None  # unreadable: start the split over (the partial file is rewritten from 0)
 
+    def snapshot(self) -> _Progress:
+        """A copy to save while the main loop goes on changing this one."""
+        copy = _Progress(self.path, self.fingerprint, self.store)
+        copy.done, copy.written, copy.data_bytes = self.done, self.written, self.data_bytes
+        copy.skipped, copy.tiny = list(self.skipped), list(self.tiny)
+        copy.sum_image, copy.sum_rgb, copy.sum_outer = self.sum_image.clone(), self.sum_rgb.clone(), self.sum_outer.clone()
+        return copy
+
     def save(self) -> None:
         meta = {
             "format_version": str(format_version(self.store.kind)),
@@ -376,6 +384,85 @@ class _Progress:
         }
         tensors = {"sum_image": self.sum_image, "sum_rgb": self.sum_rgb, "sum_outer": self.sum_outer}
         write_safetensors(self.path, tensors, meta)
+
+
+class _Appender:
+    """Appends to the partial files in a thread, in order: writing 196 KB into the page cache is the main
+    loop's largest cost per image, and write() lets go of the GIL, so it overlaps the rest of the loop."""
+
+    def __init__(self, outs):
+        self.outs = outs
+        self._queue: queue.Queue = queue.Queue(maxsize=64)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="prepare-append", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (pieces := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    for file, data in pieces:
+                        self.outs[file].write(data)
+            except BaseException as e:  # raised in the main thread by the next append() or drain()
+                self._error = e
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def append(self, pieces: list[tuple[int, bytes]]) -> None:
+        """Write ``pieces`` ((index into outs, bytes), ...) after everything appended before."""
+        self._raise()
+        self._queue.put(pieces)
+
+    def drain(self) -> None:
+        """Until everything appended so far is written."""
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+class _Recorder:
+    """Makes the partial files durable and then saves the progress record, in a thread: the main loop goes
+    on appending meanwhile (fsync writes ~100 MB a chunk; done inline it would hold the loop up). The record
+    counts only bytes flushed before its fsync began, so it stays true; one record is in flight at a time."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def record(self, appender: _Appender, outs, progress: _Progress) -> None:
+        self.wait()
+        appender.drain()
+        for out in outs:
+            out.flush()
+        descriptors, snapshot = [out.fileno() for out in outs], progress.snapshot()
+
+        def durable():
+            try:
+                for descriptor in descriptors:
+                    os.fsync(descriptor)
+                snapshot.save()
+            except BaseException as e:  # raised in the main thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=durable, name="prepare-fsync", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Until the record in flight is saved; raises what saving it raised."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def _index_store(index: dict) -> Store:
@@ -498,30 +585,33 @@ def _decode_into(source, items, partials, record, pool, chunk, with_stats, split
     sizes = store.sizes(record.written, record.data_bytes)
     outs = [open(path, "ab") for path in partials]
     sum_image = record.sum_image.numpy()  # the same memory: numpy adds the uint16 task sums in one pass
+    recorder, appender = _Recorder(), None
     try:
         for out, size in zip(outs, sizes):
             out.truncate(size)  # drop whatever followed the last record (jpeg: a new file gets offsets[0] = 0)
             out.seek(size)
-        data_out = outs[0]
         per_task = min(TASK_IMAGES, chunk)  # a progress record falls between tasks: every ≥ chunk images
         tasks = _tasks(source, split, record.done, with_stats, store.quality, per_task)
         bar = Progress(len(items), f"prepare {split}", enabled=show_progress)
         bar.done = record.done
         since_record = 0
+        appender = _Appender(outs)
         for results, sums in _in_order(pool, _decode_task, tasks, window=4 * (os.cpu_count() or 1)):
+            pieces = []
             for data, size, error in results:
                 if error is None:
-                    data_out.write(data)
+                    pieces.append((0, data))
                     record.written += 1
                     record.data_bytes += len(data)
                     if jpeg:
-                        outs[1].write(struct.pack("<q", record.data_bytes))
-                        outs[2].write(struct.pack("<I", zlib.crc32(data)))
+                        pieces.append((1, struct.pack("<q", record.data_bytes)))
+                        pieces.append((2, struct.pack("<I", zlib.crc32(data))))
                     if min(size) < TINY_SIDE:
                         record.tiny.append({"file": items[record.done][0], "size": list(size)})
                 else:
                     record.skipped.append({"item": record.done, "file": items[record.done][0], "error": error})
                 record.done += 1
+            appender.append(pieces)
             if sums is not None:
                 np.add(sum_image.reshape(-1), np.frombuffer(sums[0], np.uint16), out=sum_image.reshape(-1))
                 record.sum_rgb += torch.from_numpy(sums[1])
@@ -529,15 +619,17 @@ def _decode_into(source, items, partials, record, pool, chunk, with_stats, split
             since_record += len(results)
             bar.update(len(results), skipped=len(record.skipped))
             if since_record >= chunk or record.done == len(items):
-                for out in outs:
-                    out.flush()
-                    os.fsync(out.fileno())
-                record.save()
+                recorder.record(appender, outs, record)
                 since_record = 0
         bar.close()
     finally:
-        for out in outs:
-            out.close()
+        try:
+            if appender is not None:
+                appender.close()
+            recorder.wait()
+        finally:
+            for out in outs:
+                out.close()
     if record.written == 0:
         raise TrainingError(f"{source.root / split}: none of the {len(items):,} images could be decoded")
 
