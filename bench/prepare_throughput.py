@@ -2,7 +2,8 @@
 the main process. Both measured on real photos, for the code as shipped (--baseline, a git revision) and
 as it is now, in one command; both projected to 16 cores.
 
-    .venv/bin/python bench/prepare_throughput.py --photos /work/imagenette --images 400 --main-images 3000
+    .venv/bin/python bench/prepare_throughput.py --photos /work/imagenette --images 400 --main-images 3000 \
+        --e2e-images 2000 --workers 2
 
 1. Workers: one process, one torch thread (as each pool worker runs), decodes --images photos of
    PHOTOS/train the way a worker does for the train split (statistics included): CPU img/s per core. The
@@ -14,6 +15,11 @@ as it is now, in one command; both projected to 16 cores.
    main process): nothing but the main loop's work (unpickling, appending, statistics, progress, fsync),
    on a raw store in a temporary directory. Each version runs in its own process with the environment the
    command gives it (as shipped: none; now: OMP_WAIT_POLICY=PASSIVE, which ``prepare`` sets).
+3. End to end: the real ``prepare`` with --workers processes over the same kind of folder (--e2e-images
+   train images): wall img/s, and CPU seconds per image of the main process (all its threads: the pool's
+   result handler unpickling, appends, fsync) and of the workers. 1 ÷ the main process's CPU per image is
+   a second, stricter figure for its ceiling (it includes receiving the results through the pipes); the
+   projection uses the lower of the two.
 Projection to 16 cores: min(16 × the per-core worker rate, the main process's ceiling), and the time for
 ImageNet's 1,281,167 train images at that rate (the disk permitting).
 """
@@ -141,6 +147,35 @@ def main_ceiling(version: str, photos: Path, count: int, sample: int) -> dict:
     return {"images": images, "seconds": round(seconds, 2), "img_s": round(images / seconds, 1)}
 
 
+def end_to_end(version: str, photos: Path, count: int, workers: int) -> dict:
+    """The real ``prepare`` with a real pool: wall img/s and CPU per image, main process and workers."""
+    import resource
+
+    module = load_version(version)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        val = max(20, count // 50)
+        for split, n in (("train", count), ("val", val)):
+            for i, path in enumerate(photo_paths(photos, n)):
+                (src / split / path.parent.name).mkdir(parents=True, exist_ok=True)
+                os.symlink(path, src / split / path.parent.name / f"{i}_{path.name}")
+        main_before = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+        module.prepare(src, Path(tmp) / "out", workers=workers, show_progress=True)
+        seconds = time.perf_counter() - started
+        main_after = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the pool's workers, reaped by join()
+    images = count + val
+    main_cpu = (main_after.ru_utime + main_after.ru_stime) - (main_before.ru_utime + main_before.ru_stime)
+    return {
+        "images": images,
+        "img_s": round(images / seconds, 1),
+        "main_cpu_ms_per_image": round(1000 * main_cpu / images, 3),
+        "worker_cpu_ms_per_image": round(1000 * (children.ru_utime + children.ru_stime) / images, 3),
+        "main_ceiling_img_s": round(images / main_cpu, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=Path, default=Path("/work/imagenette"), help="an ImageNet-layout folder")
@@ -148,12 +183,19 @@ def main() -> None:
     parser.add_argument("--main-images", type=int, default=3000, help="train images of the main-process run")
     parser.add_argument("--sample", type=int, default=64, help="distinct decoded answers the instant pool cycles")
     parser.add_argument("--baseline", default=BASELINE, help="git revision of the code as shipped")
+    parser.add_argument("--e2e-images", type=int, default=2000, help="train images of the end-to-end run")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes of the end-to-end run")
     parser.add_argument("--main-ceiling", choices=("current", "shipped"), help=argparse.SUPPRESS)
+    parser.add_argument("--e2e", choices=("current", "shipped"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.main_ceiling:  # the child process of step 2
-        version = "current" if args.main_ceiling == "current" else args.baseline
-        print(json.dumps(main_ceiling(version, args.photos, args.main_images, args.sample)))
+    if args.main_ceiling or args.e2e:  # a child process of step 2 or 3
+        which = args.main_ceiling or args.e2e
+        version = "current" if which == "current" else args.baseline
+        if args.main_ceiling:
+            print(json.dumps(main_ceiling(version, args.photos, args.main_images, args.sample)))
+        else:
+            print(json.dumps(end_to_end(version, args.photos, args.e2e_images, args.workers)))
         return
 
     paths = photo_paths(args.photos, args.images)
@@ -167,26 +209,33 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
         if name == "current":
             env["OMP_WAIT_POLICY"] = "PASSIVE"  # what `python -m training prepare` sets before torch loads
-        child = subprocess.run(
-            [sys.executable, __file__, "--main-ceiling", name, "--photos", str(args.photos),
-             "--main-images", str(args.main_images), "--sample", str(args.sample), "--baseline", args.baseline],
-            env=env, capture_output=True, text=True,
-        )  # fmt: skip
-        if child.returncode:
-            raise SystemExit(f"{name}: the main-process run failed:\n{child.stderr[-2000:]}")
-        ceiling = json.loads(child.stdout.strip().splitlines()[-1])
+        common = ["--photos", str(args.photos), "--main-images", str(args.main_images), "--sample", str(args.sample),
+                  "--baseline", args.baseline, "--e2e-images", str(args.e2e_images), "--workers", str(args.workers)]
+        figures = []
+        for step in ("--main-ceiling", "--e2e"):
+            child = subprocess.run([sys.executable, __file__, step, name, *common], env=env, capture_output=True,
+                                   text=True)  # fmt: skip
+            if child.returncode:
+                raise SystemExit(f"{name} {step}: failed:\n{child.stderr[-2000:]}")
+            figures.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        ceiling, e2e = figures
+        ceiling = {"img_s": min(ceiling["img_s"], e2e["main_ceiling_img_s"]), "instant_pool": ceiling["img_s"]}
         pace = min(CORES * per_core, ceiling["img_s"])
         results[name] = {
             "worker_img_s_per_core_224px": round(small, 1),
             "worker_img_s_per_core_full_size": round(full, 1),
             "worker_img_s_per_core": round(per_core, 1),
+            "main_ceiling_instant_pool_img_s": ceiling["instant_pool"],
+            "e2e_img_s": e2e["img_s"],
+            "e2e_main_cpu_ms_per_image": e2e["main_cpu_ms_per_image"],
+            "e2e_worker_cpu_ms_per_image": e2e["worker_cpu_ms_per_image"],
             "main_ceiling_img_s": ceiling["img_s"],
             f"projected_img_s_{CORES}_cores": round(pace, 1),
             "bound_by": "workers" if CORES * per_core <= ceiling["img_s"] else "main process",
             "imagenet_train_minutes": round(IMAGENET_TRAIN / pace / 60, 1),
         }
     for name, figures in results.items():
-        print(f"{name:8} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
+        print(f"{name}:\n" + "".join(f"  {k:36} {v}\n" for k, v in figures.items()), end="")
     shipped, current = results["shipped"], results["current"]
     print(
         f"ratio now ÷ shipped: main ceiling ×{current['main_ceiling_img_s'] / shipped['main_ceiling_img_s']:.2f}, "
