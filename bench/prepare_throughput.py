@@ -84,7 +84,7 @@ def worker_rate(module, paths: list[Path]) -> float:
     if hasattr(module, "_decode_task"):
         per = module.TASK_IMAGES
         for i in range(0, len(tasks), per):
-            module._decode_task(tasks[i : i + per])
+            module._decode_task((None, tasks[i : i + per]))
     else:
         for task in tasks:
             module._decode(task)
@@ -106,13 +106,13 @@ class InstantPool:
         tasks = [(str(p), True, None) for p in paths]
         if hasattr(module, "_decode_task"):
             per = module.TASK_IMAGES
-            blobs = [pickle.dumps(module._decode_task(tasks[i : i + per])) for i in range(0, len(tasks), per)]
+            blobs = [pickle.dumps(module._decode_task((None, tasks[i : i + per]))) for i in range(0, len(tasks), per)]
         else:
             blobs = [pickle.dumps(module._decode(t)) for t in tasks]
         self.answers = cycle(blobs)
 
-    def apply_async(self, fn, args):  # now: a task is a few images; the answer is unpickled here, as a pool's is
-        (task,) = args
+    def apply_async(self, fn, args):  # now: a job is (slot, a few images); unpickled here, as a pool's answer is
+        ((_, task),) = args
         results, sums = pickle.loads(next(self.answers))
         return _Answered((results[: len(task)], sums if task[0][1] else None))
 

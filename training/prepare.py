@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import io
 import json
+import mmap
 import multiprocessing
 import os
 import queue
@@ -180,24 +181,63 @@ def _decode(task: tuple):
     return record, image if with_stats else None, size, None
 
 
-def _decode_task(tasks: list[tuple]):
-    """Decode a few images; return [(record, source size, error)] and, for the training split, their
-    statistics summed here so the main process adds one array per task: (sum image as uint16 bytes,
-    RGB sums, RGB outer-product sums), or None."""
+def _decode_task(job: tuple):
+    """Decode a few images: ``job`` = (slot or None, [task, ...]). Return [(record, source size, error)]
+    and, for the training split, their statistics summed here so the main process adds one array per
+    task: (sum image (uint16), RGB sums, RGB outer-product sums), or None. With a slot of the shared
+    memory (see _share_slots), raw records and the sum image are put there and an offset into it is
+    returned in their place: nothing big goes through the pipe."""
+    slot, tasks = job
+    base = None if slot is None or _slots is None else slot * SLOT_BYTES
     results, sums = [], None
-    for task in tasks:
+    for i, task in enumerate(tasks):
         record, image, size, error = _decode(task)
+        if base is not None and isinstance(record, bytes) and len(record) == IMAGE_BYTES and task[2] is None:
+            _slots[base + i * IMAGE_BYTES : base + (i + 1) * IMAGE_BYTES] = record
+            record = base + i * IMAGE_BYTES
         results.append((record, size, error))
         if image is None:
             continue
         if sums is None:  # uint16: TASK_IMAGES × 255 fits
-            sums = (np.zeros(IMAGE_BYTES, np.uint16), np.zeros(3, np.int64), np.zeros((3, 3), np.int64))
+            if base is None:
+                total = np.zeros(IMAGE_BYTES, np.uint16)
+            else:
+                total = np.frombuffer(_slots, np.uint16, IMAGE_BYTES, base + TASK_IMAGES * IMAGE_BYTES)
+                total[:] = 0
+            sums = (total, np.zeros(3, np.int64), np.zeros((3, 3), np.int64))
         np.add(sums[0], image.numpy().reshape(-1), out=sums[0])
         # Exact in float64: every product is at most 255², and a sum over 65,536 pixels stays below 2^53.
         pixels = image.reshape(3, -1).double()
         sums[1][:] += pixels.sum(1).long().numpy()
         sums[2][:] += (pixels @ pixels.T).long().numpy()
-    return results, None if sums is None else (sums[0].tobytes(), sums[1], sums[2])
+    if sums is None:
+        return results, None
+    total = sums[0].tobytes() if base is None else base + TASK_IMAGES * IMAGE_BYTES
+    return results, (total, sums[1], sums[2])
+
+
+# Results too big for the pipe go through memory shared with the workers: a slot per task in flight
+# (twice the window, so a slot is reused only once the writer thread has written what it held).
+WINDOW = 4 * (os.cpu_count() or 1)  # tasks in flight
+SLOT_BYTES = (TASK_IMAGES + 2) * IMAGE_BYTES  # a task's raw images, then its uint16 sum image
+_slots: mmap.mmap | None = None
+
+
+def _share_slots(method: str) -> None:
+    """Map the slots before the workers are forked (they inherit the mapping); not with spawn."""
+    global _slots
+    _slots = mmap.mmap(-1, 2 * WINDOW * SLOT_BYTES) if method in ("fork", "inline") else None
+
+
+def _release_slots() -> None:
+    """Drop the mapping; it is unmapped when the last view of it goes (closing it would fail while an
+    exception's traceback still holds one)."""
+    global _slots
+    _slots = None
+
+
+def _from_slot(view: memoryview | None, record):
+    return view[record : record + IMAGE_BYTES] if isinstance(record, int) else record
 
 
 class _Later:
@@ -394,6 +434,8 @@ class _Appender:
         self.outs = outs
         self._queue: queue.Queue = queue.Queue(maxsize=64)
         self._error: BaseException | None = None
+        self.completed = 0  # appends written (or dropped after an error)
+        self._progress = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="prepare-append", daemon=True)
         self._thread.start()
 
@@ -406,8 +448,17 @@ class _Appender:
             except BaseException as e:  # raised in the main thread by the next append() or drain()
                 self._error = e
             finally:
+                with self._progress:
+                    self.completed += 1
+                    self._progress.notify_all()
                 self._queue.task_done()
         self._queue.task_done()
+
+    def wait_for(self, appends: int) -> None:
+        """Until the first ``appends`` appends are written."""
+        with self._progress:
+            self._progress.wait_for(lambda: self.completed >= appends)
+        self._raise()
 
     def append(self, pieces: list[tuple[int, bytes]]) -> None:
         """Write ``pieces`` ((index into outs, bytes), ...) after everything appended before."""
@@ -579,6 +630,19 @@ def _tasks(source: Source, split: str, start: int, with_stats: bool, quality, pe
         yield task
 
 
+def _jobs(tasks, appender: _Appender):
+    """(slot, task) for each task; a slot is handed out again only once its earlier task's records are
+    written (the writer thread reads them out of the slot)."""
+    slots = 2 * WINDOW
+    for i, task in enumerate(tasks):
+        if _slots is None:
+            yield None, task
+            continue
+        if i >= slots:
+            appender.wait_for(i - slots + 1)
+        yield i % slots, task
+
+
 def _decode_into(source, items, partials, record, pool, chunk, with_stats, split, show_progress) -> None:
     store = record.store
     jpeg = store.kind == "jpeg"
@@ -596,10 +660,12 @@ def _decode_into(source, items, partials, record, pool, chunk, with_stats, split
         bar.done = record.done
         since_record = 0
         appender = _Appender(outs)
-        for results, sums in _in_order(pool, _decode_task, tasks, window=4 * (os.cpu_count() or 1)):
+        view = None if _slots is None else memoryview(_slots)
+        for results, sums in _in_order(pool, _decode_task, _jobs(tasks, appender), window=WINDOW):
             pieces = []
             for data, size, error in results:
                 if error is None:
+                    data = _from_slot(view, data)
                     pieces.append((0, data))
                     record.written += 1
                     record.data_bytes += len(data)
@@ -613,7 +679,9 @@ def _decode_into(source, items, partials, record, pool, chunk, with_stats, split
                 record.done += 1
             appender.append(pieces)
             if sums is not None:
-                np.add(sum_image.reshape(-1), np.frombuffer(sums[0], np.uint16), out=sum_image.reshape(-1))
+                total = sums[0]
+                total = np.frombuffer(*((_slots, np.uint16, IMAGE_BYTES, total) if isinstance(total, int) else (total, np.uint16)))
+                np.add(sum_image.reshape(-1), total, out=sum_image.reshape(-1))
                 record.sum_rgb += torch.from_numpy(sums[1])
                 record.sum_outer += torch.from_numpy(sums[2])
             since_record += len(results)
@@ -714,12 +782,14 @@ def _prepare_locked(source: Source, dest: Path, workers, name, chunk, show_progr
     print(f"→ {dest} ({store.describe()})", file=sys.stderr)
 
     workers = (os.cpu_count() or 1) if workers is None else workers
+    _share_slots("inline" if workers <= 0 else "fork" if sys.platform == "linux" else "spawn")
     pool = _pool(workers)
     try:
         indexes = {split: prepare_split(source, dest, split, pool, chunk, show_progress, store) for split in SPLITS}
     finally:
         pool.terminate()
         pool.join()
+        _release_slots()
         while _archives:  # opened here by --workers 0
             os.close(_archives.popitem()[1])
 
