@@ -237,10 +237,11 @@ def main() -> None:
     for name, figures in results.items():
         print(f"{name}:\n" + "".join(f"  {k:36} {v}\n" for k, v in figures.items()), end="")
     shipped, current = results["shipped"], results["current"]
+    projected = f"projected_img_s_{CORES}_cores"
     print(
         f"ratio now ÷ shipped: main ceiling ×{current['main_ceiling_img_s'] / shipped['main_ceiling_img_s']:.2f}, "
         f"worker per core ×{current['worker_img_s_per_core'] / shipped['worker_img_s_per_core']:.2f}, "
-        f"projected {CORES}-core rate ×{current[f'projected_img_s_{CORES}_cores'] / shipped[f'projected_img_s_{CORES}_cores']:.2f}"
+        f"projected {CORES}-core rate ×{current[projected] / shipped[projected]:.2f}"
     )
 
 

@@ -250,7 +250,10 @@ def test_webdataset_shards(copy, tmp_path):
         for key, wnid, data in items:
             files.append((f"{key}.jpg", data))
             label = STANDARD.index(wnid)
-            files.append((f"{key}.cls", str(label).encode()) if with_cls else (f"{key}.json", json.dumps({"label": label, "filename": f"{key}.JPEG"}).encode()))
+            if with_cls:
+                files.append((f"{key}.cls", str(label).encode()))
+            else:
+                files.append((f"{key}.json", json.dumps({"label": label, "filename": f"{key}.JPEG"}).encode()))
         write_tar(path, files)
 
     shard(samples[:10], src / "imagenet1k-train-0000.tar", True)
@@ -371,6 +374,7 @@ def test_a_tiny_source_image_is_counted_and_named(copy, tmp_path, capsys):
     Image.new("RGB", (1, 1), (200, 10, 10)).save(src / "train" / WNIDS[0] / "dot.JPEG")
     dest = tmp_path / "out"
     prepare_quietly(src, dest)
-    assert json.loads((dest / "train.json").read_text())["tiny"] == [{"file": f"train/{WNIDS[0]}/dot.JPEG", "size": [1, 1]}]
+    tiny = json.loads((dest / "train.json").read_text())["tiny"]
+    assert tiny == [{"file": f"train/{WNIDS[0]}/dot.JPEG", "size": [1, 1]}]
     assert PreparedDataset(dest).meta["tiny_images"] == {"train": 1, "val": 0}
     assert "1 tiny source images" in capsys.readouterr().err

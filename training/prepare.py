@@ -5,12 +5,14 @@ folders (train/<wnid>/, val/<wnid>/ or a flat val/ with labels), image-net.org's
 root, Hugging Face's tar.gz shards, WebDataset shards. Archives are read in place or streamed, never unpacked.
 
 Each image goes through the shared preprocessing (``model.load_image``: decode, EXIF orientation, RGB,
-shorter side 256, centre 256×256) in a pool of worker processes, which for ``--store jpeg`` also
-re-encode it as a JPEG (``--quality``, 4:4:4 chroma), and sum the statistics of the few images of each task
-(so the main process adds one array per task, not one per image). The main process appends the results to the
+shorter side 256, centre 256×256) in a pool of worker processes, tasks of TASK_IMAGES images each. A worker
+also re-encodes each image as a JPEG for ``--store jpeg`` (``--quality``, 4:4:4 chroma), and sums its task's
+statistics, so the main process adds one array per task. Raw images and that sum come back through memory
+shared with the (forked) workers, not through the pipe. The main process appends the results to the
 split's partial files (raw: ``DEST/.<split>.u8.partial``; jpeg: ``.<split>.jpg.partial`` with
-``.<split>.offsets.partial`` and ``.<split>.crc32.partial``) and, every ``--chunk`` images, fsyncs them (in a thread, while it goes on) and
-atomically records how far it got (images, data bytes, the running sums for the statistics) in
+``.<split>.offsets.partial`` and ``.<split>.crc32.partial``) through a writer thread and, every ``--chunk``
+images, fsyncs them (in another thread, while it goes on) and atomically records how far it got (images,
+data bytes, the running sums for the statistics) in
 ``DEST/.<split>.progress.safetensors``. A rerun after an interruption truncates every partial file to
 the last record, consistently, and continues from there. Finished files appear by rename;
 ``dataset.json`` is written last.
@@ -407,7 +409,8 @@ class _Progress:
         copy = _Progress(self.path, self.fingerprint, self.store)
         copy.done, copy.written, copy.data_bytes = self.done, self.written, self.data_bytes
         copy.skipped, copy.tiny = list(self.skipped), list(self.tiny)
-        copy.sum_image, copy.sum_rgb, copy.sum_outer = self.sum_image.clone(), self.sum_rgb.clone(), self.sum_outer.clone()
+        copy.sum_image, copy.sum_rgb = self.sum_image.clone(), self.sum_rgb.clone()
+        copy.sum_outer = self.sum_outer.clone()
         return copy
 
     def save(self) -> None:
@@ -679,8 +682,11 @@ def _decode_into(source, items, partials, record, pool, chunk, with_stats, split
                 record.done += 1
             appender.append(pieces)
             if sums is not None:
-                total = sums[0]
-                total = np.frombuffer(*((_slots, np.uint16, IMAGE_BYTES, total) if isinstance(total, int) else (total, np.uint16)))
+                total = sums[0]  # an offset into the shared slots, or the bytes themselves
+                if isinstance(total, int):
+                    total = np.frombuffer(_slots, np.uint16, IMAGE_BYTES, total)
+                else:
+                    total = np.frombuffer(total, np.uint16)
                 np.add(sum_image.reshape(-1), total, out=sum_image.reshape(-1))
                 record.sum_rgb += torch.from_numpy(sums[1])
                 record.sum_outer += torch.from_numpy(sums[2])

@@ -343,7 +343,9 @@ def read_label_file(path: Path, train_wnids: list[str]) -> dict[str, str]:
             continue
         parts = line.split()
         if len(parts) != 2 or not (parts[1].isdigit() or WNID.fullmatch(parts[1])):
-            raise TrainingError(f"{path}:{number}: expected '<file> <class index>' or '<file> <wnid>', got {line.strip()!r}")
+            raise TrainingError(
+                f"{path}:{number}: expected '<file> <class index>' or '<file> <wnid>', got {line.strip()!r}"
+            )
         pairs.append((number, _stem(parts[0]), parts[1]))
     labels: dict[str, str] = {}
     for (number, stem, _), wnid in zip(pairs, _indices_to_wnids(path, pairs, train_wnids)):
@@ -380,8 +382,9 @@ def _indices_to_wnids(path: Path, pairs: list[tuple[int, str, str]], train_wnids
                 "write '<file> <wnid>' lines instead"
             )
         raise TrainingError(
-            f"{path}: class index {worst} is outside 0..{len(train_wnids) - 1} (train's classes), and read among ImageNet's "
-            "1,000 classes its indices name classes that train does not have; write '<file> <wnid>' lines instead"
+            f"{path}: class index {worst} is outside 0..{len(train_wnids) - 1} (train's classes), and read among "
+            "ImageNet's 1,000 classes its indices name classes that train does not have; write '<file> <wnid>' lines "
+            "instead"
         )
     chosen = iter(own if own_fits else full)
     return [next(chosen) if v.isdigit() else v for _, _, v in pairs]
@@ -548,7 +551,7 @@ def scan_source(root: str | Path, val_labels: str | Path | None = None) -> Sourc
     label_path = next((p for p in known_labels if p.exists()), None)
     if label_path is not None and (label_file is not None or not all(val.wnids)):
         labels = read_label_file(label_path, wnids)
-        where = f"{label_path}" + (" (ILSVRC2012_ID → WNID via meta.mat)" if len(labels) and _devkit_like(label_path) else "")
+        where = f"{label_path}" + (" (ILSVRC2012_ID → WNID via meta.mat)" if _devkit_like(label_path) else "")
         had_names = all(val.wnids)
         label_val(val, labels, str(label_path))
         if had_names:
