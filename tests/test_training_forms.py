@@ -8,6 +8,7 @@ import json
 import random
 import re
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,43 @@ def test_image_net_org_tars_and_devkit_with_a_permuted_meta_mat(copy, tmp_path):
     meta = check_every_label(prepared(src, tmp_path), copy)
     assert meta["source_form"] == "imagenet"
     assert "meta.mat" in meta["val_labels_from"]
+
+
+@pytest.mark.slow
+def test_forked_workers_read_the_tars_in_place_with_slots_reused(copy, tmp_path, monkeypatch):
+    import training.prepare as prep
+
+    src = tmp_path / "imagenet"
+    write_tar(src / "ILSVRC2012_img_train.tar", [(f"{w}.tar", tar_bytes(copy.train[w])) for w in WNIDS])
+    write_tar(src / "ILSVRC2012_img_val.tar", [(n, d) for n, _, d in copy.val])
+    write_tar(src / "ILSVRC2012_devkit_t12.tar.gz", devkit_files(copy), "w:gz")
+    inline = tmp_path / "inline"
+    prepare_quietly(src, inline, chunk=4)
+    monkeypatch.setattr(prep, "WINDOW", 1)  # two shared slots: each is reused many times
+    monkeypatch.setattr(prep, "TASK_IMAGES", 2)
+
+    class SlowWriter(prep._Appender):  # writes lag behind: a slot reused too early would be overwritten
+        def append(self, pieces):
+            super().append([("sleep", None)] + pieces)
+
+        def _run(self):
+            real = self.outs
+            self.outs = {"sleep": type("Nap", (), {"write": lambda _, __: time.sleep(0.02)})(), **dict(enumerate(real))}
+            super()._run()
+
+    monkeypatch.setattr(prep, "_Appender", SlowWriter)
+    forked = tmp_path / "forked"
+    prepare_quietly(src, forked, chunk=1000, workers=2)  # no progress record (it waits for the writer)
+    check_every_label(forked, copy)
+    for name in ("train.u8", "val.u8", "train.json", "val.json", "stats.safetensors"):
+        assert (forked / name).read_bytes() == (inline / name).read_bytes(), name
+
+
+def test_the_devkits_ground_truth_alone_is_refused(copy, tmp_path):
+    src = flat_val_folders(copy, tmp_path / "src")
+    (src / "gt.txt").write_text("".join(f"{DEVKIT_ID[w]}\n" for _, w, _ in copy.val))
+    with pytest.raises(TrainingError, match="ID − 1 is not the class index"):
+        prepare_quietly(src, tmp_path / "out", val_labels=src / "gt.txt")
 
 
 def test_unpacked_train_of_per_class_tars_and_a_devkit_folder(copy, tmp_path, capsys):

@@ -337,6 +337,12 @@ def read_label_file(path: Path, train_wnids: list[str]) -> dict[str, str]:
         raise TrainingError(f"{path}: cannot read the val labels ({getattr(e, 'strerror', None) or e})") from None
     if text.startswith("ImageId,PredictionString"):
         return _kaggle_csv(path, text)
+    first = text.split("\n", 1)[0].strip()
+    if first.isdigit():
+        raise TrainingError(
+            f"{path}: one number a line, as the devkit's ground truth: those are ILSVRC2012_IDs, which only its "
+            "meta.mat turns into classes (ID − 1 is not the class index); pass the devkit (.tar.gz or folder)"
+        )
     pairs = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
