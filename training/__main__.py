@@ -44,11 +44,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _prepare_flags(commands) -> argparse.ArgumentParser:
     p = commands.add_parser("prepare", help="decode a dataset once into the fast prepared format")
-    p.add_argument("src", help="folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (or a flat val/)")
+    p.add_argument(
+        "src",
+        help="the dataset as you have it: train/<wnid>/ + val/ folders, image-net.org's tars + devkit, Kaggle's "
+        "root, Hugging Face's tar.gz shards or WebDataset shards (the form is found and printed)",
+    )
     p.add_argument("dest", help="output folder (created; a rerun continues an interrupted preparation)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPU cores)")
     p.add_argument(
-        "--val-labels", help="ground truth for a flat val/: lines '<file> <class index>' (default SRC/val.txt)"
+        "--val-labels",
+        help="ground truth for a flat val: lines '<file> <class index>' or '<file> <wnid>', Kaggle's "
+        "LOC_val_solution.csv, or the devkit (.tar.gz or folder); default: the devkit, SRC/val.txt or the CSV in SRC",
     )
     p.add_argument("--name", help="dataset name recorded in checkpoints (default: the name of SRC)")
     p.add_argument("--chunk", type=int, default=512, help="images between progress records (default 512)")
@@ -251,7 +257,8 @@ def main(argv: list[str] | None = None, hooks=None) -> int:
         return 130
 
 
-def _prepare(args, **_) -> int:
+def _prepare(args, argv=None, **_) -> int:
+    _passive_openmp(argv)  # the main loop must not take the workers' cores (BENCHMARKS.md, "prepare")
     from .prepare import prepare
 
     if args.workers is not None and args.workers < 0 or args.chunk < 1:
@@ -301,13 +308,16 @@ def _train(args, hooks=None, **_) -> int:
     return 0
 
 
-def _predict(args, argv=None, **_) -> int:
+def _passive_openmp(argv) -> None:
+    """As the service does: idle OpenMP threads sleep instead of spinning, so decoding processes get the
+    cores. libgomp reads this when torch loads: run the command again with it (from a shell only)."""
     if argv is None and "OMP_WAIT_POLICY" not in os.environ and getattr(sys, "orig_argv", None):
-        # As the service does: idle OpenMP threads sleep instead of spinning, so the decoding processes
-        # get the cores between forward passes (BENCHMARKS.md, "Predictions over a folder", has what that
-        # buys). libgomp reads this when torch loads: run the command again with it.
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.execv(sys.executable, sys.orig_argv)
+
+
+def _predict(args, argv=None, **_) -> int:
+    _passive_openmp(argv)  # the cores go to decoding between forward passes (BENCHMARKS.md, "Predictions …")
     from .predict import Options as PredictOptions
     from .predict import run_predict
 

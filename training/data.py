@@ -3,8 +3,11 @@
 Layout that ``prepare`` writes. Two stores (``prepare --store raw|jpeg``) share everything but the images:
 
     DEST/dataset.json        format, version, store (raw|jpeg) and JPEG quality, classes, image size,
-                             splits, source — written last: its presence means the directory is complete
-    DEST/train.json          per split: files, labels (class index), skipped files with the reason
+                             splits, source, source_form (sources.py), val_labels_from, classes_sha256
+                             (sha256 of the wnids, one a line) — written last: its presence means the
+                             directory is complete
+    DEST/train.json          per split: files, labels (class index), skipped files with the reason, tiny
+                             source images (kept; shorter side under prepare.TINY_SIDE)
     DEST/val.json
     DEST/stats.safetensors   mean image, RGB covariance and its eigen-decomposition (over train, computed
                              from the decoded pixels, before any JPEG compression)
@@ -345,6 +348,16 @@ class PreparedDataset:
         self.classes = tuple(ImageClass(c["wnid"], c["name"]) for c in meta["classes"])
         self._splits: dict[str, PreparedSplit | JpegSplit] = {}
         self._stats: ColorStats | None = None
+
+    def provenance(self) -> str:
+        """Where the data came from: the source's form, where the val labels came from, the class list's
+        checksum (datasets prepared before these were recorded say so)."""
+        meta = self.meta
+        checksum = meta.get("classes_sha256", "not recorded")
+        return (
+            f"data: {meta.get('source', '?')} (form {meta.get('source_form', 'not recorded')}); val labels from "
+            f"{meta.get('val_labels_from', 'not recorded')}; {len(self.classes)} classes, sha256 {checksum[:16]}"
+        )
 
     def split(self, name: str) -> PreparedSplit | JpegSplit:
         if name not in self.meta["splits"]:

@@ -218,6 +218,7 @@ def run_evaluate(
         output = path.with_name(f"{path.stem}.eval-{split}.json")
     atomic_write(output, (json.dumps(report, indent=1) + "\n").encode())
     print(format_results(results, f"{checkpoint_path} on {dataset.name}/{split} ({len(images):,} images)"))
+    print(dataset.provenance(), file=sys.stderr)
     print(f"written to {output}", file=sys.stderr)
     return report
 
