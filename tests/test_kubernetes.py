@@ -85,25 +85,12 @@ def embedded_pods(obj: dict) -> dict[str, dict]:
     KServe's own fields) as a Pod."""
     name = obj["metadata"]["name"]
     if obj["kind"] == "TrainingRuntime":
-        return {
-            f"{name}-{job['name']}": {
-                "apiVersion": "v1",
-                "kind": "PodTemplate",
-                "metadata": {"name": f"{name}-{job['name']}"},
-                "template": job["template"]["spec"]["template"],
-            }
-            for job in obj["spec"]["template"]["spec"]["replicatedJobs"]
-        }
+        jobs = obj["spec"]["template"]["spec"]["replicatedJobs"]
+        templates = {job["name"]: job["template"]["spec"]["template"] for job in jobs}
+        return {f"{name}-{job}": _pod_template(f"{name}-{job}", t) for job, t in templates.items()}
     if obj["kind"] == "PyTorchJob":
-        return {
-            f"{name}-{replica.lower()}": {
-                "apiVersion": "v1",
-                "kind": "PodTemplate",
-                "metadata": {"name": f"{name}-{replica.lower()}"},
-                "template": spec["template"],
-            }
-            for replica, spec in obj["spec"]["pytorchReplicaSpecs"].items()
-        }
+        templates = {replica.lower(): spec["template"] for replica, spec in obj["spec"]["pytorchReplicaSpecs"].items()}
+        return {f"{name}-{replica}": _pod_template(f"{name}-{replica}", t) for replica, t in templates.items()}
     if obj["kind"] == "InferenceService":
         pod = {k: v for k, v in obj["spec"]["predictor"].items() if k not in PREDICTOR_NOT_POD}
         return {
@@ -115,6 +102,10 @@ def embedded_pods(obj: dict) -> dict[str, dict]:
             }
         }
     return {}
+
+
+def _pod_template(name: str, template: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
 
 
 def trainer_pod(job: dict, objects: list[dict]) -> dict:
