@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import copy
 import io
 import os
@@ -218,7 +219,8 @@ def check_resume(args, table: Table, root: Path) -> None:
     with backend_settings(tf32=False, cudnn_benchmark=False, deterministic=True):
         torch.manual_seed(6)
         net = AlexNet(1000, width=args.width, devices=devices)
-        optimizer = make_optimizer(net, Hyperparameters(lr=0.01))
+        hyperparameters = Hyperparameters(lr=0.01)
+        optimizer = make_optimizer(net, hyperparameters)
         generator = torch.Generator().manual_seed(7)
         x = (torch.randn(min(args.batch, 32), 3, 224, 224, generator=generator) * 60).to(devices[0])
         y = torch.randint(0, 1000, (len(x),), generator=generator).to(devices[0])
@@ -232,7 +234,7 @@ def check_resume(args, table: Table, root: Path) -> None:
             return loss.item()
 
         step(0)
-        save_state(path, net, optimizer, None, {"step": 1})
+        save_state(path, net, optimizer, None, {"step": 1, "hyperparameters": dataclasses.asdict(hyperparameters)})
         expected = step(1)
         weights = [p.detach().cpu().clone() for p in net.parameters()]
         info, tensors = read_state(path)
