@@ -41,7 +41,11 @@ def subset(src: Path, dest: Path, train: int | None, val: int | None) -> Path:
     for split, count in (("train", train), ("val", val)):
         for folder in sorted(p for p in (src / split).iterdir() if p.is_dir()):
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            chosen = files if count is None or count >= len(files) else [files[i * len(files) // count] for i in range(count)]
+            chosen = (
+                files
+                if count is None or count >= len(files)
+                else [files[i * len(files) // count] for i in range(count)]
+            )
             (dest / split / folder.name).mkdir(parents=True, exist_ok=True)
             for path in chosen:
                 link = dest / split / folder.name / path.name
@@ -120,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     elapsed = time.monotonic() - started
     run([python, "-m", "training", "plot", str(run_dir)], required=False)  # no matplotlib: no picture, same figures
-    report = f"{curve(run_dir, classes)}\n\ntrain command: {elapsed:.0f} s wall, start-up and final evaluation included\n"
+    report = (
+        f"{curve(run_dir, classes)}\n\ntrain command: {elapsed:.0f} s wall, start-up and final evaluation included\n"
+    )
     (args.out / "learning.md").write_text(report)
     print(report)
     return 0

@@ -31,7 +31,9 @@ def write_subset(src: Path, dest: Path, per_class: dict[str, int], side: int, qu
                 path = files[i * len(files) // count]
                 out = dest / split / folder.name / f"{path.stem}.JPEG"
                 with Image.open(path) as image:
-                    image.convert("RGB").resize((side, side), Image.Resampling.LANCZOS).save(out, "JPEG", quality=quality)
+                    image.convert("RGB").resize((side, side), Image.Resampling.LANCZOS).save(
+                        out, "JPEG", quality=quality
+                    )
                 images, size = images + 1, size + out.stat().st_size
     return images, size
 

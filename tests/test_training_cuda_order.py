@@ -76,7 +76,10 @@ def test_a_single_process_run_on_cuda_n_selects_its_gpu_before_the_loader(tmp_pa
 
     monkeypatch.setattr(train_module, "BatchLoader", loader)
     with pytest.raises(Stop):
-        train({"width": 0.0625, "batch_size": 2}, Options(str(tmp_path / "prepared"), str(tmp_path / "run"), devices="cuda:1"))
+        train(
+            {"width": 0.0625, "batch_size": 2},
+            Options(str(tmp_path / "prepared"), str(tmp_path / "run"), devices="cuda:1"),
+        )
     assert calls == [("set_device", "cuda:1"), ("loader", True)]
 
 

@@ -185,7 +185,10 @@ def _evaluate_flags(commands) -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     e.add_argument("--output", help="JSON result file (default: beside the checkpoint, <name>.eval-<split>.json)")
     e.add_argument(
-        "--workers", type=int, default=2, help="loader workers: threads (raw store) or processes (jpeg store); default 2"
+        "--workers",
+        type=int,
+        default=2,
+        help="loader workers: threads (raw store) or processes (jpeg store); default 2",
     )
     return e
 

@@ -170,4 +170,6 @@ def check_compiler(device: torch.device) -> None:
         probe(torch.ones(4, 8, device=device)).cpu()
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainingError(f"--compile: torch.compile does not work on {device} here ({reason[:300]}); run without --compile") from None
+        raise TrainingError(
+            f"--compile: torch.compile does not work on {device} here ({reason[:300]}); run without --compile"
+        ) from None

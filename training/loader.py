@@ -21,8 +21,9 @@ How a slot is filled depends on the store (training/data.py):
   work would hold the GIL in threads. With ``pin_memory`` that shared buffer is page-locked once in place
   (``cudaHostRegister``), so the batch is copied to the GPU from where it was decoded; should
   registering fail, each batch is copied into a pinned buffer first (said once on stderr; the
-  loader's ``host_path`` says which way was taken). The workers are forked before anything is pinned. A damaged record raises the
-  split's TrainingError (record index, source file, what to do) in the consumer; a worker that dies
+  loader's ``host_path`` says which way was taken). The workers are forked before anything is pinned.
+  A damaged record raises the split's TrainingError (record index, source file, what to do) in the
+  consumer; a worker that dies
   (killed, out of memory) raises LoaderError instead of hanging. Workers ignore SIGINT (Ctrl-C is the
   consumer's: ``close`` ends them) and exit by themselves within a second when their parent is gone.
   Each process of a multi-process (DDP) run creates its own loader and workers: count the cores.
