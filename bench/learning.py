@@ -70,12 +70,12 @@ def curve(run_dir: Path, classes: int) -> str:
     lines = [
         f"chance: top-1 error {1 - 1 / classes:.1%}, loss ln {classes} = {chance_loss:.3f}",
         "",
-        "| epoch | lr | train loss | val loss | val top-1 err | val top-5 err | img/s | epoch s | wall |",
+        "| epoch | lr | train loss | val loss | val top-1 err | val top-5 err | img/s | training s | wall |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     wall = 0.0
     for r in records:
-        wall += r["seconds"]
+        wall += r.get("wall_seconds", r["seconds"])  # the whole epoch: training, evaluation, files
         lines.append(
             f"| {r['epoch']} | {r['lr']:g} | {r['train_loss']:.3f} | {r['val_loss']:.3f} | {r['val_top1_error']:.1%} "
             f"| {r['val_top5_error']:.1%} | {r['images_per_second']:.0f} | {r['seconds']:.0f} "
