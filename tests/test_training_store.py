@@ -339,7 +339,10 @@ def test_batches_held_too_long_are_an_error_not_a_hang(stores):
 
 
 CONSUMER = """
-import sys, time, torch
+import signal, sys, time, torch
+# Ctrl-C raises KeyboardInterrupt even when this test runs in the background, where the shell hands its
+# children SIGINT ignored (and Python then installs no handler).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {repo!r})
 from training.data import PreparedDataset
 from training.loader import BatchLoader
