@@ -72,6 +72,13 @@ def _train_flags(commands) -> argparse.ArgumentParser:
     t = commands.add_parser("train", help="train the network (the paper's recipe by default)")
     t.add_argument("data", help="a folder written by `prepare`")
     t.add_argument("--out", required=True, help="run folder: state, checkpoints, metrics")
+    _recipe_flags(t)
+    _how_to_run_flags(t)
+    return t
+
+
+def _recipe_flags(t: argparse.ArgumentParser) -> None:
+    """The hyperparameters: what a run is (a resume keeps them; see training.train.Hyperparameters)."""
     h = argparse.SUPPRESS  # only flags given on the command line override a resumed run's values
     t.add_argument("--epochs", type=int, default=h, help=f"(default {DEFAULTS.epochs})")
     t.add_argument("--batch-size", type=int, default=h, help=f"global batch size (default {DEFAULTS.batch_size})")
@@ -137,6 +144,10 @@ def _train_flags(commands) -> argparse.ArgumentParser:
         "--amp", choices=("off", "bf16", "fp16"), default=h, help="mixed precision (default off, as the paper)"
     )
     t.add_argument("--channels-last", action="store_true", default=h, help="channels-last memory format")
+
+
+def _how_to_run_flags(t: argparse.ArgumentParser) -> None:
+    """Where and how the run goes: devices, loader, evaluation, saving, numerics, processes."""
     t.add_argument(
         "--devices", help="tower devices, e.g. cuda:0,cuda:1 (default: 2 GPUs, else 1 GPU for both, else cpu)"
     )
@@ -172,7 +183,6 @@ def _train_flags(commands) -> argparse.ArgumentParser:
         default=1800,
         help="seconds a collective waits for the slowest process, e.g. rank 0 writing a checkpoint (default 1800)",
     )
-    return t
 
 
 def _evaluate_flags(commands) -> argparse.ArgumentParser:
