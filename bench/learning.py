@@ -1,19 +1,17 @@
 """The learning benchmark: the paper's recipe on real photos (Imagenette), as a curve per epoch.
 
     python bench/learning.py /data/imagenette --out /tmp/learning --width 0.5 --epochs 30
-    python bench/learning.py /data/imagenette --out /tmp/learning --train-per-class 260 --val-per-class 40
 
 SRC is an ImageNet-layout folder (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``): Imagenette's 10 classes
 (9,469 train, 3,925 val) as the ``thunderInfy/imagenette`` repository holds them, or any other. The
-script runs the project's own commands, each as its own process, as a user would:
+script runs the project's own commands, each as its own process, as a user would (for a subset, e.g.
+one that fits the GPU machine's carry budget, write it first with scripts/imagenette_fixture.py):
 
-1. ``--train-per-class`` / ``--val-per-class`` (optional): a subset, every k-th file of each class in
-   sorted order, linked (not copied) into OUT/subset;
-2. ``python -m training prepare`` into OUT/prepared (``--store``, default jpeg), once;
-3. ``python -m training train`` into OUT/run with the paper's recipe as the defaults stand, plus the
+1. ``python -m training prepare`` into OUT/prepared (``--store``, default jpeg), once;
+2. ``python -m training train`` into OUT/run with the paper's recipe as the defaults stand, plus the
    flags given after ``--`` (and ``--width``, ``--epochs``, ``--batch-size``, ``--seed``); a rerun resumes;
-4. the curve: one Markdown row per epoch (lr, train loss, val loss, val top-1/top-5 error, img/s, the
-   epoch's seconds and the wall time since training started) printed and written to OUT/learning.md,
+3. the curve: one Markdown row per epoch (lr, train loss, val loss, val top-1/top-5 error, img/s, the
+   training steps' seconds and the wall time since training started) printed and written to OUT/learning.md,
    with the final centre-crop and 10-patch evaluation of ``best.safetensors`` (OUT/run/summary.json),
    and the picture OUT/run/curves.png (``python -m training plot``; skipped, with its message, without
    matplotlib).
@@ -33,25 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
-
-
-def subset(src: Path, dest: Path, train: int | None, val: int | None) -> Path:
-    """Every k-th image of each class (sorted by name) linked into ``dest``: the same subset every time."""
-    for split, count in (("train", train), ("val", val)):
-        for folder in sorted(p for p in (src / split).iterdir() if p.is_dir()):
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            chosen = (
-                files
-                if count is None or count >= len(files)
-                else [files[i * len(files) // count] for i in range(count)]
-            )
-            (dest / split / folder.name).mkdir(parents=True, exist_ok=True)
-            for path in chosen:
-                link = dest / split / folder.name / path.name
-                if not link.exists():
-                    link.symlink_to(path.resolve())
-    return dest
 
 
 def run(command: list[str], required: bool = True) -> None:
@@ -98,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("src", type=Path, help="ImageNet-layout folder: train/<wnid>/, val/<wnid>/")
-    parser.add_argument("--out", type=Path, required=True, help="work folder: subset, prepared store, run")
-    parser.add_argument("--train-per-class", type=int, help="images per class in train (default: all)")
-    parser.add_argument("--val-per-class", type=int, help="images per class in val (default: all)")
+    parser.add_argument("--out", type=Path, required=True, help="work folder: prepared store, run")
     parser.add_argument("--store", choices=("raw", "jpeg"), default="jpeg", help="prepared store (default jpeg)")
     parser.add_argument("--width", default="0.5", help="train --width (default 0.5)")
     parser.add_argument("--epochs", default="30", help="train --epochs (default 30)")
@@ -110,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
 
     python = sys.executable
     src = args.src
-    if args.train_per_class or args.val_per_class:
-        src = subset(args.src, args.out / "subset", args.train_per_class, args.val_per_class)
     prepared, run_dir = args.out / "prepared", args.out / "run"
     if not (prepared / "dataset.json").exists():
         run([python, "-m", "training", "prepare", str(src), str(prepared), "--store", args.store, "--no-progress"])
