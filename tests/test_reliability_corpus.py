@@ -76,6 +76,18 @@ def settled_memory_kib(pid: int) -> dict:
     return {"VmHWM": samples[-1]["VmHWM"], "VmRSS": min(s["VmRSS"] for s in samples)}
 
 
+def assert_no_steady_growth(samples: list[dict]) -> None:
+    """A leak raises memory on every pass; the allocator does not.
+
+    Each decode thread may get its own malloc arena the first time it runs, which raises memory by one step
+    on some pass and never again. So one or two passes may step up, but the typical pass must not grow.
+    """
+    for key in ("VmHWM", "VmRSS"):
+        growth = sorted(later[key] - earlier[key] for earlier, later in zip(samples, samples[1:]))
+        typical = growth[len(growth) // 2]
+        assert typical <= samples[0][key] * 0.02, (key, growth, samples)
+
+
 def test_every_corpus_entry_is_answered_and_memory_stays_bounded(corpus, server):
     directory, entries = corpus
     payloads = [(entry, (directory / entry["name"]).read_bytes()) for entry in entries]
@@ -91,9 +103,7 @@ def test_every_corpus_entry_is_answered_and_memory_stays_bounded(corpus, server)
             assert client.get("/readyz").status_code == 200, f"not ready after {entry['name']}"
         assert not wrong, json.dumps(wrong, indent=1)
 
-        # Then the whole corpus four times more, 8 requests at a time: the same answers, and no growth once
-        # the allocator has its working set (each decode thread gets its own malloc arena: the first
-        # concurrent passes raise the RSS a step, a leak would keep raising it).
+        # Then the whole corpus six times more, 8 requests at a time, with the same answers each time.
         async def concurrent_pass():
             limit = asyncio.Semaphore(8)
             async with httpx.AsyncClient(base_url=server.url, timeout=120) as aclient:
@@ -105,7 +115,7 @@ def test_every_corpus_entry_is_answered_and_memory_stays_bounded(corpus, server)
                 return await asyncio.gather(*(send(entry, data) for entry, data in payloads))
 
         rss = []
-        for _ in range(4):
+        for _ in range(6):
             answers = asyncio.run(concurrent_pass())
             wrong = {e["name"]: p for e, r in answers if (p := check_answer(e, r))}
             assert not wrong, json.dumps(wrong, indent=1)
@@ -116,10 +126,7 @@ def test_every_corpus_entry_is_answered_and_memory_stays_bounded(corpus, server)
 
     log = server.log()
     assert "unhandled error" not in log and "unexpected decoder error" not in log, log[-3000:]
-    # A leak raises the peak pass after pass; the same work repeated must not. The resident set right after
-    # a pass also holds freed memory the allocator has not returned yet, so it only gets a looser bound.
-    assert rss[-1]["VmHWM"] <= rss[1]["VmHWM"] * 1.10, rss
-    assert rss[-1]["VmRSS"] <= rss[1]["VmRSS"] * 1.25, rss
+    assert_no_steady_growth(rss)
     # The peak: decoding the largest allowed image (64 MP, ~1 GB while decoding) stays well under 4 GiB.
     assert rss[-1]["VmHWM"] < 4 * 1024 * 1024, rss
 
