@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 
 from starlette.routing import Match
 
-from .metrics import ServiceMetrics
+from .disconnects import CLIENT_CLOSED, ClientPresence
+from .metrics import ServiceMetrics, method_label
 
 access_log = logging.getLogger("service.access")
 
@@ -88,21 +89,25 @@ class ObserveRequests:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = 500  # if the app raises before answering, the server answers 500
+        answer = None  # the status of an answer the client was gone for (then status is CLIENT_CLOSED)
+        presence = ClientPresence(receive)
 
         async def send_and_observe(message):
-            nonlocal status
+            nonlocal status, answer
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if await presence.gone():
+                    status, answer = CLIENT_CLOSED, status
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_observe)
+            await self.app(scope, presence.receive, send_and_observe)
         finally:
             seconds = time.perf_counter() - started
             route_name = route_template(scope)
             method = scope["method"]
-            self.metrics.requests.inc(method, route_name, str(status))
-            self.metrics.latency.observe(seconds, method, route_name)
+            self.metrics.requests.inc(method_label(method), route_name, str(status))
+            self.metrics.latency.observe(seconds, method_label(method), route_name)
             client = scope.get("client")
             access_log.info(
                 "%s %s %d",
@@ -118,6 +123,8 @@ class ObserveRequests:
                         "duration_ms": round(seconds * 1000, 2),
                         "client": client[0] if client else None,
                         "query": scope.get("query_string", b"").decode("latin-1")[:200],
+                        # 499: the client closed the connection first; this answer was never delivered
+                        **({"undelivered_status": answer} if answer is not None else {}),
                     }
                 },
             )

@@ -8,7 +8,9 @@ the path template of the route that answered, exactly as declared — ``/classif
 its status (a 405 for a wrong method, a 404 for an unknown ``/static/`` file, a 4xx from /classify), and
 ``unmatched`` only for a request whose path no route matches: a 404, or the 307 that redirects a path
 with a trailing slash (``/model/``) to the route without it. So the series stay bounded whatever paths
-clients send (``service.logs.route_template``).
+clients send (``service.logs.route_template``). The ``method`` label is one of ``HTTP_METHODS``, or
+``OTHER`` for any other token: the server accepts any token as a method, and each made-up one would
+otherwise add a series per route and status, never removed (``method_label``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ import threading
 from collections.abc import Callable, Sequence
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# The methods RFC 9110 defines, and PATCH (RFC 5789): each its own label value; any other, OTHER.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+OTHER_METHOD = "OTHER"
+
+
+def method_label(method: str) -> str:
+    """The ``method`` label for a request's method, from a fixed set, whatever the client sent."""
+    return method if method in HTTP_METHODS else OTHER_METHOD
 
 
 def _escape(value: str) -> str:
@@ -148,7 +159,9 @@ class ServiceMetrics:
         self.requests = r.add(
             Counter(
                 "alexnet_http_requests_total",
-                "HTTP requests by method, route and status. route: the answering route's path template "
+                "HTTP requests by method, route and status. method: GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, "
+                "TRACE, PATCH, or OTHER for any other token. status: 499 when the client closed the connection "
+                "before the answer could be sent. route: the answering route's path template "
                 f"({ROUTE_EXAMPLES}), or unmatched when no route matches the path (404; 307 for a trailing slash)",
                 ("method", "route", "status"),
             )
@@ -156,7 +169,7 @@ class ServiceMetrics:
         self.latency = r.add(
             Histogram(
                 "alexnet_http_request_duration_seconds",
-                "HTTP request latency, by method and route (as in alexnet_http_requests_total)",
+                "HTTP request latency, by method and route (as in alexnet_http_requests_total; no status label)",
                 LATENCY_BUCKETS,
                 ("method", "route"),
             )
