@@ -42,6 +42,7 @@ async def read_uploads(
     """The images in a multipart form (every ``file`` part) or a raw ``image/*`` body, which must arrive
     within ``timeout`` seconds: a client that stalls mid-body would otherwise hold its queue place forever
     (64 stalled connections would lock everyone else out). The body is counted in ``reservation``."""
+    refuse_content_coding(request)
     async with _reading(request, max_body_bytes, timeout):
         return await _read_uploads(request, max_body_bytes, max_files, reservation or Reservation(None))
 
@@ -50,10 +51,27 @@ async def read_body(
     request: Request, *, max_body_bytes: int, timeout: float, reservation: Reservation | None = None
 ) -> bytes:
     """The whole raw body, whatever its Content-Type, under the same limit, budget and timeout as an upload."""
+    refuse_content_coding(request)
     reservation = reservation or Reservation(None)
     async with _reading(request, max_body_bytes, timeout):
         await _check_declared_length(request, max_body_bytes, reservation)
         return b"".join([chunk async for chunk in _limited(request, max_body_bytes, reservation)])
+
+
+def refuse_content_coding(request: Request) -> None:
+    """415 with ``Accept-Encoding: identity`` for a body sent with a Content-Encoding (gzip, br, …): bodies are
+    read as sent. Decoding them would need a bound of its own on the decompressed size; ignoring the header
+    would read compressed bytes as an image (RFC 9110 §8.4, §15.5.16)."""
+    header = request.headers.get("content-encoding", "")
+    codings = [c.strip().lower() for c in header.split(",") if c.strip()]
+    refused = [c for c in codings if c != "identity"]
+    if refused:
+        raise ProblemError(
+            415,
+            "unsupported-content-encoding",
+            f"Content-Encoding {', '.join(refused)[:60]!r}: send the body uncompressed (identity)",
+            {"Accept-Encoding": "identity"},
+        )
 
 
 @contextlib.asynccontextmanager

@@ -49,7 +49,8 @@ ERRORS = {
     400: "malformed multipart body",
     408: "the body did not arrive within the body timeout",
     413: "body too large, too many files, or an image with too many pixels",
-    415: "not an image format we read, or a Content-Type other than multipart/form-data or image/*",
+    415: "not an image format we read, a Content-Type other than multipart/form-data or image/*, or a "
+    "Content-Encoding other than identity (see Accept-Encoding)",
     422: "corrupt, truncated or empty image; no file part; a bad query parameter",
     503: "queue full (see Retry-After) or the model is not loaded",
 }

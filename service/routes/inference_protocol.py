@@ -246,9 +246,6 @@ async def _infer(
     request: Request, state: ServiceState, model_name: str, model_version: str | None, header_length: int | None
 ) -> Response:
     model = await ready_model(state, model_name, model_version)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise ProblemError(415, None, f"Content-Encoding {encoding[:40]!r}: send the body uncompressed")
     settings = state.settings
     # Admitted before the body is read, as /classify (routes/images.py, batched): at most queue_size bodies,
     # and each one's memory (the body, then what parsing it takes) held against the body budget.
