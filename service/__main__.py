@@ -1,8 +1,10 @@
 """``python -m service [--host H] [--port P] [--checkpoint FILE] …``: serve the API with uvicorn.
 
 Flags override ``ALEXNET_*`` environment variables, which override the defaults (see settings.py).
-Exit status: 0 after a clean shutdown, 2 for invalid settings (or settings whose worst case does not fit the
-cgroup's memory limit), 3 when the model cannot be loaded.
+Exit status (service/startup.py; docs/http.md): 0 after a clean shutdown, 1 for another start-up failure,
+2 for invalid settings (or settings whose worst case does not fit the cgroup's memory limit), 3 for an
+unusable checkpoint (a path given explicitly where there is no file included), 4 when the port cannot be
+listened on, 5 when the device is not available. Each failure is one line on stderr, without a traceback.
 """
 
 from __future__ import annotations
@@ -47,25 +49,37 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import create_app
     from .logs import configure
+    from .startup import EXIT_FAILED, EXIT_PORT, PortUnavailable, listen_socket, quiet_uvicorn_startup_failure
 
+    # The port first: one in use is an answer in milliseconds, not after the model's load and warm-up.
+    try:
+        sock = listen_socket(settings.host, settings.port)
+    except PortUnavailable as e:
+        print(f"python -m service: {e}", file=sys.stderr)
+        return EXIT_PORT
     configure(settings.log_level)
+    quiet_uvicorn_startup_failure()
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler it found
     # installed. This one turns that into exit status 0: a requested, clean shutdown is a success.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        log_config=None,  # our JSON logging (configure) handles uvicorn's loggers too
+        log_level=settings.log_level,
+        access_log=False,  # service.logs.ObserveRequests writes the access log
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
     try:
-        uvicorn.run(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_config=None,  # our JSON logging (configure) handles uvicorn's loggers too
-            log_level=settings.log_level,
-            access_log=False,  # service.logs.ObserveRequests writes the access log
-            timeout_graceful_shutdown=30,
-        )
-    except SystemExit as e:
-        # uvicorn exits 3 for any start-up failure; settings that cannot fit in memory are a usage error (2)
-        raise SystemExit(getattr(app.state, "startup_exit_status", None) or e.code) from None
+        with sock:
+            server.run(sockets=[sock])
+    except SystemExit:
+        if server.started:  # a shutdown (SIGTERM: _exit_cleanly)
+            raise
+        # uvicorn exits 3 for any start-up failure; the lifespan logged why, in one line, and chose the status
+    if not server.started:
+        return getattr(app.state, "startup_exit_status", None) or EXIT_FAILED
     return 0
 
 

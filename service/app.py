@@ -12,11 +12,12 @@ from fastapi.routing import APIRoute
 
 import model as model_package
 
-from . import memory, problems
+from . import problems
 from .framing import CloseAmbiguousFraming
 from .logs import ObserveRequests
 from .routes import ROUTERS
 from .settings import Settings
+from .startup import QuietStartupFailure, exit_status
 from .state import ServiceState
 
 log = logging.getLogger("service")
@@ -40,13 +41,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         try:
             await state.start()
-        except memory.MemoryDoesNotFit as e:
-            log.error("cannot start the service: %s", e, extra={"fields": {"event": "startup_failed"}})
-            app.state.startup_exit_status = 2  # settings that cannot work, like an invalid one (__main__)
-            await state.stop()
-            raise
         except Exception as e:
-            log.error("cannot start the service: %s", e, extra={"fields": {"event": "startup_failed"}})
+            # One line, no traceback (QuietStartupFailure): the cause is in the message; the exit status
+            # (startup.exit_status, which __main__ exits with) says which kind it is.
+            app.state.startup_exit_status = status = exit_status(e)
+            fields = {"event": "startup_failed", "exit_status": status}
+            log.error("cannot start the service: %s", e, extra={"fields": fields})
             await state.stop()
             raise
         # Everything made so far (FastAPI's routes, pydantic's validators, torch's modules) lives as long as
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = state
     problems.install(app)
     app.add_middleware(CloseAmbiguousFraming)
+    app.add_middleware(QuietStartupFailure)
     app.add_middleware(ObserveRequests, metrics=state.metrics)  # added last: outermost, it sees every answer
     for router in ROUTERS:
         app.include_router(router)

@@ -47,7 +47,8 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     checkpoint: Path = Field(
         Path("checkpoints/best.safetensors"),
-        description="checkpoint to serve; training writes DIR/best.safetensors. Missing: an untrained net",
+        description="checkpoint to serve; training writes DIR/best.safetensors. Missing at the default path: an "
+        "untrained net; missing where given: exit 3",
     )
     device: str = Field(
         "auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, or cuda:0,cuda:1 (two towers)"
@@ -138,6 +139,12 @@ class Settings(BaseModel):
         except ValidationError as e:
             problems = [_describe(err, sources) for err in e.errors()]
             raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+    @property
+    def checkpoint_given(self) -> bool:
+        """Whether the checkpoint path was given (flag or variable): then a missing file is an error, not the
+        untrained fallback, which only the default path has."""
+        return "checkpoint" in self.model_fields_set
 
     @property
     def cpu_count(self) -> int:

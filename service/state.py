@@ -80,7 +80,7 @@ class ServiceState:
         path = s.checkpoint
         await loop.run_in_executor(None, engine.start_runtime, devices)  # counted once, not in the load's cost
         with memory.MeasureLoad() as load_cost:
-            if _missing(path):
+            if _missing(path) and not s.checkpoint_given:  # given, a missing file is CheckpointError (exit 3)
                 log.warning(UNTRAINED_WARNING, path, path)
                 self.model = await loop.run_in_executor(None, engine.untrained, devices)
                 loaded = None

@@ -465,7 +465,8 @@ def test_the_cuda_runtime_is_started_before_the_models_load_is_measured(tmp_path
     monkeypatch.setattr(engine, "start_runtime", lambda devices: calls.append(("runtime", devices)))
     monkeypatch.setattr(memory, "MeasureLoad", Measured)
     monkeypatch.setattr(engine, "untrained", untrained)
-    state = ServiceState(Settings(checkpoint=tmp_path / "missing.safetensors", device="cpu"))
+    monkeypatch.chdir(tmp_path)  # no checkpoints/best.safetensors: the default path's untrained fallback
+    state = ServiceState(Settings(device="cpu"))
     with pytest.raises(Stop):
         asyncio.run(state.start())
     assert calls == [("runtime", (engine.torch.device("cpu"),)), "measure", "load"]

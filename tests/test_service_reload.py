@@ -27,7 +27,9 @@ from service import engine
 
 @pytest.fixture(scope="module")
 def directory(tmp_path_factory):
-    return tmp_path_factory.mktemp("reload")
+    directory = tmp_path_factory.mktemp("reload") / "checkpoints"  # checkpoints/best.safetensors: the default path
+    directory.mkdir()
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,8 @@ def server(directory, module_live_service):
         "--decode-workers", "1",
         "--queue-size", "2",
         "--max-batch", "4",
-        env={"ALEXNET_CHECKPOINT": str(directory / "best.safetensors"), "ALEXNET_RELOAD_INTERVAL_S": "0.1"},
+        env={"ALEXNET_RELOAD_INTERVAL_S": "0.1"},
+        cwd=directory.parent,  # the default path, directory / "best.safetensors": the only one with a fallback
     )  # fmt: skip
 
 

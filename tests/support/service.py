@@ -45,16 +45,20 @@ def free_port() -> int:
 class ServiceProcess:
     """``python -m service --host 127.0.0.1 --port P …`` with its stderr (the JSON log) in a file."""
 
-    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None, preexec_fn=None):
+    def __init__(
+        self, log_path: Path, *args: str, env: dict[str, str] | None = None, preexec_fn=None, cwd: Path | None = None
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *args]
         environment = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
-        environment.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+        # PYTHONPATH: this tree's packages, whatever the working directory (``cwd``: where the default
+        # checkpoint path, checkpoints/best.safetensors, is looked for).
+        environment.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **(env or {})})
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            command, cwd=REPO, env=environment, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
+            command, cwd=cwd or REPO, env=environment, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
         )
 
     def __enter__(self) -> "ServiceProcess":
@@ -114,6 +118,7 @@ class LiveServices:
         device: str | None = "cpu",
         env: dict[str, str] | None = None,
         preexec_fn=None,
+        cwd: Path | None = None,
     ) -> ServiceProcess:
         """``python -m service [--checkpoint C] [--device D] FLAGS…``, ready (GET /readyz 200) on return; its
         log in this fixture's directory."""
@@ -121,7 +126,7 @@ class LiveServices:
         args += [*(("--device", device) if device is not None else ()), *flags]
         log = self.directory / f"service-{self.count}.log"
         self.count += 1
-        service = ServiceProcess(log, *args, env=env, preexec_fn=preexec_fn)
+        service = ServiceProcess(log, *args, env=env, preexec_fn=preexec_fn, cwd=cwd)
         service.__enter__()  # stops it again if it never becomes ready
         self.started.append(service)
         return service
