@@ -8,12 +8,12 @@ import gc
 import logging
 
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
 
 import model as model_package
 
-from . import problems
+from . import openapi, problems
 from .framing import CloseAmbiguousFraming
+from .head import AnswerHead
 from .logs import ObserveRequests
 from .routes import ROUTERS
 from .settings import Settings
@@ -71,32 +71,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = state
     problems.install(app)
+    openapi.install(app, settings.max_files)
+    app.add_middleware(AnswerHead)
     app.add_middleware(CloseAmbiguousFraming)
     app.add_middleware(QuietStartupFailure)
     app.add_middleware(ObserveRequests, metrics=state.metrics)  # added last: outermost, it sees every answer
     for router in ROUTERS:
         app.include_router(router)
-    answer_head_where_get(app, [route for router in ROUTERS for route in router.routes])
     return app
-
-
-def answer_head_where_get(app: FastAPI, routes: list) -> None:
-    """HEAD on every GET route (RFC 9110 §9.1: a server that answers GET answers HEAD), as Starlette's own
-    routes do and FastAPI's do not. The answer is GET's, whose body uvicorn leaves out. HEAD is implicit
-    and stays out of the OpenAPI schema: documented, each GET route would have a second operation of the
-    same operationId."""
-    heads = [r for r in routes if isinstance(r, APIRoute) and "GET" in r.methods]
-    for route in heads:
-        route.methods.add("HEAD")
-    generate = app.openapi
-
-    def openapi() -> dict:
-        for route in heads:
-            route.methods.discard("HEAD")
-        try:
-            return generate()
-        finally:
-            for route in heads:
-                route.methods.add("HEAD")
-
-    app.openapi = openapi

@@ -7,6 +7,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from model import imagenet_classes
+
+# The classes a schema can name: ImageNet's (a checkpoint may bring others; GET /model lists them).
+IMAGENET_WNIDS = tuple(c.wnid for c in imagenet_classes())
+
 Crops = Literal["center", "ten"]
 FeatureLayer = Literal["fc6", "fc7"]  # model.network.FEATURE_LAYERS
 ExplainFormat = Literal["png", "json"]
@@ -116,10 +121,18 @@ class ExplainParams(BaseModel):
     most probable class of the centre crop."""
 
     class_index: int | None = Field(
-        None, ge=0, description="explain this class (its index in sorted wnid order, 0..number of classes - 1)"
+        None,
+        ge=0,
+        le=len(IMAGENET_WNIDS) - 1,
+        description="explain this class (its index in sorted wnid order, 0..number of classes - 1)",
     )
     wnid: str | None = Field(
-        None, min_length=1, max_length=100, description="explain the class with this WordNet id, e.g. n02123045"
+        None,
+        min_length=1,
+        max_length=100,
+        description="explain the class with this WordNet id, e.g. n02123045: one of the model's classes (the "
+        "schema lists ImageNet's; a checkpoint with other classes lists its own at GET /model)",
+        json_schema_extra={"enum": list(IMAGENET_WNIDS)},
     )
     format: ExplainFormat = Field(
         "png",

@@ -1,12 +1,10 @@
-"""Fuzzing, for a fixed budget: the decode/preprocess path with hypothesis, the HTTP API with schemathesis.
+"""Fuzzing, for a fixed budget: the decode/preprocess path and checkpoint loading with hypothesis (the HTTP
+API: Schemathesis, in tests/test_service_schema.py).
 
 The decode path (``Preprocessor.from_bytes``, the service's, and ``load_image``, prepare's) gets arbitrary
 bytes, mutated valid images of every accepted format, and valid images of every mode Pillow writes. The
 only exceptions allowed out are ``model.ImageError`` subclasses (which the service turns into 4xx); every
 result has the right shape, dtype and finite values; every valid image is accepted.
-
-The API: schemathesis generates requests from the service's OpenAPI schema, valid and invalid, and checks
-each answer against the schema (status codes, media types, bodies) and that none is a 5xx.
 
 The budget is fixed and the inputs derandomized, so CI runs the same examples every time. For a longer,
 random hunt: ``ALEXNET_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest tests/test_reliability_fuzz.py``.
@@ -20,12 +18,10 @@ import struct
 from pathlib import Path
 
 import pytest
-import schemathesis
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from support.service import write_checkpoint
 
 from model import ImageError, Preprocessing, Preprocessor, load_image
 from model.preprocessing import IMAGENET_RGB_MEAN
@@ -196,41 +192,6 @@ def test_every_valid_image_is_accepted(mode, fmt, width, height, seed):
         assume(False)  # Pillow cannot write this mode in this format (JPEG has no alpha, …)
     x = PREPROCESSOR.from_bytes(data, "center")  # no ImageError allowed
     assert tuple(x.shape) == (1, 3, 224, 224) and torch.isfinite(x).all()
-
-
-# The HTTP API, from its OpenAPI schema -------------------------------------------------------------------
-
-
-def openapi_schema() -> dict:
-    """The schema the server publishes at /openapi.json (built without starting anything)."""
-    from service.app import create_app
-    from service.settings import Settings
-
-    return create_app(Settings.load({})).openapi()
-
-
-API = schemathesis.openapi.from_dict(openapi_schema())
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, module_live_service):
-    directory = tmp_path_factory.mktemp("fuzz-server")
-    checkpoint = write_checkpoint(directory / "small.safetensors", seed=22, width=0.0625)
-    return module_live_service("--threads", "1", "--decode-workers", "1", "--reload-interval-s", "0", checkpoint=checkpoint)
-
-
-def test_the_fuzzed_schema_is_the_served_one(server):
-    import httpx
-
-    assert httpx.get(server.url + "/openapi.json").json() == openapi_schema()
-
-
-@API.parametrize()
-@budget(60)
-def test_api_conforms_to_its_schema_and_never_fails(case, server):
-    """Every check schemathesis has, but one: "a schema-valid request must be accepted" cannot hold for an
-    API whose bodies must be decodable images (the schema can say 'binary', not 'a JPEG')."""
-    case.call_and_validate(base_url=server.url, excluded_checks=[schemathesis.checks.positive_data_acceptance])
 
 
 # Checkpoints --------------------------------------------------------------------------------------------

@@ -217,8 +217,8 @@ def test_the_untrained_net_is_the_same_on_every_start(monkeypatch, photos):
 def test_sigterm_lets_requests_in_flight_finish(tmp_path, photos):
     """Graceful shutdown: admitted requests are answered, then the process exits 0."""
     service = ServiceProcess(
-        tmp_path / "log", "--checkpoint", str(tmp_path / "absent.safetensors"), "--threads", "1", "--device", "cpu"
-    )  # no checkpoint: the full-size untrained net, slow enough on CPU to be caught mid-work
+        tmp_path / "log", "--threads", "1", "--device", "cpu", cwd=tmp_path
+    )  # no checkpoint at the default path: the full-size untrained net, slow enough on CPU to be caught mid-work
     try:
         service.wait_ready()
         data, statuses = photos[0].read_bytes(), []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from fastapi import APIRouter, Query, Request
 
+from model import imagenet_classes
+
 from ..engine import LoadedModel, Task
 from ..problems import ProblemError
 from ..schemas import ClassifyResponse, Crops, ImageResult, Prediction
@@ -15,6 +17,7 @@ router = APIRouter(tags=["classify"])
 
 
 DEFAULT_TOP_K = 5  # the paper's top-5; a checkpoint with fewer classes answers with all of them
+MAX_TOP_K = len(imagenet_classes())  # the schema's bound: ImageNet's 1000 (a checkpoint's own count: 422 above it)
 
 
 @router.post(
@@ -31,6 +34,7 @@ async def classify(
     top_k: int | None = Query(
         None,
         ge=1,
+        le=MAX_TOP_K,
         description="how many classes to return per image: 1..number of classes (more: 422); "
         "default 5, or every class of a checkpoint with fewer",
     ),

@@ -25,9 +25,8 @@ IMAGE_FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 def request_body(one: bool = False) -> dict:
     """The body is read by hand (to count bytes while streaming), so FastAPI cannot infer its schema.
 
-    ``one``: exactly one image. Said in words, not as ``maxItems``: a second part is refused like one part
-    too many for /classify (413 too-many-files, as soon as it begins), and a schema bound would make it a
-    schema violation, which clients and fuzzers expect to see answered 400 or 422."""
+    ``one``: exactly one image, a single ``file`` part (a second one: 413 too-many-files). The form has no
+    other fields (another one: 422 unexpected-field)."""
     files = {
         "type": "array",
         "minItems": 1,  # an empty form is refused (422 no-image)
@@ -35,11 +34,12 @@ def request_body(one: bool = False) -> dict:
         "description": f"one or more images ({IMAGE_FORMATS})",
     }
     if one:
-        files["description"] = f"exactly one image ({IMAGE_FORMATS}); a second part: 413 too-many-files"
+        files = {"type": "string", "format": "binary", "description": f"exactly one image ({IMAGE_FORMATS})"}
+    form = {"type": "object", "required": ["file"], "properties": {"file": files}, "additionalProperties": False}
     return {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": files}}},
+            "multipart/form-data": {"schema": form},
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
     }

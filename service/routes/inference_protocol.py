@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
+from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -90,6 +91,11 @@ INFER_ERRORS = errors(
 )
 
 
+# The one model and version, as the schema names them; any other is answered 404 (check_model), not 400.
+ModelName = Annotated[str, Path(json_schema_extra={"enum": [protocol.MODEL_NAME]})]
+ModelVersion = Annotated[str, Path(json_schema_extra={"enum": [protocol.MODEL_VERSION]})]
+
+
 def check_model(model_name: str, model_version: str | None = None) -> None:
     if model_name != protocol.MODEL_NAME:
         raise ProblemError(404, None, f"unknown model {model_name[:100]!r}: this server serves {protocol.MODEL_NAME!r}")
@@ -140,12 +146,12 @@ READY = {"response_class": Response, "responses": {200: NO_BODY, **errors(e404=U
 
 
 @router.get("/v2/models/{model_name}/ready", summary="The model is ready", **READY)
-async def model_ready(state: State, model_name: str) -> Response:
+async def model_ready(state: State, model_name: ModelName) -> Response:
     return await _model_ready(state, model_name, None)
 
 
 @router.get("/v2/models/{model_name}/versions/{model_version}/ready", summary="This model version is ready", **READY)
-async def model_version_ready(state: State, model_name: str, model_version: str) -> Response:
+async def model_version_ready(state: State, model_name: ModelName, model_version: ModelVersion) -> Response:
     return await _model_ready(state, model_name, model_version)
 
 
@@ -173,12 +179,12 @@ METADATA = {"response_model": ModelMetadata, "responses": errors(e404=UNKNOWN_MO
 
 
 @router.get("/v2/models/{model_name}", summary="Model metadata: inputs, outputs", **METADATA)
-async def model_metadata(state: State, model_name: str) -> ModelMetadata:
+async def model_metadata(state: State, model_name: ModelName) -> ModelMetadata:
     return _model_metadata(state, model_name, None)
 
 
 @router.get("/v2/models/{model_name}/versions/{model_version}", summary="Model version metadata", **METADATA)
-async def model_version_metadata(state: State, model_name: str, model_version: str) -> ModelMetadata:
+async def model_version_metadata(state: State, model_name: ModelName, model_version: ModelVersion) -> ModelMetadata:
     return _model_metadata(state, model_name, model_version)
 
 
@@ -202,6 +208,19 @@ def _inline(schema: dict) -> dict:
     return resolve(schema)
 
 
+def _request_schema() -> dict:
+    """InferenceRequest's schema, with what this model accepts: exactly one input, ``image`` (BYTES) or
+    ``input`` (FP32). The parser (InferenceRequest) takes any name and datatype, so that a wrong one is
+    answered with read_inputs' message, which says what this model takes."""
+    schema = _inline(InferenceRequest.model_json_schema())
+    inputs = schema["properties"]["inputs"]
+    inputs["maxItems"] = 1
+    properties = inputs["items"]["properties"]
+    properties["name"]["enum"] = [protocol.IMAGE_INPUT, protocol.TENSOR_INPUT]
+    properties["datatype"]["enum"] = ["BYTES", "FP32"]
+    return schema
+
+
 INFER = {
     "response_class": Response,
     "openapi_extra": {
@@ -210,7 +229,7 @@ INFER = {
             "description": f"the JSON inference request, followed by binary tensor data when {protocol.HEADER_LENGTH} "
             "says where the JSON ends",
             "content": {
-                "application/json": {"schema": _inline(InferenceRequest.model_json_schema())},
+                "application/json": {"schema": _request_schema()},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             },
         }
@@ -226,18 +245,22 @@ INFER = {
     },
 }
 HEADER = Header(
-    None, alias=protocol.HEADER_LENGTH, ge=0, description="the length of the JSON when binary tensor data follow it"
+    None, alias=protocol.HEADER_LENGTH, ge=1, description="the length of the JSON when binary tensor data follow it"
 )
 
 
 @router.post("/v2/models/{model_name}/infer", summary="Classify images (Open Inference Protocol)", **INFER)
-async def infer(request: Request, state: State, model_name: str, header_length: int | None = HEADER) -> Response:
+async def infer(request: Request, state: State, model_name: ModelName, header_length: int | None = HEADER) -> Response:
     return await _infer(request, state, model_name, None, header_length)
 
 
 @router.post("/v2/models/{model_name}/versions/{model_version}/infer", summary="Classify, this version", **INFER)
 async def infer_version(
-    request: Request, state: State, model_name: str, model_version: str, header_length: int | None = HEADER
+    request: Request,
+    state: State,
+    model_name: ModelName,
+    model_version: ModelVersion,
+    header_length: int | None = HEADER,
 ) -> Response:
     return await _infer(request, state, model_name, model_version, header_length)
 
