@@ -102,7 +102,7 @@ def test_a_corrupt_checkpoint_is_a_startup_error(tmp_path):
     finally:
         service.stop()
     log = service.log()
-    assert code == 3, log  # uvicorn's exit status for a failed start-up
+    assert code == 3, log  # an unusable checkpoint (service/startup.py)
     assert "cannot start the service" in log and str(corrupt) in log and "truncated" in log
 
 
