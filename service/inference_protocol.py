@@ -325,3 +325,33 @@ def input_description(preprocessing: Preprocessing) -> dict[str, str | int | flo
         "input_mean": "image" if p.mean == "image" else ",".join(f"{v:g}" for v in p.mean),
         "input_std": ",".join(f"{v:g}" for v in p.std),
     }
+
+
+def model_config(*, crop: int, classes: int, max_request_batch: int, max_wait_ms: float) -> dict:
+    """The model's configuration as Triton serves it (GET …/config, gRPC ModelConfig): the JSON form of Triton's
+    ``ModelConfig`` message (model_config.proto), which perf_analyzer reads before it sends a request.
+
+    ``max_batch_size`` is the most elements one request may carry (ALEXNET_MAX_FILES), so ``dims`` leave out the
+    batch dimension. ``image`` is one encoded image per batch element: dims [1], a request's shape [N, 1] (the
+    metadata's [-1, 1]; [N] is taken too). Not dims [1] reshaped to [], as Triton would allow: perf_analyzer
+    cannot send an input whose shape without the batch dimension is empty. Each input is optional because the model takes exactly one of the two. The dynamic batcher
+    is the service's, which waits up to ALEXNET_MAX_WAIT_MS for more requests (its batch limit, ALEXNET_MAX_BATCH,
+    counts crops and is not a preferred size, so it is not listed)."""
+    return {
+        "name": MODEL_NAME,
+        "platform": PLATFORM,
+        "version_policy": {"specific": {"versions": [int(MODEL_VERSION)]}},
+        "max_batch_size": max_request_batch,
+        "input": [
+            {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+            {
+                "name": TENSOR_INPUT,
+                "data_type": "TYPE_FP32",
+                "format": "FORMAT_NCHW",
+                "dims": [3, crop, crop],
+                "optional": True,
+            },
+        ],
+        "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [classes]}],
+        "dynamic_batching": {"max_queue_delay_microseconds": round(max_wait_ms * 1000)},
+    }

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -69,9 +70,6 @@ class ProtocolRoute(APIRoute):
 
 router = APIRouter(tags=["inference protocol (v2)"], route_class=ProtocolRoute)
 
-NO_BODY = {"description": "yes (empty body)", "content": {}}
-
-
 def errors(**texts: str) -> dict:
     """OpenAPI ``responses`` for these errors (``e404="…"``), each a protocol error body."""
     return {int(k[1:]): {"model": ProtocolError, "description": text} for k, text in texts.items()}
@@ -109,19 +107,34 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="alexnet-api", version=model_package.__version__, extensions=list(protocol.EXTENSIONS))
 
 
-@router.get("/v2/health/live", response_class=Response, summary="The server is live", responses={200: NO_BODY})
-async def server_live() -> Response:
-    return Response(status_code=200)
+# The protocol says the status alone answers; KServe's InferenceRESTClient also reads {"live": true} and
+# {"ready": true}, as KServe's own servers answer. Clients that read only the status ignore the body.
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+@router.get("/v2/health/live", response_model=ServerLive, summary="The server is live")
+async def server_live() -> ServerLive:
+    return ServerLive(live=True)
 
 
 @router.get(
     "/v2/health/ready",
-    response_class=Response,
+    response_model=ServerReady,
     summary="The server is ready (as /readyz)",
-    responses={200: NO_BODY, **errors(e503=NOT_READY)},
+    responses=errors(e503=NOT_READY),
 )
-async def server_ready(model: ReadyModel) -> Response:
-    return Response(status_code=200)
+async def server_ready(model: ReadyModel) -> ServerReady:
+    return ServerReady(ready=True)
 
 
 async def ready_model(state: ServiceState, model_name: str, model_version: str | None = None) -> LoadedModel:
@@ -131,21 +144,21 @@ async def ready_model(state: ServiceState, model_name: str, model_version: str |
     return await require_ready(state)
 
 
-async def _model_ready(state: ServiceState, model_name: str, model_version: str | None) -> Response:
+async def _model_ready(state: ServiceState, model_name: str, model_version: str | None) -> ModelReady:
     await ready_model(state, model_name, model_version)
-    return Response(status_code=200)
+    return ModelReady(name=protocol.MODEL_NAME, ready=True)
 
 
-READY = {"response_class": Response, "responses": {200: NO_BODY, **errors(e404=UNKNOWN_MODEL, e503=NOT_READY)}}
+READY = {"response_model": ModelReady, "responses": errors(e404=UNKNOWN_MODEL, e503=NOT_READY)}
 
 
 @router.get("/v2/models/{model_name}/ready", summary="The model is ready", **READY)
-async def model_ready(state: State, model_name: str) -> Response:
+async def model_ready(state: State, model_name: str) -> ModelReady:
     return await _model_ready(state, model_name, None)
 
 
 @router.get("/v2/models/{model_name}/versions/{model_version}/ready", summary="This model version is ready", **READY)
-async def model_version_ready(state: State, model_name: str, model_version: str) -> Response:
+async def model_version_ready(state: State, model_name: str, model_version: str) -> ModelReady:
     return await _model_ready(state, model_name, model_version)
 
 
@@ -161,7 +174,7 @@ def _model_metadata(state: ServiceState, model_name: str, model_version: str | N
         versions=[protocol.MODEL_VERSION],
         platform=protocol.PLATFORM,
         inputs=[
-            TensorMetadata(name=protocol.IMAGE_INPUT, datatype="BYTES", shape=[-1]),
+            TensorMetadata(name=protocol.IMAGE_INPUT, datatype="BYTES", shape=[-1, 1]),  # [N] is taken too
             TensorMetadata(name=protocol.TENSOR_INPUT, datatype="FP32", shape=[-1, 3, crop, crop]),
         ],
         outputs=[TensorMetadata(name=protocol.OUTPUT, datatype="FP32", shape=[-1, len(loaded.classes)])],
@@ -180,6 +193,44 @@ async def model_metadata(state: State, model_name: str) -> ModelMetadata:
 @router.get("/v2/models/{model_name}/versions/{model_version}", summary="Model version metadata", **METADATA)
 async def model_version_metadata(state: State, model_name: str, model_version: str) -> ModelMetadata:
     return _model_metadata(state, model_name, model_version)
+
+
+def _model_config(state: ServiceState, model_name: str, model_version: str | None) -> dict:
+    check_model(model_name, model_version)
+    loaded = state.model  # loaded is enough, as for the metadata
+    if loaded is None:
+        raise ProblemError(503, None, "no model is loaded yet", {"Retry-After": "1"})
+    settings = state.settings
+    return protocol.model_config(
+        crop=loaded.preprocessor.config.crop,
+        classes=len(loaded.classes),
+        max_request_batch=settings.max_files,
+        max_wait_ms=settings.max_wait_ms,
+    )
+
+
+CONFIG = {
+    "responses": {
+        200: {
+            "description": "the model's configuration in Triton's form (model_config.proto as JSON): name, platform, "
+            "max_batch_size, inputs and outputs with dims (no batch dimension), dynamic_batching",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        **errors(e404=UNKNOWN_MODEL, e503="no model loaded yet"),
+    }
+}
+
+
+@router.get("/v2/models/{model_name}/config", summary="Model configuration (Triton's model config)", **CONFIG)
+async def model_config(state: State, model_name: str) -> JSONResponse:
+    return JSONResponse(_model_config(state, model_name, None))
+
+
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}/config", summary="Model version configuration", **CONFIG
+)
+async def model_version_config(state: State, model_name: str, model_version: str) -> JSONResponse:
+    return JSONResponse(_model_config(state, model_name, model_version))
 
 
 # Inference ------------------------------------------------------------------------------------------------
