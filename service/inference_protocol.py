@@ -105,8 +105,11 @@ def binary_parts(request: InferenceRequest, binary: bytes) -> list[bytes | None]
     return parts
 
 
-def parse_request(header: bytes) -> InferenceRequest:
+def parse_request(header: bytes | dict) -> InferenceRequest:
+    """The request: its JSON (HTTP), or its fields already read (gRPC's message, as a dict)."""
     try:
+        if isinstance(header, dict):
+            return InferenceRequest.model_validate(header)
         return InferenceRequest.model_validate_json(header)
     except ValidationError as e:
         problems = []
@@ -260,11 +263,20 @@ def _flag(parameters: dict | None, name: str, where: str) -> bool:
     return value
 
 
-def encode_response(
-    request: InferenceRequest, outputs: list[Output], probabilities: torch.Tensor, classes: tuple[ImageClass, ...]
-) -> tuple[bytes, int | None]:
-    """The answer's body, and the JSON's length when binary data follow it (else None)."""
-    described, binary = [], []
+@dataclass(frozen=True)
+class OutputTensor:
+    """One answered output: its datatype, shape, and data (bytes: binary tensor data; else a JSON list)."""
+
+    datatype: str
+    shape: list[int]
+    data: bytes | list
+
+
+def output_tensors(
+    outputs: list[Output], probabilities: torch.Tensor, classes: tuple[ImageClass, ...]
+) -> list[OutputTensor]:
+    """The requested outputs of these probabilities, each binary or in JSON form as requested."""
+    tensors = []
     for output in outputs:
         if output.classification:
             datatype, shape, elements = "BYTES", *classifications(probabilities, output.classification, classes)
@@ -273,13 +285,30 @@ def encode_response(
             datatype, shape = "FP32", list(probabilities.shape)
             values = probabilities.contiguous().numpy()
             data = values.astype("<f4").tobytes() if output.binary else values.ravel().tolist()
-        if output.binary:
-            binary.append(data)
+        tensors.append(OutputTensor(datatype, shape, data))
+    return tensors
+
+
+def encode_response(
+    request: InferenceRequest, outputs: list[Output], probabilities: torch.Tensor, classes: tuple[ImageClass, ...]
+) -> tuple[bytes, int | None]:
+    """The answer's body, and the JSON's length when binary data follow it (else None)."""
+    described, binary = [], []
+    for tensor in output_tensors(outputs, probabilities, classes):
+        if isinstance(tensor.data, bytes):
+            binary.append(tensor.data)
             described.append(
-                ResponseOutput(name=OUTPUT, shape=shape, datatype=datatype, parameters={"binary_data_size": len(data)})
+                ResponseOutput(
+                    name=OUTPUT,
+                    shape=tensor.shape,
+                    datatype=tensor.datatype,
+                    parameters={"binary_data_size": len(tensor.data)},
+                )
             )
         else:
-            described.append(ResponseOutput(name=OUTPUT, shape=shape, datatype=datatype, data=data))
+            described.append(
+                ResponseOutput(name=OUTPUT, shape=tensor.shape, datatype=tensor.datatype, data=tensor.data)
+            )
     answer = InferenceResponse(model_name=MODEL_NAME, model_version=MODEL_VERSION, id=request.id, outputs=described)
     header = answer.model_dump_json(exclude_none=True).encode()
     return (header + b"".join(binary), len(header)) if binary else (header, None)

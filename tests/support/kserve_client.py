@@ -65,7 +65,9 @@ async def main(url: str, photos: list[Path]) -> dict:
                 "name": output.name,
                 "datatype": output.datatype,
                 "shape": list(output.shape),
-                "data": [[s.decode() if isinstance(s, bytes) else s for s in row] for row in output.as_numpy().tolist()],
+                "data": [
+                    [s.decode() if isinstance(s, bytes) else s for s in row] for row in output.as_numpy().tolist()
+                ],
             },
             "unknown_model": unknown_model,
         }
