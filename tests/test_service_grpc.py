@@ -4,12 +4,16 @@ the model package's, the limits and the error status codes."""
 
 from __future__ import annotations
 
+import socket
+import time
+
 import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from support.service import Direct, metric_value, write_checkpoint
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 LIMITS = {"ALEXNET_MAX_FILES": "3", "ALEXNET_MAX_BODY_BYTES": "2000000"}
@@ -137,3 +141,27 @@ def test_grpc_off(checkpoint, live_service):
     assert httpx.get(service.url + "/readyz").status_code == 200
     with grpc.insecure_channel(service.grpc_url) as channel, pytest.raises(grpc.FutureTimeoutError):
         grpc.channel_ready_future(channel).result(timeout=2)
+
+
+def test_grpc_waits_in_the_same_queue_as_http(checkpoint, live_service, photos):
+    """With the one queue place held by an HTTP /v2 request whose body never finishes, a gRPC inference is
+    refused UNAVAILABLE with retry-after; once the body times out, the place is free for gRPC."""
+    flags = ("--queue-size", "1", "--body-timeout-s", "3", "--reload-interval-s", "0")
+    service = live_service(*flags, checkpoint=checkpoint)
+    request = service_pb2.ModelInferRequest(
+        model_name="alexnet",
+        inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1, 1])],
+        raw_input_contents=[len(data := photos[0].read_bytes()).to_bytes(4, "little") + data],
+    )
+    host, port = service.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as stalled, grpc.insecure_channel(service.grpc_url) as channel:
+        stalled.sendall(b"POST /v2/models/alexnet/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        time.sleep(0.5)
+        infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        with pytest.raises(grpc.RpcError) as caught:
+            infer(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "capacity" in caught.value.details()
+        assert int(dict(caught.value.trailing_metadata())["retry-after"]) >= 1
+        stalled.settimeout(30)
+        assert stalled.recv(100).startswith(b"HTTP/1.1 408")  # the body timeout frees the place
+        assert len(infer(request, timeout=60).raw_output_contents[0]) == 4 * 1000
