@@ -139,8 +139,10 @@ COPY --from=weights --chown=alexnet:alexnet /weights/ /checkpoints/
 USER 10001:10001
 ENV ALEXNET_HOST=0.0.0.0 \
     ALEXNET_PORT=8000 \
+    ALEXNET_GRPC_PORT=8001 \
     ALEXNET_CHECKPOINT=/checkpoints/best.safetensors
-EXPOSE 8000
+# HTTP (the API and /v2), and gRPC (inference.GRPCInferenceService, docs/protocol.md)
+EXPOSE 8000 8001
 # /readyz answers 200 once the model is loaded and warmed up; the first start can take a minute on CPU.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 CMD ["alexnet-healthcheck"]
 CMD ["python", "-m", "service"]

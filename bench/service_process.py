@@ -20,15 +20,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(
-    checkpoint: Path, flags: list[str], log_path: Path, preexec_fn=None
-) -> tuple[subprocess.Popen, str]:
+def start_service(checkpoint: Path, flags: list[str], log_path: Path, preexec_fn=None) -> tuple[subprocess.Popen, str]:
     """The service on the CPU with ``checkpoint``, no hot-reload polling, warning-level logs (an access-log
     line per request would cost CPU the benchmarks measure), and any extra ``flags``. ALEXNET_* variables
     of the caller's environment are dropped, so only the flags decide. ``preexec_fn`` runs in the child
     before exec (e.g. joining a memory cgroup)."""
     port = free_port()
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--grpc-port", str(free_port())]  # not the default 8001, which another server may hold
     command += ["--checkpoint", str(checkpoint), "--device", "cpu", "--reload-interval-s", "0"]
     command += ["--log-level", "warning", *flags]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}

@@ -49,6 +49,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("cannot start the service: %s", e, extra={"fields": fields})
             await state.stop()
             raise
+        grpc_server = None
+        if settings.grpc_port:
+            from . import grpc_server as grpc_module  # imported here: grpcio loads only when gRPC is on
+
+            try:
+                grpc_server = await grpc_module.start(state)
+            except Exception as e:
+                log.error("cannot start the service: %s", e, extra={"fields": {"event": "startup_failed"}})
+                await state.stop()
+                raise
         # Everything made so far (FastAPI's routes, pydantic's validators, torch's modules) lives as long as
         # the process: moved out of the collector's generations, its full passes, which the allocations of
         # each request trigger, stop walking it. About 2 ms less per request at 1 client (BENCHMARKS.md).
@@ -56,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grpc_module.GRACE_S)
             await state.stop()
 
     app = FastAPI(

@@ -105,8 +105,11 @@ def binary_parts(request: InferenceRequest, binary: bytes) -> list[bytes | None]
     return parts
 
 
-def parse_request(header: bytes) -> InferenceRequest:
+def parse_request(header: bytes | dict) -> InferenceRequest:
+    """The request: its JSON (HTTP), or its fields already read (gRPC's message, as a dict)."""
     try:
+        if isinstance(header, dict):
+            return InferenceRequest.model_validate(header)
         return InferenceRequest.model_validate_json(header)
     except ValidationError as e:
         problems = []
@@ -260,11 +263,20 @@ def _flag(parameters: dict | None, name: str, where: str) -> bool:
     return value
 
 
-def encode_response(
-    request: InferenceRequest, outputs: list[Output], probabilities: torch.Tensor, classes: tuple[ImageClass, ...]
-) -> tuple[bytes, int | None]:
-    """The answer's body, and the JSON's length when binary data follow it (else None)."""
-    described, binary = [], []
+@dataclass(frozen=True)
+class OutputTensor:
+    """One answered output: its datatype, shape, and data (bytes: binary tensor data; else a JSON list)."""
+
+    datatype: str
+    shape: list[int]
+    data: bytes | list
+
+
+def output_tensors(
+    outputs: list[Output], probabilities: torch.Tensor, classes: tuple[ImageClass, ...]
+) -> list[OutputTensor]:
+    """The requested outputs of these probabilities, each binary or in JSON form as requested."""
+    tensors = []
     for output in outputs:
         if output.classification:
             datatype, shape, elements = "BYTES", *classifications(probabilities, output.classification, classes)
@@ -273,13 +285,30 @@ def encode_response(
             datatype, shape = "FP32", list(probabilities.shape)
             values = probabilities.contiguous().numpy()
             data = values.astype("<f4").tobytes() if output.binary else values.ravel().tolist()
-        if output.binary:
-            binary.append(data)
+        tensors.append(OutputTensor(datatype, shape, data))
+    return tensors
+
+
+def encode_response(
+    request: InferenceRequest, outputs: list[Output], probabilities: torch.Tensor, classes: tuple[ImageClass, ...]
+) -> tuple[bytes, int | None]:
+    """The answer's body, and the JSON's length when binary data follow it (else None)."""
+    described, binary = [], []
+    for tensor in output_tensors(outputs, probabilities, classes):
+        if isinstance(tensor.data, bytes):
+            binary.append(tensor.data)
             described.append(
-                ResponseOutput(name=OUTPUT, shape=shape, datatype=datatype, parameters={"binary_data_size": len(data)})
+                ResponseOutput(
+                    name=OUTPUT,
+                    shape=tensor.shape,
+                    datatype=tensor.datatype,
+                    parameters={"binary_data_size": len(tensor.data)},
+                )
             )
         else:
-            described.append(ResponseOutput(name=OUTPUT, shape=shape, datatype=datatype, data=data))
+            described.append(
+                ResponseOutput(name=OUTPUT, shape=tensor.shape, datatype=tensor.datatype, data=tensor.data)
+            )
     answer = InferenceResponse(model_name=MODEL_NAME, model_version=MODEL_VERSION, id=request.id, outputs=described)
     header = answer.model_dump_json(exclude_none=True).encode()
     return (header + b"".join(binary), len(header)) if binary else (header, None)
@@ -324,4 +353,34 @@ def input_description(preprocessing: Preprocessing) -> dict[str, str | int | flo
         "input_pixel_scale": p.pixel_scale,
         "input_mean": "image" if p.mean == "image" else ",".join(f"{v:g}" for v in p.mean),
         "input_std": ",".join(f"{v:g}" for v in p.std),
+    }
+
+
+def model_config(*, crop: int, classes: int, max_request_batch: int, max_wait_ms: float) -> dict:
+    """The model's configuration as Triton serves it (GET …/config, gRPC ModelConfig): the JSON form of Triton's
+    ``ModelConfig`` message (model_config.proto), which perf_analyzer reads before it sends a request.
+
+    ``max_batch_size`` is the most elements one request may carry (ALEXNET_MAX_FILES), so ``dims`` leave out the
+    batch dimension. ``image`` is one encoded image per batch element: dims [1], a request's shape [N, 1] (the
+    metadata's [-1, 1]; [N] is taken too). Not dims [1] reshaped to [], as Triton would allow: perf_analyzer
+    cannot send an input whose shape without the batch dimension is empty. Each input is optional because the model takes exactly one of the two. The dynamic batcher
+    is the service's, which waits up to ALEXNET_MAX_WAIT_MS for more requests (its batch limit, ALEXNET_MAX_BATCH,
+    counts crops and is not a preferred size, so it is not listed)."""
+    return {
+        "name": MODEL_NAME,
+        "platform": PLATFORM,
+        "version_policy": {"specific": {"versions": [int(MODEL_VERSION)]}},
+        "max_batch_size": max_request_batch,
+        "input": [
+            {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+            {
+                "name": TENSOR_INPUT,
+                "data_type": "TYPE_FP32",
+                "format": "FORMAT_NCHW",
+                "dims": [3, crop, crop],
+                "optional": True,
+            },
+        ],
+        "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [classes]}],
+        "dynamic_batching": {"max_queue_delay_microseconds": round(max_wait_ms * 1000)},
     }

@@ -45,6 +45,9 @@ class Settings(BaseModel):
 
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 for every interface)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="TCP port of the gRPC inference service (as Triton's); 0 turns gRPC off"
+    )
     checkpoint: Path = Field(
         Path("checkpoints/best.safetensors"),
         description="checkpoint to serve; training writes DIR/best.safetensors. Missing at the default path: an "

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from model.importers import PUBLISHED
 from service.settings import ENV_PREFIX, Settings
@@ -61,7 +62,10 @@ def test_every_alexnet_variable_is_a_service_setting_and_loads():
         assert str(settings.checkpoint) == "/checkpoints/best.safetensors"
     # The API in a container must listen on every interface, on the port the image exposes.
     image = Settings.load(environ=_dockerfile_env())
-    assert image.host == "0.0.0.0" and f"EXPOSE {image.port}" in DOCKERFILE
+    assert image.host == "0.0.0.0" and f"EXPOSE {image.port} {image.grpc_port}\n" in DOCKERFILE
+    # ... and compose publishes both (on the host ports ALEXNET_API_PORT and ALEXNET_API_GRPC_PORT)
+    published = [p.rsplit(":", 1)[-1] for p in yaml.safe_load(COMPOSE)["services"]["api"]["ports"]]
+    assert published == [str(image.port), str(image.grpc_port)]
 
 
 def test_api_serves_what_training_writes():

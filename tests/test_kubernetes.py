@@ -265,7 +265,7 @@ def test_pod_is_unprivileged_and_sized_as_in_compose(rendered):
     (container,) = pod["containers"]
     assert container["image"].split(":")[0] == "alexnet-api"
     assert container["command"] == ["python", "-m", "service"]
-    assert [p["containerPort"] for p in container["ports"]] == [8000]
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("http", 8000), ("grpc", 8001)]
     security = container["securityContext"]
     assert security["runAsUser"] == 10001 and security["runAsNonRoot"] is True
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
@@ -275,7 +275,8 @@ def test_pod_is_unprivileged_and_sized_as_in_compose(rendered):
     env = {e["name"]: e["value"] for e in container["env"]}
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["api"]
     default = lambda value: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
-    assert env == {"ALEXNET_HOST": "0.0.0.0", "ALEXNET_PORT": "8000"} | {
+    ports = {"ALEXNET_PORT": "8000", "ALEXNET_GRPC_PORT": "8001"}  # as the container's ports say
+    assert env == {"ALEXNET_HOST": "0.0.0.0", **ports} | {
         k: default(v) for k, v in compose["environment"].items()
     }
     limits = compose["deploy"]["resources"]["limits"]
@@ -301,7 +302,10 @@ def test_service_pdb_and_hpa_select_the_pods(rendered):
     pod_labels = by_kind(rendered, "Deployment")["spec"]["template"]["metadata"]["labels"]
     service = by_kind(rendered, "Service")
     assert service["spec"]["type"] == "ClusterIP"
-    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+        {"name": "grpc", "port": 8001, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
+    ]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     pdb = by_kind(rendered, "PodDisruptionBudget")
     assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()

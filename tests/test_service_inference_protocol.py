@@ -114,9 +114,11 @@ def test_server_metadata_and_health(client, http):
         "version": http.get("/openapi.json").json()["info"]["version"],
         "extensions": ["classification", "binary_tensor_data"],
     }
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/alexnet/ready"):
-        response = http.get(path)
-        assert response.status_code == 200 and response.content == b""  # the protocol: an empty body
+    # The protocol asks only for the status; KServe's client also reads these bodies (tests/test_service_kserve.py)
+    assert http.get("/v2/health/live").json() == {"live": True}
+    assert http.get("/v2/health/ready").json() == {"ready": True}
+    for path in ("/v2/models/alexnet/ready", "/v2/models/alexnet/versions/1/ready"):
+        assert http.get(path).json() == {"name": "alexnet", "ready": True}
 
 
 def test_model_metadata(client, http):
@@ -124,7 +126,7 @@ def test_model_metadata(client, http):
     assert metadata == client.get_model_metadata("alexnet", "1")
     assert (metadata["name"], metadata["versions"], metadata["platform"]) == ("alexnet", ["1"], "pytorch_safetensors")
     assert metadata["inputs"] == [
-        {"name": "image", "datatype": "BYTES", "shape": [-1]},
+        {"name": "image", "datatype": "BYTES", "shape": [-1, 1]},  # [N] is taken too
         {"name": "input", "datatype": "FP32", "shape": [-1, 3, 224, 224]},
     ]
     assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}]
@@ -133,6 +135,26 @@ def test_model_metadata(client, http):
     assert parameters["input_crop"] == preprocessing["crop"] and parameters["input_resize"] == preprocessing["resize"]
     assert parameters["input_mean"] == ",".join(f"{v:g}" for v in preprocessing["mean"])
     assert "minus per channel" in parameters["input_preprocessing"]
+
+
+def test_model_config_is_tritons(client, http):
+    """What perf_analyzer reads before it sends a request: Triton's model configuration, here through Triton's
+    client, with the service's limits in it (this server: ALEXNET_MAX_FILES 4, the default 100 ms wait)."""
+    config = client.get_model_config("alexnet")
+    assert config == client.get_model_config("alexnet", "1") == http.get("/v2/models/alexnet/config").json()
+    assert (config["name"], config["platform"], config["max_batch_size"]) == ("alexnet", "pytorch_safetensors", 4)
+    assert config["input"] == [
+        {"name": "image", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+        {"name": "input", "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [3, 224, 224], "optional": True},
+    ]
+    assert config["output"] == [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [1000]}]
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 100_000}
+    # the metadata's shapes are the config's dims behind the batch dimension
+    metadata = client.get_model_metadata("alexnet")
+    for tensor, dims in zip(metadata["inputs"] + metadata["outputs"], config["input"] + config["output"]):
+        assert tensor["shape"] == [-1, *dims["dims"]]
+    assert "unknown model" in refused(lambda: client.get_model_config("resnet"), 404)
+    assert "no version '2'" in refused(lambda: client.get_model_config("alexnet", "2"), 404)
 
 
 def test_unknown_model_or_version_is_404(client, http):
@@ -146,7 +168,7 @@ def test_unknown_model_or_version_is_404(client, http):
 
 
 def test_other_paths_and_methods_under_v2(http):
-    assert "no endpoint" in assert_error(http.get("/v2/models/alexnet/config"), 404)
+    assert "no endpoint" in assert_error(http.get("/v2/models/alexnet/stats"), 404)
     assert_error(http.get("/v2/"), 404)
     response = http.get(INFER)
     assert "GET is not allowed" in assert_error(response, 405) and response.headers["allow"] == "POST"

@@ -16,13 +16,12 @@ from fastapi import APIRouter, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-import model as model_package
-
 from .. import inference_protocol as protocol
-from ..engine import LoadedModel, Task
+from .. import protocol_serving as serving
 from ..problems import ProblemError
 from ..schemas import (
     InferenceRequest,
@@ -30,11 +29,10 @@ from ..schemas import (
     ModelMetadata,
     ProtocolError,
     ServerMetadata,
-    TensorMetadata,
 )
 from ..state import ServiceState
-from ..uploads import Upload, read_body
-from .dependencies import ReadyModel, State, require_ready
+from ..uploads import read_body
+from .dependencies import ReadyModel, State
 from .images import admitted
 
 log = logging.getLogger("service")
@@ -70,8 +68,6 @@ class ProtocolRoute(APIRoute):
 
 router = APIRouter(tags=["inference protocol (v2)"], route_class=ProtocolRoute)
 
-NO_BODY = {"description": "yes (empty body)", "content": {}}
-
 
 def errors(**texts: str) -> dict:
     """OpenAPI ``responses`` for these errors (``e404="…"``), each a protocol error body."""
@@ -91,20 +87,10 @@ INFER_ERRORS = errors(
 )
 
 
-# The one model and version, as the schema names them; any other is answered 404 (check_model), not 400.
+# The one model and version, as the schema names them; any other is answered 404
+# (protocol_serving.check_model), not 400.
 ModelName = Annotated[str, Path(json_schema_extra={"enum": [protocol.MODEL_NAME]})]
 ModelVersion = Annotated[str, Path(json_schema_extra={"enum": [protocol.MODEL_VERSION]})]
-
-
-def check_model(model_name: str, model_version: str | None = None) -> None:
-    if model_name != protocol.MODEL_NAME:
-        raise ProblemError(404, None, f"unknown model {model_name[:100]!r}: this server serves {protocol.MODEL_NAME!r}")
-    if model_version is not None and model_version != protocol.MODEL_VERSION:
-        raise ProblemError(
-            404,
-            None,
-            f"{protocol.MODEL_NAME!r} has no version {model_version[:100]!r}, only {protocol.MODEL_VERSION!r}",
-        )
 
 
 # Health and metadata --------------------------------------------------------------------------------------
@@ -112,67 +98,59 @@ def check_model(model_name: str, model_version: str | None = None) -> None:
 
 @router.get("/v2", response_model=ServerMetadata, summary="Server metadata (Open Inference Protocol)")
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name="alexnet-api", version=model_package.__version__, extensions=list(protocol.EXTENSIONS))
+    return ServerMetadata.model_validate(serving.server_metadata())
 
 
-@router.get("/v2/health/live", response_class=Response, summary="The server is live", responses={200: NO_BODY})
-async def server_live() -> Response:
-    return Response(status_code=200)
+# The protocol says the status alone answers; KServe's InferenceRESTClient also reads {"live": true} and
+# {"ready": true}, as KServe's own servers answer. Clients that read only the status ignore the body.
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+@router.get("/v2/health/live", response_model=ServerLive, summary="The server is live")
+async def server_live() -> ServerLive:
+    return ServerLive(live=True)
 
 
 @router.get(
     "/v2/health/ready",
-    response_class=Response,
+    response_model=ServerReady,
     summary="The server is ready (as /readyz)",
-    responses={200: NO_BODY, **errors(e503=NOT_READY)},
+    responses=errors(e503=NOT_READY),
 )
-async def server_ready(model: ReadyModel) -> Response:
-    return Response(status_code=200)
+async def server_ready(model: ReadyModel) -> ServerReady:
+    return ServerReady(ready=True)
 
 
-async def ready_model(state: ServiceState, model_name: str, model_version: str | None = None) -> LoadedModel:
-    """The model a /v2/models/… request uses: 404 for another model or version, before (whatever the
-    readiness, as a v2 client expects) the readiness check every endpoint shares (require_ready: 503)."""
-    check_model(model_name, model_version)
-    return await require_ready(state)
+async def _model_ready(state: ServiceState, model_name: str, model_version: str | None) -> ModelReady:
+    serving.ready_model(state, model_name, model_version)
+    return ModelReady(name=protocol.MODEL_NAME, ready=True)
 
 
-async def _model_ready(state: ServiceState, model_name: str, model_version: str | None) -> Response:
-    await ready_model(state, model_name, model_version)
-    return Response(status_code=200)
-
-
-READY = {"response_class": Response, "responses": {200: NO_BODY, **errors(e404=UNKNOWN_MODEL, e503=NOT_READY)}}
+READY = {"response_model": ModelReady, "responses": errors(e404=UNKNOWN_MODEL, e503=NOT_READY)}
 
 
 @router.get("/v2/models/{model_name}/ready", summary="The model is ready", **READY)
-async def model_ready(state: State, model_name: ModelName) -> Response:
+async def model_ready(state: State, model_name: ModelName) -> ModelReady:
     return await _model_ready(state, model_name, None)
 
 
 @router.get("/v2/models/{model_name}/versions/{model_version}/ready", summary="This model version is ready", **READY)
-async def model_version_ready(state: State, model_name: ModelName, model_version: ModelVersion) -> Response:
+async def model_version_ready(state: State, model_name: ModelName, model_version: ModelVersion) -> ModelReady:
     return await _model_ready(state, model_name, model_version)
 
 
 def _model_metadata(state: ServiceState, model_name: str, model_version: str | None) -> ModelMetadata:
-    check_model(model_name, model_version)
-    loaded = state.model  # loaded is enough: metadata needs no forward pass
-    if loaded is None:
-        raise ProblemError(503, None, "no model is loaded yet", {"Retry-After": "1"})
-    preprocessing = loaded.preprocessor.config
-    crop = preprocessing.crop
-    return ModelMetadata(
-        name=protocol.MODEL_NAME,
-        versions=[protocol.MODEL_VERSION],
-        platform=protocol.PLATFORM,
-        inputs=[
-            TensorMetadata(name=protocol.IMAGE_INPUT, datatype="BYTES", shape=[-1]),
-            TensorMetadata(name=protocol.TENSOR_INPUT, datatype="FP32", shape=[-1, 3, crop, crop]),
-        ],
-        outputs=[TensorMetadata(name=protocol.OUTPUT, datatype="FP32", shape=[-1, len(loaded.classes)])],
-        parameters=protocol.input_description(preprocessing),
-    )
+    return ModelMetadata.model_validate(serving.model_metadata(serving.loaded_model(state, model_name, model_version)))
 
 
 METADATA = {"response_model": ModelMetadata, "responses": errors(e404=UNKNOWN_MODEL, e503="no model loaded yet")}
@@ -186,6 +164,32 @@ async def model_metadata(state: State, model_name: ModelName) -> ModelMetadata:
 @router.get("/v2/models/{model_name}/versions/{model_version}", summary="Model version metadata", **METADATA)
 async def model_version_metadata(state: State, model_name: ModelName, model_version: ModelVersion) -> ModelMetadata:
     return _model_metadata(state, model_name, model_version)
+
+
+def _model_config(state: ServiceState, model_name: str, model_version: str | None) -> dict:
+    return serving.model_config(state, serving.loaded_model(state, model_name, model_version))
+
+
+CONFIG = {
+    "responses": {
+        200: {
+            "description": "the model's configuration in Triton's form (model_config.proto as JSON): name, platform, "
+            "max_batch_size, inputs and outputs with dims (no batch dimension), dynamic_batching",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        **errors(e404=UNKNOWN_MODEL, e503="no model loaded yet"),
+    }
+}
+
+
+@router.get("/v2/models/{model_name}/config", summary="Model configuration (Triton's model config)", **CONFIG)
+async def model_config(state: State, model_name: str) -> JSONResponse:
+    return JSONResponse(_model_config(state, model_name, None))
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}/config", summary="Model version configuration", **CONFIG)
+async def model_version_config(state: State, model_name: str, model_version: str) -> JSONResponse:
+    return JSONResponse(_model_config(state, model_name, model_version))
 
 
 # Inference ------------------------------------------------------------------------------------------------
@@ -268,7 +272,7 @@ async def infer_version(
 async def _infer(
     request: Request, state: ServiceState, model_name: str, model_version: str | None, header_length: int | None
 ) -> Response:
-    model = await ready_model(state, model_name, model_version)
+    model = serving.ready_model(state, model_name, model_version)
     settings = state.settings
     # Admitted before the body is read, as /classify (routes/images.py, batched): at most queue_size bodies,
     # and each one's memory (the body, then what parsing it takes) held against the body budget.
@@ -277,50 +281,22 @@ async def _infer(
             limits = {"max_body_bytes": settings.max_body_bytes, "timeout": settings.body_timeout_s}
             body = await read_body(request, reservation=reservation, **limits)
             header, binary = protocol.split_body(body, header_length)
-            await _reserve_parsing(reservation, len(body), len(header), len(binary))
+            # Beside the body: its JSON as Python objects (up to JSON_BYTES_PER_BYTE times the JSON's size:
+            # FP32 data in JSON) and a copy of its binary data (the cut elements, or the tensor).
+            await serving.hold(
+                reservation,
+                len(body) + len(header) * protocol.JSON_BYTES_PER_BYTE + len(binary),
+                f"{protocol.JSON_BYTES_PER_BYTE}× its {len(header):,}-byte JSON; send tensor data with the binary "
+                "extension",
+            )
             parsed = protocol.parse_request(header)
             outputs = protocol.requested_outputs(parsed)
-            inputs = protocol.read_inputs(
-                parsed,
-                protocol.binary_parts(parsed, binary),
-                crop=model.preprocessor.config.crop,
-                max_elements=settings.max_files,
-            )
-            if inputs.images is not None:
-                images = await state.decode(model, [Upload(None, data) for data in inputs.images])
-                task = Task.probabilities("center")
-            else:
-                images, task = list(inputs.tensor.unbind(0)), Task.probabilities_of_inputs()
-            probabilities = await state.infer(model, images, task)
-    if not bool(probabilities.isfinite().all()):  # NaN or infinite values in an FP32 input
-        raise ProblemError(422, None, "the input gives non-finite probabilities: is every value a finite number?")
+            probabilities = await serving.classify(state, model, parsed, protocol.binary_parts(parsed, binary))
 
-    state.metrics.images.inc("center", amount=len(inputs))
     content, json_length = protocol.encode_response(parsed, outputs, probabilities, model.classes)
     if json_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream", headers={protocol.HEADER_LENGTH: str(json_length)})
-
-
-async def _reserve_parsing(reservation, body: int, header: int, binary: int) -> None:
-    """Hold, beside the body, what parsing it takes: its JSON as Python objects (up to
-    ``protocol.JSON_BYTES_PER_BYTE`` times the JSON's size: FP32 data in JSON) and a copy of its binary data
-    (the cut elements, or the tensor). 413 when that can never fit the body budget, 503 when not now."""
-    need = body + header * protocol.JSON_BYTES_PER_BYTE + binary
-    budget = reservation.budget
-    if need <= budget.capacity and await reservation.grow_to(need):
-        return
-    if need > budget.capacity:
-        raise ProblemError(
-            413,
-            "body-too-large",
-            f"parsing this request needs about {need / 2**20:,.0f} MiB ({protocol.JSON_BYTES_PER_BYTE}× its "
-            f"{header:,}-byte JSON), more than request bodies may hold ({budget.capacity / 2**20:,.0f} MiB, "
-            "ALEXNET_BODY_MEMORY_BYTES): send tensor data with the binary extension",
-        )
-    raise ProblemError(
-        503, "memory-busy", "request bodies in memory are at the limit; retry later", {"Retry-After": "1"}
-    )
 
 
 # Anything else under /v2 ----------------------------------------------------------------------------------

@@ -50,8 +50,12 @@ class ServiceProcess:
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # gRPC on a free port too (the default, 8001, would be shared by every server the tests start)
+        self.grpc_port = free_port()
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--grpc-port", str(self.grpc_port), *args]
         environment = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
         # PYTHONPATH: this tree's packages, whatever the working directory (``cwd``: where the default
         # checkpoint path, checkpoints/best.safetensors, is looked for).
