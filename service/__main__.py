@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         access_log=False,  # service.logs.ObserveRequests writes the access log
         timeout_graceful_shutdown=30,
+        # Named, not uvicorn's "auto": auto takes httptools and uvloop whenever they are installed (kserve's
+        # dependencies bring them). The service's HTTP behaviour is h11's and is tested as such: it answers
+        # unknown methods with 405, and framing.py's smuggling guard relies on how h11 reads the body.
+        http="h11",
+        loop="asyncio",
     )
     server = uvicorn.Server(config)
     try:

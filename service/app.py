@@ -51,9 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         grpc_server = None
         if settings.grpc_port:
-            from . import grpc_server as grpc_module  # imported here: grpcio loads only when gRPC is on
-
             try:
+                from . import grpc_server as grpc_module  # imported here: grpcio loads only when gRPC is on
+
                 grpc_server = await grpc_module.start(state)
             except Exception as e:
                 log.error("cannot start the service: %s", e, extra={"fields": {"event": "startup_failed"}})

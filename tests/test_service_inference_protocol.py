@@ -172,7 +172,7 @@ def test_other_paths_and_methods_under_v2(http):
     assert_error(http.get("/v2/"), 404)
     response = http.get(INFER)
     assert "GET is not allowed" in assert_error(response, 405) and response.headers["allow"] == "POST"
-    assert http.delete("/v2/models/alexnet").headers["allow"] == "GET"
+    assert http.delete("/v2/models/alexnet").headers["allow"] == "GET, HEAD"
     # ... and outside /v2 nothing changed: problem+json
     assert http.get("/nowhere").headers["content-type"] == "application/problem+json"
 
