@@ -18,6 +18,7 @@ from .settings import Settings, SettingsError
 def parse_args(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m service",
+        allow_abbrev=False,  # --por is not --port: a whole flag name or an error
         description="AlexNet classification API. Every flag can also be set as ALEXNET_<NAME> in the environment.",
     )
     for name, field in Settings.model_fields.items():
