@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app
     from .logs import configure
 
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler it found
     # installed. This one turns that into exit status 0: a requested, clean shutdown is a success.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             app,
             host=settings.host,
             port=settings.port,
-            log_config=None,  # our JSON logging (configure) handles uvicorn's loggers too
+            log_config=None,  # our logging (configure) handles uvicorn's loggers too
             log_level=settings.log_level,
             access_log=False,  # service.logs.ObserveRequests writes the access log
             timeout_graceful_shutdown=30,
