@@ -7,13 +7,14 @@ import contextlib
 import gc
 import logging
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 import model as model_package
 
 from . import memory, problems
 from .logs import ObserveRequests
 from .routes import ROUTERS
+from .routes.dependencies import known_query_parameters
 from .settings import Settings
 from .state import ServiceState
 
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
+        dependencies=[Depends(known_query_parameters)],  # every route: an unknown query parameter is a 422
     )
     app.state.service = state
     problems.install(app)
