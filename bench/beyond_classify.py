@@ -40,7 +40,9 @@ def rate(fn, seconds: float) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--seconds", type=float, default=5.0, help="time for each measurement")
     p.add_argument("--batch", type=int, default=16, help="batch size (the service's ALEXNET_MAX_BATCH default)")
     args = p.parse_args()

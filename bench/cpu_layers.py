@@ -64,7 +64,9 @@ def stages(net: CPUInferenceNet, images: torch.Tensor) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--batch", type=int, default=8, help="batch of the per-layer timings")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--window", type=float, default=0.6, help="seconds per whole-net window")

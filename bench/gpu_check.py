@@ -74,7 +74,9 @@ PHOTOS = [REPO.parent / "shared" / "data" / "images", REPO / "tests" / "fixtures
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (the dry run)")
     p.add_argument("--width", type=float, help="net width (default 1 on cuda, 1/16 on cpu)")
     p.add_argument("--batch", type=int, help="training batch (default 128 on cuda, 16 on cpu)")

@@ -75,7 +75,7 @@ def curve(run_dir: Path, classes: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("src", type=Path, help="ImageNet-layout folder: train/<wnid>/, val/<wnid>/")
     parser.add_argument("--out", type=Path, required=True, help="work folder: prepared store, run")
     parser.add_argument("--store", choices=("raw", "jpeg"), default="jpeg", help="prepared store (default jpeg)")

@@ -53,7 +53,9 @@ def parse_size(text: str) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--memory-limit", default="3g", help="the cgroup's limit (default 3g; 0: no cgroup)")
     p.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
     p.add_argument("--large-decode-clients", type=int, default=16, help="of them, posting large decodes (16)")

@@ -47,7 +47,9 @@ _preprocessor = None
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--copies", type=int, default=30, help="copies of the 10 photos to classify (default 30)")
     p.add_argument("--workers", default="default", help="comma-separated predict --workers values (default: its own)")
     p.add_argument("--batch-size", type=int, default=128, help="predict --batch-size (default 128)")

@@ -177,7 +177,7 @@ def end_to_end(version: str, photos: Path, count: int, workers: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=Path, default=Path("/work/imagenette"), help="an ImageNet-layout folder")
     parser.add_argument("--images", type=int, default=400, help="photos each worker measurement decodes")
     parser.add_argument("--main-images", type=int, default=3000, help="train images of the main-process run")

@@ -58,7 +58,9 @@ FALLBACK_IMAGES = REPO / "tests" / "fixtures" / "images"
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: a fresh full-size net)")
     p.add_argument("--images", type=Path, help=f"folder of JPEGs to post (default {DEFAULT_IMAGES})")
     p.add_argument("--clients", default="1,16", help="comma-separated concurrent client counts")

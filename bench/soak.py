@@ -62,7 +62,9 @@ LEFT_OUT = {"large-decoded.webp"}
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--duration", type=float, default=180.0, help="seconds of measured load (default 180)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring (default 5)")
     p.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")

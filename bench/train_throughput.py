@@ -68,7 +68,9 @@ PHOTOS = [REPO.parent / "shared" / "data" / "images", REPO / "tests" / "fixtures
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--seconds", type=float, default=5.0, help="time for each of (a) and (b)")
     p.add_argument("--batch", type=int, default=128, help="batch size of (a) (the paper's 128)")
     p.add_argument("--copies", type=int, default=32, help="copies of each photo in the prepared set")

@@ -561,6 +561,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
+        allow_abbrev=False,
         prog="python -m model.export",
         description="Export a checkpoint's network to ONNX (the grouped net, standard operators, dynamic batch). "
         "The input is the preprocessed image tensor; the model's metadata says which preprocessing.",

@@ -39,7 +39,7 @@ def write_subset(src: Path, dest: Path, per_class: dict[str, int], side: int, qu
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("src", type=Path)
     parser.add_argument("dest", type=Path)
     parser.add_argument("--train", type=int, default=90, help="train images per class (default 90)")

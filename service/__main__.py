@@ -20,6 +20,7 @@ from .settings import Settings, SettingsError
 def parse_args(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m service",
+        allow_abbrev=False,  # --por is not --port: a whole flag name or an error
         description="AlexNet classification API. Every flag can also be set as ALEXNET_<NAME> in the environment.",
     )
     for name, field in Settings.model_fields.items():
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except PortUnavailable as e:
         print(f"python -m service: {e}", file=sys.stderr)
         return EXIT_PORT
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     quiet_uvicorn_startup_failure()
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler it found
     # installed. This one turns that into exit status 0: a requested, clean shutdown is a success.

@@ -7,7 +7,7 @@ import contextlib
 import gc
 import logging
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 import model as model_package
 
@@ -16,6 +16,7 @@ from .framing import CloseAmbiguousFraming
 from .head import AnswerHead
 from .logs import ObserveRequests
 from .routes import ROUTERS
+from .routes.dependencies import known_query_parameters
 from .settings import Settings
 from .startup import QuietStartupFailure, exit_status
 from .state import ServiceState
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
+        dependencies=[Depends(known_query_parameters)],  # every route: an unknown query parameter is a 422
     )
     app.state.service = state
     problems.install(app)

@@ -47,7 +47,11 @@ class Decoder:
         for position, (upload, result) in enumerate(zip(uploads, results), 1):
             upload.data = []
             if isinstance(result, ImageError):
-                name = upload.describe(position) if len(uploads) > 1 or upload.filename else "image"
+                # "file 2 ('b.png')" among several; one upload is named by its filename alone (or "image").
+                if len(uploads) > 1:
+                    name = upload.describe(position)
+                else:
+                    name = repr(upload.filename) if upload.filename else "image"
                 raise problems.image_problem(result, name)
             if isinstance(result, BaseException):
                 raise result

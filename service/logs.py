@@ -1,9 +1,15 @@
-"""Structured logs: one JSON object per line (uvicorn's own messages included), and the access log.
+"""Logs: one JSON object per line (the default; uvicorn's own messages included) or, for a person at a
+terminal, one plain line (``ALEXNET_LOG_FORMAT=text``); and the access log.
 
 An access line looks like
     {"time": "...", "level": "info", "logger": "service.access", "message": "POST /classify 200",
      "method": "POST", "path": "/classify", "route": "/classify", "status": 200, "duration_ms": 41.2,
      "client": "127.0.0.1", "query": "top_k=3"}
+or, as text,
+    2026-01-02 10:11:12.345 INFO  service.access  POST /classify 200  duration_ms=41.2 client=127.0.0.1 query=top_k=3
+
+Probes and scrapes (PROBE_ROUTES) that succeed are logged at debug: under Kubernetes they come every few
+seconds, and a line each would bury the requests that matter. A failing probe stays at info.
 """
 
 from __future__ import annotations
@@ -36,10 +42,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def configure(level: str) -> None:
-    """JSON lines on stderr for every logger, uvicorn's included (it is started with log_config=None)."""
+class TextFormatter(logging.Formatter):
+    """One line for a person: local time, level, logger, message, then the fields the message leaves out."""
+
+    SAID = frozenset({"method", "path", "status"})  # an access line's message already says these
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S")
+        line = f"{when}.{int(record.msecs):03d} {record.levelname:<5} {record.name}  {record.getMessage()}"
+        fields = getattr(record, "fields", {})
+        extra = " ".join(f"{k}={v}" for k, v in fields.items() if k not in self.SAID and v not in (None, ""))
+        if extra:
+            line += "  " + extra
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+FORMATTERS = {"json": JsonFormatter, "text": TextFormatter}
+
+
+def configure(level: str, log_format: str = "json") -> None:
+    """Lines on stderr for every logger, uvicorn's included (it is started with log_config=None): JSON
+    objects, or plain text for a terminal."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(FORMATTERS[log_format]())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -49,6 +76,8 @@ def configure(level: str) -> None:
 
 
 UNMATCHED = "unmatched"
+# The routes that Kubernetes probes and Prometheus scrapes call every few seconds.
+PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 def route_template(scope) -> str:
@@ -109,7 +138,9 @@ class ObserveRequests:
             self.metrics.requests.inc(method_label(method), route_name, str(status))
             self.metrics.latency.observe(seconds, method_label(method), route_name)
             client = scope.get("client")
-            access_log.info(
+            routine = route_name in PROBE_ROUTES and status < 400
+            access_log.log(
+                logging.DEBUG if routine else logging.INFO,
                 "%s %s %d",
                 method,
                 scope["path"],

@@ -38,6 +38,10 @@ ALLOCATOR_SLACK_FRACTION = 0.05
 ALLOCATOR_SLACK_BYTES = 64 * MIB
 # One Grad-CAM in flight: the two-tower net's activations and their gradients at batch 1 (measured ~40 MiB).
 EXPLANATION_BYTES = 64 * MIB
+# The share of the memory limit a start should leave over its worst case. The ready size is measured at each
+# start and moves by ~100 MiB from one to the next (582–700 MiB for the same settings): with less to spare,
+# the same settings may refuse to start another time. Less than this is a warning (docs/serving.md, "Memory").
+MIN_HEADROOM = 0.10
 
 
 class ByteBudget:
@@ -201,6 +205,23 @@ def worst_case(settings, *, ready_bytes: int, model_load: "ModelLoadCost", decod
         decodes=settings.decode_memory_bytes,
         decoded_images=decoded_images,
         slack=int(counted * ALLOCATOR_SLACK_FRACTION) + ALLOCATOR_SLACK_BYTES,
+    )
+
+
+def fit_report(worst: WorstCase, limit: int, source: str) -> tuple[int, str]:
+    """(log level, message) for a worst case that fits ``limit``: info with MIN_HEADROOM or more to spare,
+    else a warning that says what to do."""
+    spare = 1 - worst.total / limit
+    message = (
+        f"memory: worst case {worst.describe()} fits the limit of {limit / MIB:,.0f} MiB ({source}), "
+        f"{spare:.0%} to spare"
+    )
+    if spare >= MIN_HEADROOM:
+        return logging.INFO, message
+    return logging.WARNING, (
+        f"{message}: less than {MIN_HEADROOM:.0%}. The ready size moves by ~100 MiB between starts, so these "
+        "settings may not fit the next time: raise the memory limit, or lower ALEXNET_DECODE_MEMORY_BYTES or "
+        "ALEXNET_BODY_MEMORY_BYTES (docs/serving.md, 'Memory')"
     )
 
 

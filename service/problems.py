@@ -73,6 +73,14 @@ def image_problem(error: ImageError, source: str) -> ProblemError:
     return ProblemError(status, slug, f"{source}: {error}")
 
 
+def method_hint(method: str, path: str, allow: str) -> tuple[str, str]:
+    """A 405's detail, naming the methods the path answers (``GET /classify`` → use POST), and its Allow
+    header with the methods in a stable order."""
+    methods = sorted({m.strip().upper() for m in allow.split(",") if m.strip()})
+    detail = f"{method} is not served at {path}: use {' or '.join(methods)} (every operation is listed at /docs)"
+    return detail, ", ".join(methods)
+
+
 def install(app: FastAPI) -> None:
     """Route FastAPI's own errors and anything unexpected to problem+json, and say so in the OpenAPI schema."""
     generate = app.openapi
@@ -91,7 +99,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).description
-        return problem_response(exc.status_code, None, detail, getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405 and "Allow" in headers:
+            detail, headers["Allow"] = method_hint(request.method, request.url.path, headers["Allow"])
+        return problem_response(exc.status_code, None, detail, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

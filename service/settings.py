@@ -17,6 +17,7 @@ import model
 ENV_PREFIX = "ALEXNET_"
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["json", "text"]
 
 
 # The batching defaults when the service runs on a GPU. 16 inputs and 100 ms were chosen on CPUs, where a
@@ -95,8 +96,11 @@ class Settings(BaseModel):
     )
     reload_interval_s: float = Field(2.0, ge=0, description="checkpoint file poll interval; 0 turns hot reload off")
     log_level: LogLevel = Field("info", description="debug, info, warning, error or critical")
+    log_format: LogFormat = Field(
+        "json", description="json: one JSON object a line, for log collectors; text: plain lines, for a terminal"
+    )
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lowercase(cls, value):
         return value.lower() if isinstance(value, str) else value

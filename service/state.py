@@ -163,13 +163,8 @@ class ServiceState:
         elif worst.total > limit:
             raise memory.MemoryDoesNotFit(worst, limit, source)
         else:
-            log.info(
-                "memory: worst case %s fits the limit of %s MiB (%s)",
-                worst.describe(),
-                f"{limit / memory.MIB:,.0f}",
-                source,
-                extra={"fields": fields},
-            )
+            level, message = memory.fit_report(worst, limit, source)
+            log.log(level, "%s", message, extra={"fields": fields})
         return worst
 
     # The endpoints' interface -----------------------------------------------------------------------------

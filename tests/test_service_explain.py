@@ -90,6 +90,7 @@ def test_png_is_the_overlay_on_the_centre_crop(client, direct, towers, photos):
         response = explain(client, data)
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == "image/png"
+        assert response.headers["x-content-type-options"] == "nosniff"  # never sniffed as anything else
         with Image.open(io.BytesIO(response.content)) as image:
             assert image.format == "PNG" and image.size == (CROP, CROP) and image.mode == "RGB"
             got = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).int()

@@ -229,6 +229,8 @@ def test_conv1_filters_under_the_model_chip(page, api, checkpoint):
     page.wait_for_function(
         "() => { const i = document.getElementById('filters-image'); return i.complete && i.naturalWidth > 0; }"
     )
+    assert page.locator("#model").bounding_box() == chip  # opening the picture does not move the chip
+    assert_tower_labels_fit(page)
     sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     src = image.get_attribute("src")
     assert src.startswith("model/filters.png") and sha256 in src
@@ -245,6 +247,24 @@ def test_conv1_filters_under_the_model_chip(page, api, checkpoint):
     assert image.is_hidden()
 
 
+TOWER_LABELS_JS = """() => [...document.querySelectorAll('#filters .towers span')].map(span => {
+    const range = document.createRange();
+    range.selectNodeContents(span);
+    const text = range.getBoundingClientRect(), block = span.getBoundingClientRect();
+    return {lines: range.getClientRects().length, text: text.height, block: block.height};
+})"""
+
+
+def assert_tower_labels_fit(page) -> None:
+    """Each tower's label on one line ("tower 0", not "tower / 0"), within its block of the picture."""
+    labels = page.evaluate(TOWER_LABELS_JS)
+    assert len(labels) == 2
+    for label in labels:
+        assert label["lines"] == 1 and label["text"] <= label["block"] + 0.5, labels
+    image = page.locator("#filters-image").bounding_box()
+    assert sum(label["block"] for label in labels) == pytest.approx(image["height"], abs=1), (labels, image)
+
+
 def test_where_it_looks(page, api, photos):
     """Each answered card has a "Where it looks" button: POST /explain for its image and its top class, the
     overlay (a blob: URL, as the previews are) shown in place of the preview; pressed again, the photo."""
@@ -258,6 +278,8 @@ def test_where_it_looks(page, api, photos):
     with page.expect_response(lambda r: "/explain" in r.url) as answer:
         button.click()
     assert answer.value.status == 200 and answer.value.headers["content-type"] == "image/png"
+    assert answer.value.headers["x-content-type-options"] == "nosniff"
+    assert float(answer.value.headers["x-heatmap-max"]) > 0.5  # a map with a peak
     assert f"class_index={card_index(page)}" in answer.value.url
     page.wait_for_function(
         "() => { const i = document.querySelector('.card .preview img.look-image'); return i && i.complete && i.naturalWidth > 0; }"
@@ -267,7 +289,9 @@ def test_where_it_looks(page, api, photos):
     assert page.evaluate("() => document.querySelector('.card .preview img').naturalWidth") == 224
     assert top["label"] in look.get_attribute("alt")
     assert button.get_attribute("aria-pressed") == "true" and button.inner_text() == "Show the photo"
-    assert f"evidence for “{top['label']}”" in page.locator(".card .look-status").inner_text()
+    assert page.locator(".card .look-status").inner_text().startswith(f"evidence for “{top['label']}”")
+    legend = page.locator(".card .legend")  # what the colours mean
+    assert legend.is_visible() and legend.inner_text().split() == ["no", "evidence", "most", "evidence"]
     # The same picture as the API draws for the same bytes and class.
     expected = api.post(
         "/explain", params={"class_index": card_index(page)}, files={"file": (path.name, path.read_bytes())}
@@ -289,6 +313,7 @@ def test_where_it_looks(page, api, photos):
         assert bytes(shown) == png.convert("RGB").tobytes()
     button.click()  # back to the photo
     assert page.locator(".card .preview img").get_attribute("src") == photo_src
+    assert legend.is_hidden()
     assert page.locator(".card .preview img.look-image").count() == 0
     assert button.get_attribute("aria-pressed") == "false" and button.inner_text() == "Where it looks"
     button.click()  # shown again without another request
@@ -361,9 +386,24 @@ def test_api_errors_are_shown_in_words(page, api, photos, tmp_path):
         assert 400 <= response.status_code < 500
         card = cards[file["name"]]
         assert card["state"] == "error" and card["bars"] == []
-        assert (card["title"], card["detail"]) == (problem["title"], problem["detail"])
+        # A headline in words, not the HTTP phrase; the detail as the API gives it, less the file's name
+        # (the card's title) and with no "file 1": the page sends one file a request.
+        assert card["title"] == HEADLINES[problem["type"]] and card["title"] != problem["title"]
+        assert problem["detail"].startswith(f"'{file['name']}': ")
+        assert card["detail"] == problem["detail"].removeprefix(f"'{file['name']}': ")
+        assert not card["detail"].startswith("file ") and file["name"] not in card["detail"]
+    # The browser cannot draw a text file: it is not an image, and the card says so (not "in this browser").
+    previews = page.eval_on_selector_all(".card", "cards => cards.map(c => c.querySelector('.preview').innerText)")
+    assert "no preview: not an image (text/plain)" in previews
+    assert not any("in this browser" in text for text in previews)
     assert page.locator(".card .status .detail").first.is_visible()
     page.screenshot(path=str(tmp_path / "errors.png"))
+
+
+HEADLINES = {  # what the page says for the problems the two files get
+    "urn:alexnet:problem:invalid-image": "Not a readable image",
+    "urn:alexnet:problem:unsupported-image": "Not an image format the server reads",
+}
 
 
 def wait_for_model(api, **expected) -> None:
@@ -395,6 +435,17 @@ def test_an_untrained_model_is_flagged(page, api, server, checkpoint, photos, tm
     page.wait_for_selector("#untrained", state="visible")
     assert "Untrained model" in page.locator("#untrained").inner_text()
     assert "untrained" in page.locator("#model .pill").inner_text()
+    # "how to serve a trained model" is a link, to the steps on this page (the README is not served here).
+    how_to = page.locator("#get-a-model")
+    assert how_to.is_hidden() and "README" not in page.locator("#untrained").inner_text()
+    page.click("#untrained a[href='#get-a-model']")
+    assert page.url.endswith("#get-a-model") and how_to.is_visible()
+    assert "python -m model.import_weights" in how_to.inner_text() and "ALEXNET_CHECKPOINT=" in how_to.inner_text()
+    # This chip (shorter than a trained one's) stays put too when the filters open.
+    chip = page.locator("#model").bounding_box()
+    page.click("#filters summary")
+    page.locator("#filters-image").wait_for(state="visible")
+    assert page.locator("#model").bounding_box() == chip
     sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert sha256 in page.locator("#filters-image").get_attribute("src")  # the new model's kernels
     page.set_input_files("#file-input", str(photos[1]))
@@ -402,6 +453,28 @@ def test_an_untrained_model_is_flagged(page, api, server, checkpoint, photos, tm
     assert_shows_api_answer(card, api, photos[1].name, photos[1].read_bytes())
     assert "untrained: labels are noise" in card["meta"]
     page.screenshot(path=str(tmp_path / "untrained.png"))
+
+
+def test_a_map_with_no_evidence_says_so(page, api, checkpoint, photos):
+    """A net whose conv5 never fires (its biases far below zero) gives every class a Grad-CAM map of 0
+    everywhere: the overlay is an even blue tint, and the card says that it means no evidence at all."""
+    from model import load_checkpoint
+
+    silent = load_checkpoint(write_checkpoint(checkpoint, seed=6))
+    silent.state_dict["conv5.bias"].fill_(-1e4)
+    silent.save(checkpoint)
+    wait_for_model(api, sha256=hashlib.sha256(checkpoint.read_bytes()).hexdigest())
+    page.reload()
+    page.set_input_files("#file-input", str(photos[2]))
+    (card,) = settled_cards(page, 1)
+    with page.expect_response(lambda r: "/explain" in r.url) as answer:
+        page.click(".card .look")
+    assert answer.value.status == 200 and float(answer.value.headers["x-heatmap-max"]) == 0
+    page.wait_for_selector(".card .preview img.look-image")
+    status = page.locator(".card .look-status")
+    assert status.inner_text().startswith(f"no evidence for “{card['bars'][0]['label']}”")
+    assert "0 everywhere" in status.inner_text() and "none" in status.get_attribute("class")
+    assert page.locator(".card .legend").is_visible()
 
 
 def test_docs_work_without_internet(browser, server):

@@ -1,5 +1,7 @@
-"""Command line: ``python -m training prepare|train|evaluate|predict|plot`` (``--help`` on each for its flags).
+"""Prepare ImageNet, train AlexNet on it, evaluate a checkpoint, classify images with it, plot a run.
+Each command has its own flags: python -m training COMMAND --help.
 
+examples:
     python -m training prepare /data/imagenet /data/imagenet-256 --workers 16
     python -m training prepare /data/imagenet /data/imagenet-jpeg --store jpeg   # 31 GB instead of 252 GB
     python -m training train /data/imagenet-256 --out runs/alexnet            # the paper's recipe
@@ -24,10 +26,25 @@ from .data import TrainingError
 from .train import Hyperparameters, Options
 
 DEFAULTS = Hyperparameters()
+# --help shows this module's text as written (plain text: no markup), the examples as an epilogue.
+DESCRIPTION, EXAMPLES = __doc__.split("\n\n", 1)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Whole flag names only: an abbreviation (``--epoch`` for ``--epochs``) is an error, not a guess. The
+    subcommands' parsers are of this class too (argparse makes them of the parent's class)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0])
+    parser = _Parser(
+        prog="python -m training",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the examples keep their lines
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     flagged = (_prepare_flags(commands), _train_flags(commands), _evaluate_flags(commands), _predict_flags(commands))
     for sub in flagged:
@@ -70,7 +87,7 @@ def _prepare_flags(commands) -> argparse.ArgumentParser:
 
 def _train_flags(commands) -> argparse.ArgumentParser:
     t = commands.add_parser("train", help="train the network (the paper's recipe by default)")
-    t.add_argument("data", help="a folder written by `prepare`")
+    t.add_argument("data", help="a folder written by the prepare command")
     t.add_argument("--out", required=True, help="run folder: state, checkpoints, metrics")
     _recipe_flags(t)
     _how_to_run_flags(t)
@@ -188,7 +205,7 @@ def _how_to_run_flags(t: argparse.ArgumentParser) -> None:
 def _evaluate_flags(commands) -> argparse.ArgumentParser:
     e = commands.add_parser("evaluate", help="top-1/top-5 error of a checkpoint on a prepared split")
     e.add_argument("checkpoint", help="a .safetensors checkpoint")
-    e.add_argument("data", help="a folder written by `prepare`")
+    e.add_argument("data", help="a folder written by the prepare command")
     e.add_argument("--split", default="val", help="(default val)")
     e.add_argument("--crops", choices=("center", "ten", "both"), default="both", help="(default both)")
     e.add_argument("--batch-size", type=int, default=128)

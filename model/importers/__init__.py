@@ -346,6 +346,7 @@ def import_weights(
 def _parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m model.import_weights",
+        allow_abbrev=False,  # --ou is not --out: a whole flag name or an error
         description="Convert the published BVLC AlexNet weights (Caffe .caffemodel or ONNX model zoo .onnx) "
         "into this project's checkpoint format.",
         epilog="Published sources: "

@@ -5,8 +5,11 @@
 ``ReadyModel`` is the readiness check every endpoint that needs the model shares (ServiceState.not_ready,
 the one /readyz reports): 503 not-ready with Retry-After before the model is loaded, while shutting down,
 or once the batching worker has stopped. Dependencies are solved before the query is validated, so a
-service that is not ready answers 503 whatever the parameters. They are coroutines: FastAPI runs plain
-functions in a thread, one hop per request for nothing.
+service that is not ready answers 503 whatever the parameters' values. They are coroutines: FastAPI runs
+plain functions in a thread, one hop per request for nothing.
+
+``known_query_parameters`` runs first on every route (the app declares it): a query parameter the route
+does not declare (``?topk=3`` for ``top_k``) answers 422, ready or not, instead of being ignored.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.params import Query
+from pydantic import BaseModel
 
 from ..engine import LoadedModel
 from ..problems import ProblemError
@@ -36,3 +41,36 @@ async def require_ready(state: State) -> LoadedModel:
 
 
 ReadyModel = Annotated[LoadedModel, Depends(require_ready)]
+
+
+async def known_query_parameters(request: Request) -> None:
+    """422 naming the accepted parameters when the query has one the route does not declare. A route that
+    declares none takes any (a cache-busting ``?v=`` on a picture, say): there is no typo to catch."""
+    route = request.scope.get("route")
+    accepted = declared_query_parameters(route.dependant) if hasattr(route, "dependant") else []
+    if not accepted:
+        return
+    unknown = [name for name in dict.fromkeys(request.query_params.keys()) if name not in accepted]
+    if unknown:
+        names = ", ".join(repr(name[:40]) for name in unknown[:5])
+        plural = "s" if len(unknown) > 1 else ""
+        raise ProblemError(
+            422,
+            "invalid-parameter",
+            f"unknown query parameter{plural} {names}: {request.url.path} accepts {', '.join(accepted)}",
+        )
+
+
+def declared_query_parameters(dependant) -> list[str]:
+    """The query parameter names a route's endpoint and its dependencies declare, in order; a pydantic
+    model given as ``Annotated[Model, Query()]`` declares its fields (by alias)."""
+    names: list[str] = []
+    for field in dependant.query_params:
+        model = field.field_info.annotation
+        if isinstance(field.field_info, Query) and isinstance(model, type) and issubclass(model, BaseModel):
+            names += [f.alias or name for name, f in model.model_fields.items()]
+        else:
+            names.append(field.alias)
+    for sub in dependant.dependencies:
+        names += [name for name in declared_query_parameters(sub) if name not in names]
+    return names

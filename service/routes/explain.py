@@ -35,7 +35,8 @@ PNG = {"schema": {"type": "string", "format": "binary"}}
         200: {
             "description": "format=png (the default): the heat map drawn over the centre crop (crop × crop "
             "pixels), with the class in the X-Class-Index, X-Class-Wnid (percent-encoded) and X-Class-Probability "
-            "headers; format=json: the map itself",
+            "headers, and the map's largest value in X-Heatmap-Max (1 where the map has a peak; 0: no evidence for "
+            "the class anywhere in the crop, the map is 0 everywhere); format=json: the map itself",
             "content": {"image/png": PNG},
         },
         **error_responses(
@@ -74,7 +75,9 @@ async def explain(
             "X-Class-Index": str(explanation.class_index),
             "X-Class-Wnid": _header_safe(image_class.wnid),
             "X-Class-Probability": repr(explanation.probability),
+            "X-Heatmap-Max": repr(float(explanation.heat.max())),  # 0: no evidence anywhere (an even tint)
             "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",  # an image, never to be read as anything else
         }
         return Response(png, media_type="image/png", headers=headers)
     body = ExplainResponse.model_construct(

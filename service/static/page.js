@@ -112,7 +112,7 @@ function addFiles(files) {
     let name = file.name;
     if (!name || name === "image.png") name = `pasted image ${++pasted}`;
     const url = URL.createObjectURL(file); // the preview: the file itself, never uploaded for it
-    const item = { file, name, url, card: newCard(name, url), state: "pending", top: null, look: null };
+    const item = { file, name, url, card: newCard(name, url, file.type), state: "pending", top: null, look: null };
     items.push(item);
     added.push(item);
   }
@@ -125,17 +125,24 @@ function addFiles(files) {
   for (const item of added) enqueue(item);
 }
 
-function newCard(name, url) {
+function newCard(name, url, type) {
   const card = el.template.content.firstElementChild.cloneNode(true);
   card.querySelector(".filename").textContent = name;
   card.querySelector(".filename").title = name;
   const img = card.querySelector("img");
   img.alt = `Preview of ${name}`;
   img.addEventListener("error", () => {
-    img.replaceWith(document.createTextNode("no preview in this browser"));
+    img.replaceWith(document.createTextNode(noPreview(type)));
   });
   img.src = url;
   return card;
+}
+
+// Why a file shows no preview: the browser cannot draw some image formats (TIFF, say), but a file of
+// another type (text/plain) is not an image at all, and the browser is not to blame.
+function noPreview(type) {
+  if (type.startsWith("image/")) return "no preview in this browser";
+  return type ? `no preview: not an image (${type})` : "no preview: not an image the browser knows";
 }
 
 // Where it looks ----------------------------------------------------------------------------------------------
@@ -179,6 +186,7 @@ async function explain(item, attempt = 0) {
   look.busy = false;
   look.url = URL.createObjectURL(blob);
   look.probability = Number(response.headers.get("X-Class-Probability"));
+  look.noEvidence = Number(response.headers.get("X-Heatmap-Max")) === 0;
   button.disabled = false;
   showLook(item, true);
 }
@@ -211,8 +219,17 @@ function showLook(item, shown) {
   button.setAttribute("aria-pressed", String(shown));
   button.textContent = shown ? "Show the photo" : "Where it looks";
   const status = item.card.querySelector(".look-status");
-  status.className = "look-status";
-  status.textContent = shown ? `evidence for “${look.top.label}” (centre crop, ${percent(look.probability)})` : "";
+  status.className = shown && look.noEvidence ? "look-status none" : "look-status";
+  status.textContent = shown ? lookText(look) : "";
+  item.card.querySelector(".legend").hidden = !shown;
+}
+
+function lookText(look) {
+  const label = `“${look.top.label}” (centre crop, ${percent(look.probability)})`;
+  if (!look.noEvidence) return `evidence for ${label}`;
+  // Grad-CAM keeps only what raises the class's score; where nothing does, the map is 0 everywhere and the
+  // overlay an even blue tint, which would otherwise read as "a little evidence everywhere".
+  return `no evidence for ${label} anywhere in the crop: nothing in it raises the class’s score, so the map is 0 everywhere (the even blue tint)`;
 }
 
 function forgetLook(item) {
@@ -222,6 +239,7 @@ function forgetLook(item) {
   if (look.url) URL.revokeObjectURL(look.url);
   item.look = null;
   item.card.querySelector(".look-status").textContent = "";
+  item.card.querySelector(".legend").hidden = true;
   item.card.querySelector(".look").disabled = false;
 }
 
@@ -270,9 +288,7 @@ async function classify(item, attempt = 0) {
   }
   if (!response.ok) {
     const body = await response.json().catch(() => null);
-    const title = (body && body.title) || `HTTP ${response.status}`;
-    const detail = (body && body.detail) || response.statusText || "the server gave no reason";
-    return showError(item, title, detail);
+    return showError(item, headline(body, response.status), problemDetail(body, item.name));
   }
   let body;
   try {
@@ -361,6 +377,43 @@ function showError(item, title, detail) {
   item.card.dataset.state = "error";
   item.card.removeAttribute("aria-busy");
   el.announce.textContent = `${item.name}: ${title}: ${detail}`;
+}
+
+// The error card's headline, in words, by the problem's type (the README's error table); not the HTTP
+// status phrase ("Unprocessable Entity"), which says nothing to a person.
+const HEADLINES = {
+  "invalid-image": "Not a readable image",
+  "unsupported-image": "Not an image format the server reads",
+  "image-too-large": "Image too large",
+  "body-too-large": "File too large",
+  "too-many-files": "Too many files",
+  "no-image": "No image sent",
+  "invalid-parameter": "Invalid option",
+  "body-timeout": "Upload too slow",
+  "incomplete-body": "Upload interrupted",
+  "malformed-multipart": "Malformed upload",
+  "malformed-request": "Malformed upload",
+  "not-ready": "Model not loaded yet",
+  "model-changing": "Model being replaced",
+  "queue-full": "Server busy",
+  "memory-busy": "Server busy",
+  "inference-failed": "Server error",
+  "internal-error": "Server error",
+};
+
+function headline(body, status) {
+  const slug = body && typeof body.type === "string" ? body.type.replace("urn:alexnet:problem:", "") : "";
+  if (HEADLINES[slug]) return HEADLINES[slug];
+  return status >= 500 ? "Server error" : "Not classified";
+}
+
+// The problem's detail, less the upload's name it starts with ("'note.txt': …"): the card's title says it.
+function problemDetail(body, name) {
+  const detail = (body && body.detail) || "the server gave no reason";
+  for (const quoted of [`'${name}': `, `"${name}": `]) {
+    if (detail.startsWith(quoted)) return detail.slice(quoted.length);
+  }
+  return detail;
 }
 
 async function problemText(response) {
