@@ -54,7 +54,9 @@ DEFAULT_TOOLS = Path.home() / ".cache" / "alexnet-bench" / "perf_analyzer-2.48.0
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: a fresh full-size net)")
     p.add_argument("--images", type=Path, default=FALLBACK_IMAGES, help="folder of JPEGs (default: the ten photos)")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated concurrent request counts")

@@ -76,7 +76,10 @@ def image_problem(error: ImageError, source: str) -> ProblemError:
 def method_hint(method: str, path: str, allow: str) -> tuple[str, str]:
     """A 405's detail, naming the methods the path answers (``GET /classify`` → use POST), and its Allow
     header with the methods in a stable order."""
-    methods = sorted({m.strip().upper() for m in allow.split(",") if m.strip()})
+    methods = {m.strip().upper() for m in allow.split(",") if m.strip()}
+    if "GET" in methods:
+        methods.add("HEAD")  # answered wherever GET is (service/head.py)
+    methods = sorted(methods)
     detail = f"{method} is not served at {path}: use {' or '.join(methods)} (every operation is listed at /docs)"
     return detail, ", ".join(methods)
 

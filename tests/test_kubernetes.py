@@ -280,8 +280,8 @@ def test_pod_is_unprivileged_and_sized_as_in_compose(rendered):
         k: default(v) for k, v in compose["environment"].items()
     }
     limits = compose["deploy"]["resources"]["limits"]
-    assert default(limits["cpus"]) == "2" and default(limits["memory"]) == "3584m"
-    assert container["resources"]["limits"] == container["resources"]["requests"] == {"cpu": "2", "memory": "3584Mi"}
+    assert default(limits["cpus"]) == "2" and default(limits["memory"]) == "4g"
+    assert container["resources"]["limits"] == container["resources"]["requests"] == {"cpu": "2", "memory": "4Gi"}
 
     assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"

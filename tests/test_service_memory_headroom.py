@@ -10,7 +10,7 @@ import re
 
 import pytest
 import yaml
-from support.service import REPO, ServiceProcess
+from support.service import REPO, ServiceProcess, write_checkpoint
 
 from service import memory
 
@@ -62,12 +62,12 @@ def test_a_start_with_less_than_10_percent_to_spare_warns():
 
 @pytest.mark.slow
 def test_the_shipped_limits_leave_10_percent_over_the_measured_worst_case(tmp_path):
-    """The service started as compose starts it (its ALEXNET_* environment; the full-size net, untrained here:
-    the same tensors as the imported weights), its logged worst case against each shipped limit."""
+    """The service started as compose starts it (its ALEXNET_* environment; a full-size net: the same tensors
+    as the imported weights), its logged worst case against each shipped limit."""
     env = {k: _default(v) for k, v in _compose_api()["environment"].items() if k != "ALEXNET_CHECKPOINT"}
     flags = [
         "--checkpoint",
-        str(tmp_path / "none.safetensors"),
+        str(write_checkpoint(tmp_path / "full.safetensors", seed=0, width=1.0)),
         "--reload-interval-s",
         env["ALEXNET_RELOAD_INTERVAL_S"],
     ]
@@ -80,6 +80,7 @@ def test_the_shipped_limits_leave_10_percent_over_the_measured_worst_case(tmp_pa
     ]
     worst = bound["worst_case_bytes"]
     limits = shipped_limits()
+    print(bound["message"])
     print(f"worst case {worst / MIB:,.0f} MiB; limits (MiB): { ({k: v // MIB for k, v in limits.items()}) }")
     for source, limit in limits.items():
         assert worst <= (1 - memory.MIN_HEADROOM) * limit, (source, worst / MIB, limit / MIB)
