@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install --disable-pip-version-check
+# --no-compile: pip would byte-compile every file of torch (thousands) before the first start; Python compiles
+# the modules it imports on first use instead, a fraction of them.
+PIP := $(PY) -m pip install --disable-pip-version-check --no-compile
 
 .PHONY: test test-fast serve install install-dev clean
 

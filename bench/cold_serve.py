@@ -56,6 +56,7 @@ def cold_start(ref: str, timeout: float) -> dict:
         log = open(Path(tmp) / "make.log", "w")
         # The service would find no checkpoint in the clone and serve the untrained net: what a new user gets.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ALEXNET_", "VIRTUAL_ENV"))}
+        load_before = os.getloadavg()[0]
         start = time.perf_counter()
         make = subprocess.Popen(
             ["make", "serve", f"PORT={port}"], cwd=clone, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -77,7 +78,13 @@ def cold_start(ref: str, timeout: float) -> dict:
         finally:
             os.killpg(make.pid, signal.SIGTERM)
             make.wait(timeout=60)
-        return {"ref": ref, "ready_s": seconds, "install_s": installed, "venv_mb": folder_bytes(clone / ".venv") / 1e6}
+        return {
+            "ref": ref,
+            "ready_s": seconds,
+            "install_s": installed,
+            "venv_mb": folder_bytes(clone / ".venv") / 1e6,
+            "load": (load_before, os.getloadavg()[0]),  # a shared machine: how busy it was, before and after
+        }
 
 
 def log_tail(tmp: str) -> str:
@@ -95,9 +102,11 @@ def main() -> None:
     runs = [cold_start(args.ref, args.timeout)]
     if args.baseline:
         runs.append(cold_start(args.baseline, args.timeout))
-    print(f"{'ref':>12}  {'ready s':>8}  {'install s':>9}  {'.venv MB':>8}")
+    print(f"{os.cpu_count()} CPUs; load average: the 1-minute figure before and after each run")
+    print(f"{'ref':>12}  {'ready s':>8}  {'install s':>9}  {'.venv MB':>8}  {'load':>11}")
     for r in runs:
-        print(f"{r['ref']:>12}  {r['ready_s']:8.1f}  {r['install_s']:9.1f}  {r['venv_mb']:8.0f}")
+        load = f"{r['load'][0]:.1f} → {r['load'][1]:.1f}"
+        print(f"{r['ref']:>12}  {r['ready_s']:8.1f}  {r['install_s']:9.1f}  {r['venv_mb']:8.0f}  {load:>11}")
     if args.baseline:
         print(f"{args.ref} is ready in {runs[0]['ready_s'] / runs[1]['ready_s']:.2f}× the time of {args.baseline}")
 
