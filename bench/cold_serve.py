@@ -53,7 +53,7 @@ def cold_start(ref: str, timeout: float) -> dict:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", ref], capture_output=True, text=True, check=True)
         subprocess.run(["git", "-C", str(clone), "checkout", "--quiet", commit.stdout.strip()], check=True)
         port = free_port()
-        log = open(Path(tmp) / "make.log", "w")
+        log = open(Path(tmp) / "make.log", "w")  # noqa: SIM115 (make's output, for as long as the clone lives)
         # The service would find no checkpoint in the clone and serve the untrained net: what a new user gets.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ALEXNET_", "VIRTUAL_ENV"))}
         load_before = os.getloadavg()[0]

@@ -181,8 +181,8 @@ TABLES = {
 
 def span(text: str, name: str) -> tuple[int, int]:
     """Where the generated part of ``name`` lies in ``text``: after its opening marker's line, up to its end marker."""
-    start = re.search(rf"^<!-- generated: {name}\b.*-->\n", text, re.M)
-    end = re.search(rf"^<!-- end generated: {name} -->$", text, re.M)
+    start = re.search(rf"^<!-- generated: {name}\b.*-->\n", text, re.MULTILINE)
+    end = re.search(rf"^<!-- end generated: {name} -->$", text, re.MULTILINE)
     if not start or not end or end.start() < start.end():
         raise SystemExit(f"error: no '<!-- generated: {name} … -->' … '<!-- end generated: {name} -->' markers")
     return start.end(), end.start()
