@@ -31,6 +31,7 @@ import safetensors.torch
 import torch
 
 from .classes import ImageClass, imagenet_classes
+from .devices import check_present
 from .files import write_safetensors
 from .network import AlexNet, AlexNetConfig, GroupedAlexNet
 from .preprocessing import IMAGENET_RGB_MEAN, Preprocessing, Preprocessor
@@ -87,6 +88,7 @@ class Checkpoint:
 
     def build_grouped(self, device: str | torch.device = "cpu") -> GroupedAlexNet:
         """The single-device grouped net with these weights (the faster form for inference)."""
+        check_present(device)  # as AlexNet.place: a missing GPU in one line
         net = GroupedAlexNet(self.config)
         net.load_state_dict(self.state_dict)
         return net.to(device)

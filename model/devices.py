@@ -4,7 +4,8 @@
     "cpu", "cuda", "cuda:N"    one device; both towers there
     "cuda:0,cuda:1"   two devices, one per tower ("cpu,cpu": both on the CPU)
 
-Only the syntax is checked here; whether the devices exist is checked by whoever places the model.
+``parse_devices`` checks the syntax; ``check_present`` that a device exists on this machine (``AlexNet.place``
+calls it, so the library refuses a missing GPU with the same one-line reason as the service and training).
 Apple's "mps" and any other torch device type are refused: this project runs on CPUs and CUDA GPUs only.
 """
 
@@ -28,3 +29,20 @@ def parse_devices(spec: str) -> tuple[str, ...]:
         if kind not in DEVICE_TYPES or (index and not index.isdigit()) or (kind == "cpu" and index):
             raise ValueError(f"{part!r} is not a device (cpu, cuda, cuda:N or auto)")
     return parts
+
+
+def check_present(device) -> None:
+    """ValueError, in one line, for a device this machine lacks: CUDA without a CUDA build or GPU, a GPU index
+    past the last one, or a device type this project does not run on. Without it torch's own failure is an
+    ``AssertionError: Torch not compiled with CUDA enabled`` from deep inside ``.to()``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"device {str(device)!r}: this project runs on cpu and cuda devices only")
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asks for CUDA, but torch {torch.__version__} sees no CUDA GPU")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA GPU(s) visible")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import check_present
 from .lrn import PAPER_LRN, LocalResponseNorm, LRNConfig
 
 
@@ -319,6 +320,8 @@ class AlexNet(nn.Module):
             devices = (devices, devices)
         if len(devices) != 2:
             raise ValueError(f"need two devices (one per tower), got {devices!r}")
+        for device in devices:
+            check_present(device)  # a missing GPU: one line saying so, not torch's AssertionError from .to()
         for tower, device in zip(self.towers, devices):
             tower.to(torch.device(device))
         return self

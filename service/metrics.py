@@ -214,8 +214,8 @@ class ServiceMetrics:
         r.add(
             Gauge(
                 "alexnet_memory_bytes",
-                "the memory bound (README, Memory): bytes held and the budget of request bodies and of decodes "
-                "(budget=bodies|decodes, of=in_use|capacity), and the start-up check's worst case and the "
+                "the memory bound (docs/serving.md, Memory): bytes held and the budget of request bodies and of "
+                "decodes (budget=bodies|decodes, of=in_use|capacity), and the start-up check's worst case and the "
                 "cgroup's limit (budget=process, of=worst_case|limit; no limit: not reported)",
                 memory,
                 ("budget", "of"),

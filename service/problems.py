@@ -1,7 +1,8 @@
 """Every error is an RFC 9457 problem+json body: ``{type, title, status, detail}``.
 
-``type`` is ``urn:alexnet:problem:<slug>`` for the errors this service defines (listed in the README) and
-``about:blank`` for plain HTTP errors (unknown path, wrong method), where the status says it all.
+``type`` is ``urn:alexnet:problem:<slug>`` for the errors this service defines and ``about:blank`` for plain
+HTTP errors (unknown path, wrong method), where the status says it all. docs/api.md lists them, in a table
+that scripts/docs_tables.py generates from the raises in this package.
 """
 
 from __future__ import annotations

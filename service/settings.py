@@ -1,6 +1,6 @@
 """Service settings: defaults here, overridden by ``ALEXNET_*`` environment variables, then by CLI flags.
 
-Every field below is documented in the README's "Serving" section with its variable and default.
+Every field below is in docs/serving.md's settings table, which scripts/docs_tables.py generates from them.
 """
 
 from __future__ import annotations
