@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 from .checkpoint import FORMAT_VERSION, Checkpoint, CheckpointError, load_checkpoint
 from .classes import ImageClass, imagenet_classes, parse_synset_words
 from .cpu_inference import CPUInferenceNet
-from .devices import parse_devices
+from .devices import DeviceError, parse_devices, resolve_devices
 from .files import file_identity
 from .lrn import CAFFE_LRN, PAPER_LRN, LRNConfig
 from .malloc import keep_freed_memory
@@ -40,6 +40,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CorruptImage",
+    "DeviceError",
     "GroupedAlexNet",
     "ImageClass",
     "ImageError",
@@ -58,4 +59,5 @@ __all__ = [
     "open_image",
     "parse_devices",
     "parse_synset_words",
+    "resolve_devices",
 ]

@@ -4,11 +4,13 @@
     "cpu", "cuda", "cuda:N"    one device; both towers there
     "cuda:0,cuda:1"   two devices, one per tower ("cpu,cpu": both on the CPU)
 
-Only the syntax is checked here; whether the devices exist is checked by whoever places the model.
+``parse_devices`` checks the syntax only; ``resolve_devices`` also checks that the devices exist.
 Apple's "mps" and any other torch device type are refused: this project runs on CPUs and CUDA GPUs only.
 """
 
 from __future__ import annotations
+
+import torch
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -28,3 +30,26 @@ def parse_devices(spec: str) -> tuple[str, ...]:
         if kind not in DEVICE_TYPES or (index and not index.isdigit()) or (kind == "cpu" and index):
             raise ValueError(f"{part!r} is not a device (cpu, cuda, cuda:N or auto)")
     return parts
+
+
+class DeviceError(RuntimeError):
+    """The configured device does not exist on this machine."""
+
+
+def resolve_devices(spec: str) -> tuple[torch.device, ...]:
+    """A device specification → one device or two (one per tower), each checked to exist here.
+
+    "auto" is a CUDA GPU when torch sees one, else the CPU.
+    ValueError for a bad specification, DeviceError for a device this machine does not have.
+    """
+    parts = parse_devices(spec)
+    if parts == ("auto",):
+        parts = ("cuda",) if torch.cuda.is_available() else ("cpu",)
+    devices = tuple(torch.device(p) for p in parts)
+    for device in devices:
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise DeviceError(f"device {spec!r} asks for CUDA, but torch {torch.__version__} sees no CUDA GPU")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise DeviceError(f"device {device} does not exist: {torch.cuda.device_count()} CUDA GPU(s) visible")
+    return devices

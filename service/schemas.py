@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-Crops = Literal["center", "ten"]
+from model.preprocessing import Crops
+
 FeatureLayer = Literal["fc6", "fc7"]  # model.network.FEATURE_LAYERS
 ExplainFormat = Literal["png", "json"]
 
