@@ -1,10 +1,12 @@
 """The 2012 AlexNet (Krizhevsky, Sutskever, Hinton): network, checkpoint format, shared preprocessing.
 
 What training and the service use is exported here. Besides, as modules of their own:
+    model.architecture  the layer table (Fig. 2), AlexNetConfig and the geometry derived from them
+    model.ten_crop    the paper's 10-patch prediction: chunked forward passes, the softmax averaged
+    model.visualize   conv1's kernels (the paper's Fig. 3) and Grad-CAM
     model.files       atomic writes, safetensors files with string metadata, file identity
     model.importers   the published BVLC weights (Caffe, ONNX) → a checkpoint (python -m model.import_weights)
     model.export      a checkpoint → ONNX / Triton (python -m model.export)
-    model.visualize   conv1's kernels (the paper's Fig. 3) and Grad-CAM
 """
 
 __version__ = "0.1.0"

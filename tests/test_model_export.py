@@ -1,4 +1,4 @@
-"""ONNX export (model/export.py), checked by running the exported files in ONNX Runtime.
+"""ONNX export (model/export/), checked by running the exported files in ONNX Runtime.
 
 Our own checkpoints (224 crops, conv1 "overhang" padding, LRN per tower, the paper's α convention, a mean
 image) and BVLC-style imported ones (227, unpadded, LRN across both towers, BGR, Caffe's k=1 α/n) give
