@@ -113,8 +113,10 @@ class Tower(_Layers):
 
     def conv1_to_pool2(self, image: torch.Tensor) -> torch.Tensor:
         """The paper's LRN, over this tower's own maps: no exchange before conv3."""
-        x = _pool(self.lrn(_relu(self.conv1(pad_image(image, self.config)))))
-        return _pool(self.lrn(_relu(self.conv2(x))))  # conv2 reads this tower's maps only
+        x = _relu(self.conv1(pad_image(image, self.config)))
+        x = _pool(self.lrn(x))
+        x = _relu(self.conv2(x))  # reads this tower's maps only
+        return _pool(self.lrn(x))
 
     # The same stretch cut at each LRN, for Caffe's LRN across both towers (AlexNet._lrn_across).
     def conv1_relu(self, image: torch.Tensor) -> torch.Tensor:
@@ -293,8 +295,10 @@ class GroupedAlexNet(_Layers):
 
     def _run(self, images: torch.Tensor, last: str) -> torch.Tensor:
         """Fig. 2 on one device: a groups=2 layer reads each tower's own maps, a dense one reads both."""
-        x = _pool(self._lrn(_relu(self.conv1(pad_image(images, self.config)))))
-        x = _pool(self._lrn(_relu(self.conv2(x))))  # groups=2
+        x = _relu(self.conv1(pad_image(images, self.config)))
+        x = _pool(self._lrn(x))
+        x = _relu(self.conv2(x))  # groups=2: each tower's half reads its own maps
+        x = _pool(self._lrn(x))
         x = _relu(self.conv3(x))  # dense: reads both towers
         x = _relu(self.conv4(x))  # groups=2
         x = _pool(_relu(self.conv5(x)))  # groups=2
