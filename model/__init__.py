@@ -1,10 +1,12 @@
 """The 2012 AlexNet (Krizhevsky, Sutskever, Hinton): network, checkpoint format, shared preprocessing.
 
 What training and the service use is exported here. Besides, as modules of their own:
+    model.architecture  the layer table (Fig. 2), AlexNetConfig and the geometry derived from them
+    model.ten_crop    the paper's 10-patch prediction: chunked forward passes, the softmax averaged
+    model.visualize   conv1's kernels (the paper's Fig. 3) and Grad-CAM
     model.files       atomic writes, safetensors files with string metadata, file identity
     model.importers   the published BVLC weights (Caffe, ONNX) → a checkpoint (python -m model.import_weights)
     model.export      a checkpoint → ONNX / Triton (python -m model.export)
-    model.visualize   conv1's kernels (the paper's Fig. 3) and Grad-CAM
 """
 
 __version__ = "0.1.0"
@@ -12,7 +14,7 @@ __version__ = "0.1.0"
 from .checkpoint import FORMAT_VERSION, Checkpoint, CheckpointError, load_checkpoint
 from .classes import ImageClass, imagenet_classes, parse_synset_words
 from .cpu_inference import CPUInferenceNet
-from .devices import parse_devices
+from .devices import DeviceError, parse_devices, resolve_devices
 from .files import file_identity
 from .lrn import CAFFE_LRN, PAPER_LRN, LRNConfig
 from .malloc import keep_freed_memory
@@ -40,6 +42,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CorruptImage",
+    "DeviceError",
     "GroupedAlexNet",
     "ImageClass",
     "ImageError",
@@ -58,4 +61,5 @@ __all__ = [
     "open_image",
     "parse_devices",
     "parse_synset_words",
+    "resolve_devices",
 ]

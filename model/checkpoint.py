@@ -1,17 +1,9 @@
 """The checkpoint artifact: one safetensors file that training writes and the service loads.
 
-Tensors, in the grouped single-device layout (Caffe's; float32):
-    conv1.weight [96,3,11,11]  conv2.weight [256,48,5,5]  conv3.weight [384,256,3,3]
-    conv4.weight [384,192,3,3] conv5.weight [256,192,3,3] fc6.weight [4096,9216]
-    fc7.weight [4096,4096]     fc8.weight [classes,4096]  and each layer's .bias
-    mean_image [3,256,256]     only when the preprocessing subtracts a mean image
-
-Header metadata (safetensors allows string values only):
-    "format": "alexnet-checkpoint", "format_version": "1",
-    "alexnet": JSON {architecture, classes, preprocessing, pca, provenance, training}
-
-safetensors holds no code: loading can never execute anything, unlike a pickle. The file is readable
-from any language that reads JSON and little-endian floats.
+Tensors are in the grouped single-device layout (Caffe's; float32), named conv1.weight … fc8.bias, plus a
+mean_image when the preprocessing subtracts one. The header's metadata holds the format, its version and
+one JSON object: architecture, classes, preprocessing, pca, provenance, training.
+safetensors holds no code, so loading never executes anything. docs/checkpoint-format.md has the layout.
 """
 
 from __future__ import annotations
@@ -171,32 +163,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     without being read into memory.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            header = _read_header(path, f, os.fstat(f.fileno()).st_size)
-            f.seek(0)
-            data = f.read()
-    except FileNotFoundError:
-        raise CheckpointError(path, "no such file") from None
-    except IsADirectoryError:
-        raise CheckpointError(path, "is a directory, not a checkpoint file") from None
-    except OSError as e:
-        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
-
+    header, data = _read_file(path)
     meta_strings = header.get("__metadata__") or {}
-    if meta_strings.get("format") != FORMAT_NAME:
-        raise CheckpointError(
-            path, f"a safetensors file, but not an AlexNet checkpoint (no format={FORMAT_NAME!r} in its metadata)"
-        )
-    try:
-        version = int(meta_strings.get("format_version", ""))
-    except ValueError:
-        raise CheckpointError(path, f"bad format_version {meta_strings.get('format_version')!r}") from None
-    if version not in SUPPORTED_VERSIONS:
-        raise CheckpointError(
-            path, f"format version {version} is not supported (this code reads {list(SUPPORTED_VERSIONS)})"
-        )
-
+    _check_format(path, meta_strings)
     try:
         tensors = safetensors.torch.load(data)
     except Exception as e:  # SafetensorError: bad dtype, overlapping offsets, …
@@ -212,11 +181,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(path, f"metadata is incomplete or invalid: {type(e).__name__}: {e}") from None
 
-    for name, tensor in tensors.items():
-        if not tensor.dtype.is_floating_point:
-            raise CheckpointError(path, f"tensor {name} has dtype {tensor.dtype}, expected a float type")
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(path, f"tensor {name} holds NaN or infinite values")
+    _check_tensors(path, tensors)
     mean_image = tensors.pop("mean_image", None)
     checkpoint = Checkpoint(
         config=config,
@@ -232,6 +197,44 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     )
     checkpoint.validate(path)
     return checkpoint
+
+
+def _read_file(path: Path) -> tuple[dict, bytes]:
+    """The file's safetensors header (checked against its size) and then all of its bytes."""
+    try:
+        with open(path, "rb") as f:
+            header = _read_header(path, f, os.fstat(f.fileno()).st_size)
+            f.seek(0)
+            return header, f.read()
+    except FileNotFoundError:
+        raise CheckpointError(path, "no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(path, "is a directory, not a checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+
+
+def _check_format(path: Path, meta_strings: dict) -> None:
+    if meta_strings.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            path, f"a safetensors file, but not an AlexNet checkpoint (no format={FORMAT_NAME!r} in its metadata)"
+        )
+    try:
+        version = int(meta_strings.get("format_version", ""))
+    except ValueError:
+        raise CheckpointError(path, f"bad format_version {meta_strings.get('format_version')!r}") from None
+    if version not in SUPPORTED_VERSIONS:
+        raise CheckpointError(
+            path, f"format version {version} is not supported (this code reads {list(SUPPORTED_VERSIONS)})"
+        )
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if not tensor.dtype.is_floating_point:
+            raise CheckpointError(path, f"tensor {name} has dtype {tensor.dtype}, expected a float type")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(path, f"tensor {name} holds NaN or infinite values")
 
 
 def _read_header(path: Path, f, size: int) -> dict:

@@ -3,29 +3,9 @@
     fast = CPUInferenceNet(net)   # net: AlexNet or GroupedAlexNet; a frozen copy of its weights
     logits = fast(images)         # NCHW float32 images, exactly what AlexNet takes
 
-It walks network.LAYERS as the reference nets do; what it changes, and why (BENCHMARKS.md, "What
-CPUInferenceNet changes" and "What Winograd bought", has the measurements, from bench/model_throughput.py
-and bench/cpu_layers.py):
-- Activations stay channels-last (NHWC) from conv1 to pool5. oneDNN's convolutions run their fastest
-  kernels on NHWC, and PyTorch's NHWC max-pool is vectorised across channels while its NCHW one is
-  scalar code; no layout copies are left between layers (the reference nets pool NCHW).
-- LRN works on rows of one tower's channels (in NHWC a pixel's channels are contiguous), and the layers
-  through the last LRN run over a few images at a time, so that LRN's elementwise passes hit the cache
-  instead of main memory.
-- The fully connected layers use oneDNN's inner product on weights kept in oneDNN's own layout, ahead of
-  the general matmul for a batch of a few dozen rows.
-- Each convolution and its ReLU are one oneDNN call, on weights reordered into oneDNN's layout once
-  (ConvReLU), instead of a reorder on every call.
-- conv2 and conv3 use Winograd's minimal filtering (winograd.py), which does 5.8× (conv2, 5×5 on 27×27
-  maps) and 2.6× (conv3, 3×3 on 13×13, where 4×4 tiles overhang the maps) fewer multiply-adds than the
-  direct convolution, for the price of memory passes over the transformed tiles. conv4 and conv5
-  (grouped, 192 input channels per group) gained nothing from it, so they stay direct.
-- Its forward passes want the allocator to keep freed memory: a process that runs it for speed calls
-  malloc.keep_freed_memory() once (the service at start-up, training's predict, the benchmarks), so that it
-  reuses the pages its last pass freed instead of faulting fresh ones in (see malloc.py). Building one
-  leaves the process's allocator alone: that is the process's choice, not a network's.
-Training does not use this path: it keeps network.py's modules and their autograd. Tests check that both
-give the same logits.
+Activations stay channels-last, each convolution and its ReLU are one oneDNN call, conv2 and conv3 use
+Winograd's filtering, and conv1..pool2 run a few images at a time so that LRN stays in the cache.
+docs/cpu-inference.md says why each change, BENCHMARKS.md what it bought. Training does not use this path.
 """
 
 from __future__ import annotations
@@ -35,22 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lrn import LRNConfig, lrn_inference
-from .network import (
-    LAYERS,
-    POOL_SIZE,
-    POOL_STRIDE,
-    AlexNet,
-    AlexNetConfig,
-    GroupedAlexNet,
-    check_feature_layer,
-    pad_image,
-)
+from .network import POOL_SIZE, POOL_STRIDE, AlexNet, AlexNetConfig, GroupedAlexNet, check_feature_layer, pad_image
 from .winograd import WinogradConvReLU
 
 CHANNELS_LAST = torch.channels_last
 CHUNK = 8  # images per pass through conv1..pool2: their LRN buffers then stay in a 32 MiB L3 cache
-# The layers run CHUNK images at a time: those through the last one followed by LRN (conv1, conv2).
-CHUNKED = LAYERS[: 1 + max(i for i, layer in enumerate(LAYERS) if "lrn" in layer.after)]
+CHUNKED = ("conv1", "conv2")  # the layers run CHUNK images at a time: those followed by LRN
 FULL_BATCH = 32  # the batch the other convolutions' weight layouts are chosen for
 # Layers computed by Winograd's F(tile×tile, r×r): (output tile, interpolation points besides ∞). The
 # points are the usual small ones; for conv3, 0, ±1, 1/2, -2 gave half the rounding error of 0, ±1, ±2.
@@ -120,7 +90,7 @@ class CPUInferenceNet(nn.Module):
                 if winograd and name in WINOGRAD:
                     setattr(self, name, WinogradConvReLU(module, *WINOGRAD[name]))
                 else:  # oneDNN picks its weight layout for the shape the convolution reads
-                    batch = (chunk or 1) if layer in CHUNKED else FULL_BATCH
+                    batch = (chunk or 1) if name in CHUNKED else FULL_BATCH
                     size = [batch, shape.inputs, shape.input_size, shape.input_size]
                     setattr(self, name, ConvReLU(module, size, fused))
             else:
@@ -129,23 +99,6 @@ class CPUInferenceNet(nn.Module):
                     self.register_buffer(f"{name}_weight", weight.to_mkldnn(), persistent=False)
                     self.register_buffer(f"{name}_bias", bias.to_mkldnn(), persistent=False)
         self.eval()
-
-    def _through(self, layers, x: torch.Tensor) -> torch.Tensor:
-        for layer in layers:
-            if layer.reads == "image":  # the zero-padded input, channels-last, in one copy
-                x = getattr(self, layer.name)(pad_image(x, self.config, CHANNELS_LAST))
-            elif layer.is_conv:
-                x = getattr(self, layer.name)(x)  # with its ReLU
-            else:
-                x = self._fc(layer.name, x.contiguous().flatten(1))  # pool5 in NCHW order, as fc6's weights expect
-                if "relu" in layer.after:
-                    x = F.relu_(x)
-            for op in layer.after:
-                if op == "lrn":
-                    x = self.lrn(x)
-                elif op == "pool":  # on NHWC maps: PyTorch's vectorised max-pool
-                    x = F.max_pool2d(x, kernel_size=POOL_SIZE, stride=POOL_STRIDE)
-        return x  # (the ReLU is done above; dropout is the identity at inference)
 
     def _fc(self, name: str, x: torch.Tensor) -> torch.Tensor:
         weight, bias = getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
@@ -160,9 +113,28 @@ class CPUInferenceNet(nn.Module):
 
     @torch.inference_mode()
     def _run(self, images: torch.Tensor, last: str) -> torch.Tensor:
+        """Fig. 2 on one device, as GroupedAlexNet; each ConvReLU holds its ReLU, dropout is the identity."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape [N, 3, H, W], got {list(images.shape)}")
         images = images.float()
-        x = torch.cat([self._through(CHUNKED, part) for part in images.split(self.chunk or len(images))])
-        rest = LAYERS[len(CHUNKED) : 1 + [layer.name for layer in LAYERS].index(last)]
-        return self._through(rest, x)
+        x = torch.cat([self._conv1_to_pool2(part) for part in images.split(self.chunk or len(images))])
+        x = self.conv3(x)
+        x = self.conv4(x)
+        x = _pool(self.conv5(x))
+        x = F.relu_(self._fc("fc6", x.contiguous().flatten(1)))  # pool5 in NCHW order, as fc6's weights expect
+        if last == "fc6":
+            return x
+        x = F.relu_(self._fc("fc7", x))
+        if last == "fc7":
+            return x
+        return self._fc("fc8", x)
+
+    def _conv1_to_pool2(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(pad_image(images, self.config, CHANNELS_LAST))  # the zero-padded input, in one copy
+        x = _pool(self.lrn(x))
+        return _pool(self.lrn(self.conv2(x)))
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    """On channels-last maps: PyTorch's max-pool is vectorised across channels there."""
+    return F.max_pool2d(x, kernel_size=POOL_SIZE, stride=POOL_STRIDE)

@@ -2,7 +2,7 @@
 
 import sys
 
-from .importers import main
+from .importers.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,19 +2,11 @@
 
     b[c] = a[c] / (k + coefficient · Σ_{c' in window(c)} a[c']²) ** β
 
-The paper writes the coefficient as α (k=2, α=1e-4, n=5). PyTorch, ONNX and Caffe write it as α/n, so the
-paper's net is ``nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)`` there. ``LRNConfig`` keeps α and
-which of the two conventions it is in, so both the paper's constants and Caffe's (k=1, α=1e-4 in α/n)
-round-trip through a checkpoint unchanged.
-
-``nn.LocalResponseNorm`` pads and runs a 3-D average pool over the squared input, which is slow on CPU.
-The window sum here is n shifted adds of the squared input: the same numbers, several times faster.
-
-Precision: LRN always computes in float32. Under fp16 autocast the squares and their window sum would
-overflow (Σa² > 65504 once five maps reach ~115): the denominator becomes inf and the output 0 with a
-zero gradient — no NaN, so a gradient scaler never notices. bf16 keeps the range but only 8 bits of
-mantissa for k + c·Σa². So half-precision inputs are widened, normalised, and narrowed again (autograd
-carries the casts through the backward pass, which therefore also runs in float32).
+The paper writes the coefficient as α; PyTorch, ONNX and Caffe write it as α/n. ``LRNConfig`` keeps α and
+its convention, so both the paper's constants and Caffe's round-trip through a checkpoint unchanged.
+The window sum is n shifted adds of the squares: the same numbers as ``nn.LocalResponseNorm``, faster.
+LRN always computes in float32, because half precision overflows or loses the denominator.
+docs/model-internals.md has the details.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """Reuse freed activation memory instead of faulting fresh pages in every forward pass (glibc only).
 
-A forward pass allocates and frees tens of megabytes of activations. Until glibc's malloc has adapted its
-thresholds (and whenever a free resets them), it serves blocks over 128 KiB with fresh mmaps and hands
-freed memory at the top of its heaps back to the kernel, so the next pass touches new pages and takes a
-page fault for every 4 KiB of them: tens of thousands of faults per pass, and much less throughput than
-with the pages reused (BENCHMARKS.md, under "What CPUInferenceNet changes", has the measurements).
-``keep_freed_memory`` sets the thresholds to where glibc's own adaptation would end up at most: blocks up
-to 32 MiB come from the heap, and up to 64 MiB of free memory may stay at the top of each heap. Memory
-the process keeps is therefore bounded as it is by glibc's own defaults.
-
-It changes the whole process's allocator, so the process decides: whatever runs CPUInferenceNet for speed
-calls it once (the service at start-up, training's predict, the benchmarks), never a network's constructor.
+A forward pass allocates and frees tens of megabytes. Until glibc adapts its thresholds, it returns that
+memory to the kernel, and the next pass takes a page fault for every 4 KiB it touches again.
+``keep_freed_memory`` sets the thresholds to where glibc's own adaptation would end up at most.
+It changes the whole process's allocator, so the process calls it, never a network's constructor.
+docs/model-internals.md has the numbers.
 """
 
 from __future__ import annotations

@@ -1,191 +1,39 @@
-"""The 2012 network, as two towers (one per GPU) or as one grouped net (Caffe's / ONNX's layout).
+"""The 2012 network, as two towers (one per GPU) or as one grouped net (Caffe's and ONNX's layout).
 
-``LAYERS`` below is the paper's Fig. 2 as a table, and the only place the architecture is written down:
-``Tower``, ``GroupedAlexNet`` (and so ``CPUInferenceNet``), the parameter shapes, the spatial sizes and
-the parameter count are all derived from it and from an ``AlexNetConfig`` (width, classes, conv1 padding,
-LRN, dropout).
-
-conv1 padding: 224 does not divide for an 11×11 stride-4 kernel. The default, "overhang", is what the
-paper's own code (cuda-convnet) did: 1 + ceil((224 - 11) / 4) = 55 outputs, the last window reaching 3
-pixels past the right and bottom edge into zeros. "symmetric" pads 2 on every side (torchvision's
-choice); "none" expects Caffe's 227×227 crops. All three give 55×55 maps.
-
-LRN and the towers: in the paper's code (cuda-convnet: rnorm1a reads conv1a, rnorm1b reads conv1b) each
-GPU normalises over its own kernel maps only; Caffe's bvlc_alexnet normalises over all 96 (or 256) maps,
-so the windows of the 2 maps on either side of the tower boundary reach into the other tower.
-``lrn_across_towers`` says which: False (the paper's) or True (Caffe-trained weights). Both forms of the
-net honour it, so they stay the same function.
+``LAYERS`` is the paper's Fig. 2 as a table: the shapes, the checkpoint's geometry and the parameter count
+come from it. The forward passes are written out below as plain code, layer by layer, as in Fig. 2.
+conv1's padding ("overhang", "symmetric", "none") and LRN's reach across towers are explained in
+docs/network.md.
 """
 
 from __future__ import annotations
-
-import math
-from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .architecture import (  # noqa: F401 (re-exported: the table's names have always been importable from here)
+    CONV1_INPUT_SIZE,
+    CONV1_PADDING,
+    FEATURE_LAYERS,
+    LAYER_NAMES,
+    LAYERS,
+    LAYERS_BY_NAME,
+    OPTIONAL_IN_FILES,
+    PAPER_CHANNELS,
+    POOL_SIZE,
+    POOL_STRIDE,
+    AlexNetConfig,
+    Layer,
+    LayerShape,
+    check_feature_layer,
+)
 from .devices import check_present
-from .lrn import PAPER_LRN, LocalResponseNorm, LRNConfig
+from .lrn import LocalResponseNorm
 
-
-@dataclass(frozen=True)
-class Layer:
-    """One row of the layer table. ``kernels`` counts both towers (None: as many as there are classes);
-    ``size`` is the kernel's side (None: a fully connected layer). ``reads``: "image"; "own", this tower's
-    maps of the layer below only (a groups=2 convolution in the grouped net); "both", both towers' maps
-    (where activations cross GPUs). ``after``: what follows the layer, in order."""
-
-    name: str
-    kernels: int | None
-    size: int | None
-    stride: int
-    padding: int
-    reads: str
-    after: tuple[str, ...]
-
-    @property
-    def is_conv(self) -> bool:
-        return self.size is not None
-
-    @property
-    def groups(self) -> int:
-        """Groups of the layer in the grouped single-device net."""
-        return 2 if self.reads == "own" else 1
-
-
-# Krizhevsky et al. 2012, Fig. 2. conv1's padding depends on the crop: see CONV1_PADDING.
-LAYERS = (
-    #     name     kernels  size  stride  pad  reads    after it
-    Layer("conv1",    96,    11,    4,     0,  "image", ("relu", "lrn", "pool")),
-    Layer("conv2",   256,     5,    1,     2,  "own",   ("relu", "lrn", "pool")),
-    Layer("conv3",   384,     3,    1,     1,  "both",  ("relu",)),
-    Layer("conv4",   384,     3,    1,     1,  "own",   ("relu",)),
-    Layer("conv5",   256,     3,    1,     1,  "own",   ("relu", "pool")),
-    Layer("fc6",    4096,  None,    1,     0,  "both",  ("relu", "dropout")),
-    Layer("fc7",    4096,  None,    1,     0,  "both",  ("relu", "dropout")),
-    Layer("fc8",    None,  None,    1,     0,  "both",  ()),  # logits; softmax is in the loss
-)  # fmt: skip
-POOL_SIZE, POOL_STRIDE = 3, 2  # overlapping max-pooling (paper §3.4)
-
-# (left, right, top, bottom) zero padding of the image before conv1, and the crop size it expects.
-CONV1_PADDING = {"overhang": (0, 3, 0, 3), "symmetric": (2, 2, 2, 2), "none": (0, 0, 0, 0)}
-CONV1_INPUT_SIZE = {"overhang": 224, "symmetric": 224, "none": 227}
-
-LAYER_NAMES = tuple(layer.name for layer in LAYERS)
-LAYERS_BY_NAME = {layer.name: layer for layer in LAYERS}
-PAPER_CHANNELS = tuple(layer.kernels for layer in LAYERS if layer.kernels is not None)  # conv1..fc7
-# The net as one sequence of steps: (layer, "layer") for the layer itself, then (layer, op) for each op after it.
-STEPS = tuple((layer, op) for layer in LAYERS for op in ("layer", *layer.after))
 # Layers whose bias starts at 1 (paper §5: "to give the ReLUs positive inputs early"); the rest at 0.
 BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
 INIT_STD = 0.01
-FEATURE_LAYERS = ("fc6", "fc7")  # the hidden layers whose activations ``features`` returns
-# Fields a checkpoint's "architecture" may lack (added after the first checkpoints): their defaults apply.
-OPTIONAL_IN_FILES = ("dropout", "lrn_across_towers")
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """One layer as built: what it reads and writes (channels or features) and the side of its input."""
-
-    layer: Layer
-    inputs: int
-    outputs: int
-    groups: int
-    input_size: int  # side of the maps it reads (conv1: after padding); 1 for fully connected layers
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        if self.layer.is_conv:
-            return (self.outputs, self.inputs // self.groups, self.layer.size, self.layer.size)
-        return (self.outputs, self.inputs)
-
-    def module(self) -> nn.Module:
-        layer = self.layer
-        if layer.is_conv:
-            return nn.Conv2d(self.inputs, self.outputs, layer.size, layer.stride, layer.padding, groups=self.groups)
-        return nn.Linear(self.inputs, self.outputs)
-
-
-@dataclass(frozen=True)
-class AlexNetConfig:
-    num_classes: int = 1000
-    width: float = 1.0  # multiplies every layer's width (tests train scaled-down nets on CPU)
-    conv1_padding: str = "overhang"
-    lrn: LRNConfig = field(default_factory=lambda: PAPER_LRN)
-    dropout: float = 0.5
-    lrn_across_towers: bool = False  # True: LRN windows span both towers (Caffe); False: each its own (paper)
-
-    def __post_init__(self):
-        if self.conv1_padding not in CONV1_PADDING:
-            raise ValueError(f"conv1_padding must be one of {sorted(CONV1_PADDING)}, got {self.conv1_padding!r}")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
-        if not self.width > 0:
-            raise ValueError(f"width must be positive, got {self.width}")
-
-    @property
-    def channels(self) -> tuple[int, ...]:
-        """Output widths of conv1..conv5, fc6, fc7 (each even, so that it splits into two towers)."""
-        return tuple(max(2, 2 * round(c * self.width / 2)) for c in PAPER_CHANNELS)
-
-    @property
-    def input_size(self) -> int:
-        return CONV1_INPUT_SIZE[self.conv1_padding]
-
-    def outputs(self, layer: Layer) -> int:
-        """Kernels (or units) of ``layer`` in both towers together, at this width."""
-        return self.num_classes if layer.kernels is None else self.channels[LAYERS.index(layer)]
-
-    def layer_shapes(self, tower: int | None = None) -> dict[str, LayerShape]:
-        """Every layer's geometry, walked down the table: of the grouped net (``tower`` None), or of tower
-        0 or 1, which holds half of every layer (the first gets the odd one out) and reads its own half
-        of the layer below, or all of it."""
-        left, right, _, _ = CONV1_PADDING[self.conv1_padding]
-        side, below, out = self.input_size + left + right, 3, {}
-        for layer in LAYERS:
-            if layer.is_conv:
-                total_in, input_side = below, side
-                side = (side + 2 * layer.padding - layer.size) // layer.stride + 1
-            else:  # reads the maps below flattened
-                total_in, input_side, side = below * side * side, 1, 1
-            for op in layer.after:
-                if op == "pool":
-                    side = (side - POOL_SIZE) // POOL_STRIDE + 1
-            outputs = self.outputs(layer)
-            if tower is None:
-                out[layer.name] = LayerShape(layer, total_in, outputs, layer.groups, input_side)
-            else:
-                inputs = _split(total_in)[tower] if layer.reads == "own" else total_in
-                out[layer.name] = LayerShape(layer, inputs, _split(outputs)[tower], 1, input_side)
-            below = outputs
-        return out
-
-    def grouped_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Parameter shapes of the grouped single-device net, the checkpoint layout (Caffe's)."""
-        out = {}
-        for name, shape in self.layer_shapes().items():
-            out[f"{name}.weight"] = shape.weight_shape
-            out[f"{name}.bias"] = (shape.outputs,)
-        return out
-
-    def parameter_count(self) -> int:
-        return sum(math.prod(shape) for shape in self.grouped_shapes().values())
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "channels": list(self.channels)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AlexNetConfig:
-        """The inverse of ``to_dict`` (``channels`` is derived, so ignored); KeyError for a missing field."""
-        values = {}
-        for f in fields(cls):
-            if f.name in d or f.name not in OPTIONAL_IN_FILES:
-                value = d[f.name]
-                values[f.name] = LRNConfig.from_dict(value) if f.name == "lrn" else type(f.default)(value)
-        return cls(**values)
 
 
 def init_paper_(layers: dict[str, nn.Module]) -> None:
@@ -214,13 +62,8 @@ def pad_image(images: torch.Tensor, config: AlexNetConfig, memory_format=None) -
     return out
 
 
-def _split(n: int) -> tuple[int, int]:
-    """Split n units between the two towers (the first gets the odd one out)."""
-    return n - n // 2, n // 2
-
-
 class _Layers(nn.Module):
-    """conv1 … fc8 built from ``shapes``, and ``run``, which applies a stretch of ``STEPS`` to a batch."""
+    """conv1 … fc8 built from ``shapes``, with the LRN, max-pool and dropout that follow them."""
 
     def __init__(self, config: AlexNetConfig, shapes: dict[str, LayerShape]):
         super().__init__()
@@ -233,37 +76,34 @@ class _Layers(nn.Module):
     def layers(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in LAYER_NAMES}
 
-    def _lrn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lrn(x)
 
-    def run(self, steps, x: torch.Tensor) -> torch.Tensor:
-        for layer, op in steps:
-            if op == "layer":
-                if layer.reads == "image":
-                    x = pad_image(x, self.config)
-                elif not layer.is_conv:
-                    x = x.flatten(1)
-                x = getattr(self, layer.name)(x)
-            elif op == "relu":
-                x = F.relu(x, inplace=True)  # on a layer's fresh output: saves a buffer and a pass over memory
-            elif op == "lrn":
-                x = self._lrn(x)
-            elif op == "pool":
-                x = F.max_pool2d(x, kernel_size=POOL_SIZE, stride=POOL_STRIDE)
-            elif op == "dropout":
-                x = self.dropout(x)
-            else:
-                raise ValueError(f"unknown step {op!r} after {layer.name}")
-        return x
+def _relu(x: torch.Tensor) -> torch.Tensor:
+    # In place, on a layer's fresh output: it saves a buffer and a pass over memory.
+    return F.relu(x, inplace=True)
 
 
-def _steps(first: str, last: str) -> tuple:
-    names = [layer.name for layer, _ in STEPS]
-    return STEPS[names.index(first) : len(names) - names[::-1].index(last)]
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, kernel_size=POOL_SIZE, stride=POOL_STRIDE)
 
 
 class Tower(_Layers):
-    """Half of every layer: what one of the paper's GPUs held (``tower`` 0 or 1)."""
+    """Half of every layer: what one of the paper's GPUs held (``tower`` 0 or 1).
+
+    Each method below is one stretch between two exchanges, run on this tower's device alone.
+    ``AlexNet._run`` calls them in order and does the exchanges between them.
+    """
+
+    # The stretches, in the order AlexNet runs them (training compiles each on its own).
+    STRETCHES = (
+        "conv1_to_pool2",
+        "conv1_relu",
+        "pool1_to_conv2",
+        "pool2",
+        "conv3_to_pool5",
+        "fc6_relu_dropout",
+        "fc7_relu_dropout",
+        "fc8_logits",
+    )
 
     def __init__(self, config: AlexNetConfig, tower: int):
         super().__init__(config, config.layer_shapes(tower))
@@ -273,34 +113,45 @@ class Tower(_Layers):
         return self.conv1.weight.device
 
     def conv1_to_pool2(self, image: torch.Tensor) -> torch.Tensor:
-        """With LRN over this tower's own maps (the paper's); see AlexNet._lrn_across for Caffe's."""
-        return self.run(_steps("conv1", "conv2"), image)
+        """The paper's LRN, over this tower's own maps: no exchange before conv3."""
+        x = _relu(self.conv1(pad_image(image, self.config)))
+        x = _pool(self.lrn(x))
+        x = _relu(self.conv2(x))  # reads this tower's maps only
+        return _pool(self.lrn(x))
+
+    # The same stretch cut at each LRN, for Caffe's LRN across both towers (AlexNet._lrn_across).
+    def conv1_relu(self, image: torch.Tensor) -> torch.Tensor:
+        return _relu(self.conv1(pad_image(image, self.config)))
+
+    def pool1_to_conv2(self, x: torch.Tensor) -> torch.Tensor:
+        return _relu(self.conv2(_pool(x)))
+
+    def pool2(self, x: torch.Tensor) -> torch.Tensor:
+        return _pool(x)
 
     def conv3_to_pool5(self, both: torch.Tensor) -> torch.Tensor:
-        return self.run(_steps("conv3", "conv5"), both)
+        """conv3 reads both towers' maps; conv4 and conv5 read this tower's own."""
+        x = _relu(self.conv3(both))
+        x = _relu(self.conv4(x))
+        return _pool(_relu(self.conv5(x)))
 
+    def fc6_relu_dropout(self, both: torch.Tensor) -> torch.Tensor:
+        return self.dropout(_relu(self.fc6(both.flatten(1))))
 
-def _stretches(lrn_across_towers: bool) -> tuple[tuple[str | None, tuple], ...]:
-    """``STEPS`` cut where the towers exchange activations: before each layer that reads both towers, and
-    (Caffe's LRN) at each LRN. Each stretch: (the exchange before it, or None; its steps)."""
-    out, exchange, steps = [], None, []
-    for step in STEPS:
-        layer, op = step
-        if op == "layer" and layer.reads == "both" or op == "lrn" and lrn_across_towers:
-            out.append((exchange, tuple(steps)))
-            exchange, steps = ("both", [step]) if op == "layer" else ("lrn", [])
-        else:
-            steps.append(step)
-    out.append((exchange, tuple(steps)))
-    return tuple(out)
+    def fc7_relu_dropout(self, both: torch.Tensor) -> torch.Tensor:
+        return self.dropout(_relu(self.fc7(both)))
+
+    def fc8_logits(self, both: torch.Tensor) -> torch.Tensor:
+        return self.fc8(both)  # the softmax is in the loss
 
 
 class AlexNet(nn.Module):
     """The paper's two-tower net. ``devices`` places tower 0 and tower 1 (e.g. "cuda:0", "cuda:1").
 
     ``AlexNet(config)``, or ``AlexNet(10, width=0.25)``: the config's fields (num_classes first).
-    Activations cross towers only at the inputs of conv3, fc6, fc7 and fc8. Both towers concatenate in
-    the same order (tower 0's maps first), which is what makes the grouped form a pure reshuffle.
+    Activations cross towers only at the inputs of conv3, fc6, fc7 and fc8.
+    Both towers concatenate in the same order, tower 0's maps first.
+    That order is what makes the grouped form a pure reshuffle.
     Nothing in forward() waits on a device: with two GPUs, the towers' kernels run concurrently.
     """
 
@@ -310,11 +161,10 @@ class AlexNet(nn.Module):
         self.towers = nn.ModuleList(Tower(self.config, i) for i in range(2))
         for tower in self.towers:
             init_paper_(tower.layers())
-        self._stretches = _stretches(self.config.lrn_across_towers)
         if devices is not None:
             self.place(devices)
 
-    def place(self, devices) -> "AlexNet":
+    def place(self, devices) -> AlexNet:
         """Put tower 0 on devices[0] and tower 1 on devices[1] (the same device twice is fine)."""
         if isinstance(devices, (str, torch.device)):
             devices = (devices, devices)
@@ -330,14 +180,58 @@ class AlexNet(nn.Module):
     def devices(self) -> tuple[torch.device, torch.device]:
         return (self.towers[0].device, self.towers[1].device)
 
+    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """images: [n, 3, h, w] anywhere, or [tower 0's copy, tower 1's copy]; logits on tower 0's device."""
+        return self._run(images, "fc8")
+
+    def features(self, images: torch.Tensor | list[torch.Tensor], layer: str = "fc7") -> torch.Tensor:
+        """The activations of hidden layer ``layer`` (fc6 or fc7, after the ReLU), on tower 0's device.
+
+        Both towers' halves sit side by side, tower 0's first: 4096 values at full width.
+        The paper's Fig. 4 compares images by the Euclidean distance between their fc7 activations.
+        In training mode they are taken after dropout.
+        """
+        return self._run(images, check_feature_layer(layer))
+
+    def _run(self, images, last: str) -> torch.Tensor:
+        """Fig. 2: each tower runs its stretch, then the towers exchange activations."""
+        x = self._per_tower(images)
+        x = self._conv1_to_pool2(x)
+        x = self._each("conv3_to_pool5", self._exchange(x))  # conv3 reads both towers
+        x = self._each("fc6_relu_dropout", self._exchange(x))  # fc6 reads both towers
+        if last != "fc6":
+            x = self._each("fc7_relu_dropout", self._exchange(x))  # fc7 reads both towers
+        if last == "fc8":
+            x = self._each("fc8_logits", self._exchange(x))  # fc8 reads both towers
+        return self._both(x, self.devices[0])
+
+    def _conv1_to_pool2(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.config.lrn_across_towers:  # the paper's: each tower normalises its own maps
+            return self._each("conv1_to_pool2", x)
+        # Caffe's: the LRN windows reach across the tower boundary, an exchange at each LRN.
+        x = self._lrn_across(self._each("conv1_relu", x))
+        x = self._lrn_across(self._each("pool1_to_conv2", x))
+        return self._each("pool2", x)
+
+    def _each(self, stretch: str, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tower's ``stretch`` on its own input, on its own device."""
+        return [getattr(tower, stretch)(h) for tower, h in zip(self.towers, x)]
+
+    def _exchange(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Both towers' activations on each tower's device, for a layer that reads both."""
+        return [self._both(x, device) for device in self.devices]
+
     @staticmethod
     def _both(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         """Both towers' activations on one device, tower 0's first: a cross-GPU exchange."""
         return torch.cat([p.to(device, non_blocking=True) for p in parts], dim=1)
 
     def _lrn_across(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Caffe's LRN over all maps, computed per tower: each tower borrows the few maps beside the
-        boundary that its windows reach (2 each way for n=5), an exchange the paper's net does not have."""
+        """Caffe's LRN over all maps, computed per tower.
+
+        Each tower borrows the few maps beside the boundary that its windows reach (2 each way for n=5).
+        The paper's net has no such exchange.
+        """
         (a, b), (device_a, device_b) = parts, self.devices
         size = self.config.lrn.size
         below, above = size // 2, (size - 1) // 2  # the window of map c is [c - below, c + above]
@@ -346,34 +240,13 @@ class AlexNet(nn.Module):
         return [self.towers[0].lrn(a_ext)[:, : a.shape[1]], self.towers[1].lrn(b_ext)[:, below:]]
 
     def _per_tower(self, images) -> list[torch.Tensor]:
-        """The input on each tower's device: given as one tensor (copied to each), or as a pair already
-        placed (training augments the uint8 batch on both GPUs rather than sending float32 across)."""
+        """The input on each tower's device: one tensor (copied to each), or a pair already placed.
+
+        Training augments the uint8 batch on both GPUs rather than send float32 across.
+        """
         if isinstance(images, (list, tuple)):
             return list(images)
         return [images.to(d, non_blocking=True) for d in self.devices]
-
-    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """images: [n, 3, h, w] anywhere, or [tower 0's copy, tower 1's copy]; logits on tower 0's device."""
-        return self._run(images, "fc8")
-
-    def features(self, images: torch.Tensor | list[torch.Tensor], layer: str = "fc7") -> torch.Tensor:
-        """The activations of hidden layer ``layer`` (fc6 or fc7: after the ReLU; 4096 at full width), both
-        towers' halves side by side (tower 0's first), on tower 0's device. The paper's Fig. 4 compares
-        images by the Euclidean distance between their fc7 activations. (In training mode, after dropout.)"""
-        return self._run(images, check_feature_layer(layer))
-
-    def _run(self, images, last: str) -> torch.Tensor:
-        towers, devices = self.towers, self.devices
-        x = self._per_tower(images)
-        for exchange, steps in self._stretches:
-            if exchange == "both":
-                x = [self._both(x, d) for d in devices]
-            elif exchange == "lrn":
-                x = self._lrn_across(x)
-            x = [t.run(steps, h) for t, h in zip(towers, x)]
-            if steps and steps[-1][0].name == last:
-                break
-        return self._both(x, devices[0])
 
     # Conversion to and from the grouped single-device layout (the checkpoint format).
 
@@ -399,7 +272,7 @@ class AlexNet(nn.Module):
                 p0.copy_(first)
                 p1.copy_(second)
 
-    def to_grouped(self) -> "GroupedAlexNet":
+    def to_grouped(self) -> GroupedAlexNet:
         net = GroupedAlexNet(self.config)
         net.load_state_dict(self.grouped_state_dict())
         return net.to(self.devices[0])
@@ -416,19 +289,36 @@ class GroupedAlexNet(_Layers):
         super().__init__(config, config.layer_shapes())
         init_paper_(self.layers())
 
-    def _lrn(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.lrn_across_towers:
-            return self.lrn(x)
-        # Each tower's half on its own (the paper's): the halves as two batch items, a free view.
-        n, c, h, w = x.shape
-        return self.lrn(x.reshape(n * 2, c // 2, h, w)).view(n, c, h, w)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.run(STEPS, images)
+        return self._run(images, "fc8")
 
     def features(self, images: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
         """Hidden layer ``layer`` (fc6 or fc7, after the ReLU): the same numbers as ``AlexNet.features``."""
-        return self.run(_steps("conv1", check_feature_layer(layer)), images)
+        return self._run(images, check_feature_layer(layer))
+
+    def _run(self, images: torch.Tensor, last: str) -> torch.Tensor:
+        """Fig. 2 on one device: a groups=2 layer reads each tower's own maps, a dense one reads both."""
+        x = _relu(self.conv1(pad_image(images, self.config)))
+        x = _pool(self._lrn(x))
+        x = _relu(self.conv2(x))  # groups=2: each tower's half reads its own maps
+        x = _pool(self._lrn(x))
+        x = _relu(self.conv3(x))  # dense: reads both towers
+        x = _relu(self.conv4(x))  # groups=2
+        x = _pool(_relu(self.conv5(x)))  # groups=2
+        x = self.dropout(_relu(self.fc6(x.flatten(1))))
+        if last == "fc6":
+            return x
+        x = self.dropout(_relu(self.fc7(x)))
+        if last == "fc7":
+            return x
+        return self.fc8(x)
+
+    def _lrn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.lrn_across_towers:
+            return self.lrn(x)
+        # Each tower's half on its own, as in the paper: the halves become two batch items, a free view.
+        n, c, h, w = x.shape
+        return self.lrn(x.reshape(n * 2, c // 2, h, w)).view(n, c, h, w)
 
     def to_towers(self, devices=None) -> AlexNet:
         net = AlexNet(self.config)
@@ -447,9 +337,3 @@ def _config(config: AlexNetConfig | int | None, config_fields: dict) -> AlexNetC
     if config_fields:
         raise TypeError("pass an AlexNetConfig or its fields as keywords, not both")
     return config
-
-
-def check_feature_layer(layer: str) -> str:
-    if layer not in FEATURE_LAYERS:
-        raise ValueError(f"layer must be one of {', '.join(FEATURE_LAYERS)}, got {layer!r}")
-    return layer

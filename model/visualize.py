@@ -1,14 +1,9 @@
 """Looking inside the net: the paper's Fig. 3 (conv1's kernels, tower by tower) and Grad-CAM heat maps.
 
-``filters_image(weights)`` draws conv1's 96 kernels (11×11×3) as the paper's Fig. 3 does: tower 0's 48 on
-the upper rows, tower 1's 48 below, each kernel scaled to its own full range (the paper saw one tower's
-kernels come out largely colour-agnostic and the other's colour-specific). ``channel_order`` "BGR"
-(Caffe-trained weights) is shown as RGB.
-
-``grad_cam(net, x)`` (Selvaraju et al. 2017) on conv5, after its ReLU: the gradient of the class's logit
-with respect to each of conv5's maps, averaged over the 13×13 positions, weighs that map; the ReLU of the
-weighted sum says where in the image the evidence for the class is. Both towers' maps together (256 at
-full width). It runs the two-tower ``AlexNet`` with autograd. ``overlay`` draws it over the image.
+``filters_image(weights)`` draws conv1's kernels as Fig. 3 does: tower 0's on the upper rows, tower 1's
+below, each scaled to its own full range. "BGR" weights (Caffe's) are shown as RGB.
+``grad_cam(net, x)`` (Selvaraju et al. 2017) weighs conv5's maps, after the ReLU, by the class logit's
+gradient, on the two-tower ``AlexNet``. ``overlay`` draws the heat map over the image.
 """
 
 from __future__ import annotations
@@ -51,8 +46,9 @@ def filters_image(conv1_weight: torch.Tensor, channel_order: str = "RGB", scale:
     return canvas
 
 
-def kernel_position(tower: int, index: int, columns: int, rows: int, h: int = 11, w: int = 11,
-                    scale: int = KERNEL_SCALE) -> tuple[int, int]:  # fmt: skip
+def kernel_position(
+    tower: int, index: int, columns: int, rows: int, h: int = 11, w: int = 11, scale: int = KERNEL_SCALE
+) -> tuple[int, int]:
     """Top-left pixel of kernel ``index`` of ``tower`` in ``filters_image``."""
     row, column = divmod(index, columns)
     top = tower * (rows * (h * scale + GAP) + TOWER_GAP) + GAP + row * (h * scale + GAP)

@@ -1,21 +1,12 @@
-"""Winograd's minimal filtering for stride-1 convolutions (Lavin & Gray, "Fast Algorithms for Convolutional
-Neural Networks", 2016), channels-last, for CPU inference.
+"""Winograd's minimal filtering for stride-1 convolutions (Lavin & Gray 2016), channels-last, for CPU inference.
 
 F(m×m, r×r) gets an m×m tile of an r×r convolution's output from an (m+r-1)×(m+r-1) tile of its input:
 
-    Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A        (per tile, per input/output channel pair; ⊙ elementwise)
+    Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A
 
-so the multiply-adds of a tile are (m+r-1)² per channel pair instead of m²r². Summed over input channels,
-the ⊙ becomes (m+r-1)² matrix products [tiles × in-channels] @ [in-channels × out-channels], and the
-transforms Bᵀ·B (of every input tile) and Aᵀ·A (of every product) are small matrix products too.
-For AlexNet: conv2 (5×5) with F(4×4, 5×5) does 64 multiplies per output tile and channel pair where the
-direct convolution does 400; conv3 (3×3) with F(4×4, 3×3) does 36 where it does 144. The transforms are
-memory passes over tiles that overlap, so they pay only where the products they save are large enough:
-CPUInferenceNet says where they do, as measured.
-
-The matrices come from Toom-Cook interpolation at the given points (and ∞). Their rounding error grows
-with the tile size and with the spread of the points; with the points used here, float32 outputs stay
-within a few 1e-6 of the direct convolution's, relative to the largest output (tests check it).
+For conv2 (5×5) F(4×4, 5×5) does 64 multiplies per tile and channel pair where the direct one does 400.
+The matrices come from Toom-Cook interpolation; float32 outputs stay within a few 1e-6 of the direct
+convolution's. docs/model-internals.md has the derivation and the costs.
 """
 
 from __future__ import annotations

@@ -42,39 +42,13 @@ from model import (
     check_feature_layer,
     load_checkpoint,
 )
-from model.preprocessing import crop_offsets
+from model.preprocessing import Crops, crop_offsets
+from model.ten_crop import mean_over_crops, rows_per_image, run_in_chunks
 from model.visualize import filters_image, grad_cam, overlay
 
-from .schemas import Crops, FeatureLayer, ModelIdentity
-from .settings import parse_devices
+from .schemas import FeatureLayer, ModelIdentity
 
 log = logging.getLogger("service")
-
-TEN_CROPS = 10  # the paper's 4 corners + centre, and their mirror images
-
-
-class DeviceError(RuntimeError):
-    """The configured device does not exist on this machine."""
-
-
-def resolve_devices(spec: str) -> tuple[torch.device, ...]:
-    """The ALEXNET_DEVICE setting → one device or two (one per tower)."""
-    parts = parse_devices(spec)
-    if parts == ("auto",):
-        parts = ("cuda",) if torch.cuda.is_available() else ("cpu",)
-    devices = tuple(torch.device(p) for p in parts)
-    for device in devices:
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise DeviceError(f"device {spec!r} asks for CUDA, but torch {torch.__version__} sees no CUDA GPU")
-            if device.index is not None and device.index >= torch.cuda.device_count():
-                raise DeviceError(f"device {device} does not exist: {torch.cuda.device_count()} CUDA GPU(s) visible")
-    return devices
-
-
-def rows_per_image(crops: Crops) -> int:
-    return TEN_CROPS if crops == "ten" else 1
-
 
 LOGITS = "fc8"  # the layer a classifying forward pass stops at
 
@@ -251,15 +225,13 @@ class LoadedModel:
         counts = [len(images) for images in requests]
         x = self._inputs(requests, tasks)
         if layer == LOGITS:
-            outputs = torch.cat([self.net(chunk).float().softmax(dim=1) for chunk in x.split(max_batch)]).cpu()
+            outputs = run_in_chunks(self.net, x, max_batch).softmax(dim=1).cpu()
         else:
-            outputs = torch.cat([self.net.features(chunk, layer).float() for chunk in x.split(max_batch)]).cpu()
+            outputs = run_in_chunks(functools.partial(self.net.features, layer=layer), x, max_batch).cpu()
         out, start = [], 0
         for n, task in zip(counts, tasks):
             rows = n * task.rows_per_image
-            y = outputs[start : start + rows]
-            if task.crops == "ten":
-                y = y.view(n, TEN_CROPS, -1).mean(dim=1)
+            y = mean_over_crops(outputs[start : start + rows], task.crops)  # the paper's 10-patch average
             if task.normalize:
                 y = F.normalize(y, p=2.0, dim=1)  # unit L2 norm (an all-zero vector stays zero)
             out.append(y)

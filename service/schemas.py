@@ -8,11 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from model import imagenet_classes
+from model.preprocessing import Crops
 
 # The classes a schema can name: ImageNet's (a checkpoint may bring others; GET /model lists them).
 IMAGENET_WNIDS = tuple(c.wnid for c in imagenet_classes())
 
-Crops = Literal["center", "ten"]
 FeatureLayer = Literal["fc6", "fc7"]  # model.network.FEATURE_LAYERS
 ExplainFormat = Literal["png", "json"]
 

@@ -116,7 +116,7 @@ class Settings(BaseModel):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        parse_devices(value)  # raises ValueError with the reason
+        model.parse_devices(value)  # raises ValueError with the reason
         return value
 
     @model_validator(mode="after")
@@ -175,7 +175,3 @@ def _describe(error: dict, sources: dict[str, str]) -> str:
     name = str(error["loc"][0])
     return f"{sources.get(name, name)}: {error['msg']}"
 
-
-def parse_devices(spec: str) -> tuple[str, ...]:
-    """The device rule shared with training: ``model.devices.parse_devices``."""
-    return model.parse_devices(spec)

@@ -21,8 +21,8 @@ import logging
 import socket
 
 from model import CheckpointError
+from model.devices import DeviceError
 
-from .engine import DeviceError
 from .memory import MemoryDoesNotFit
 
 EXIT_FAILED = 1

@@ -72,7 +72,7 @@ class ServiceState:
     async def start(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
-        devices = engine.resolve_devices(s.device)
+        devices = model_package.resolve_devices(s.device)
         if engine.runs_cpu_inference_net(devices):
             # Set once for the process, before the model is loaded: loading, warming up and every forward
             # pass then run with the allocator that CPUInferenceNet's throughput assumes (model/malloc.py).

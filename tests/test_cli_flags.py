@@ -21,13 +21,13 @@ def _training_parser():
 
 
 def _export_parser():
-    from model.export import _parser
+    from model.export.cli import _parser
 
     return _parser()
 
 
 def _import_weights_parse(argv):
-    from model.importers import _parse_args
+    from model.importers.cli import _parse_args
 
     return _parse_args(argv)
 

@@ -37,6 +37,7 @@ from support.weights import (
 
 from model import CAFFE_LRN, load_checkpoint, load_image
 from model import importers as iw
+from model.importers import importing
 from model.importers.download import ChecksumMismatch, DownloadError
 
 
@@ -181,8 +182,8 @@ def test_published_file_gets_published_accuracy(tmp_path, monkeypatch, small_wei
     source.write_bytes(caffemodel(small_weights, v1=True))
     sha1 = hashlib.sha1(source.read_bytes()).hexdigest()
     fake = iw.PublishedFile(source.name, "caffe", "http://example.invalid/x", 0, ("sha1", sha1), "BVLC AlexNet (test)")
-    monkeypatch.setattr(iw, "PUBLISHED", (fake,))
-    monkeypatch.setattr(iw, "PUBLISHED_BY_NAME", {fake.name: fake})
+    monkeypatch.setattr(importing, "PUBLISHED", (fake,))
+    monkeypatch.setattr(importing, "PUBLISHED_BY_NAME", {fake.name: fake})
     out = tmp_path / "net.safetensors"
     assert iw.main([str(source), "--out", str(out), "--quiet"]) == 0
     p = load_checkpoint(out).provenance

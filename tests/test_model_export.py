@@ -1,4 +1,4 @@
-"""ONNX export (model/export.py), checked by running the exported files in ONNX Runtime.
+"""ONNX export (model/export/), checked by running the exported files in ONNX Runtime.
 
 Our own checkpoints (224 crops, conv1 "overhang" padding, LRN per tower, the paper's α convention, a mean
 image) and BVLC-style imported ones (227, unpadded, LRN across both towers, BGR, Caffe's k=1 α/n) give
@@ -36,6 +36,7 @@ from model import (
     load_checkpoint,
 )
 from model import export as ex
+from model.export import onnx_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -362,7 +363,7 @@ def test_a_failed_write_leaves_no_partial_file(own, tmp_path, monkeypatch):
         written.append(Path(path).stat().st_size)  # the whole file was written to a temporary …
         raise OSError(28, "No space left on device", str(path))  # … and then something fails
 
-    monkeypatch.setattr(ex, "verify_with_onnxruntime", fail)
+    monkeypatch.setattr(onnx_file, "verify_with_onnxruntime", fail)
     with pytest.raises(OSError):
         ex.export(own, out, verify=True)
     assert written and written[0] > 1_000_000
@@ -383,7 +384,7 @@ def test_verify_failure_writes_nothing(own, tmp_path, monkeypatch, capsys):
         config = dataclasses.replace(checkpoint.config, lrn_across_towers=True)
         return real(dataclasses.replace(checkpoint, config=config), **kwargs)
 
-    monkeypatch.setattr(ex, "build_model", wrong_lrn)
+    monkeypatch.setattr(onnx_file, "build_model", wrong_lrn)
     out = tmp_path / "x.onnx"
     assert ex.main([own.path, str(out), "--verify"]) == 1
     err = capsys.readouterr().err

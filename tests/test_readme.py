@@ -130,14 +130,14 @@ def test_the_readme_device_error_is_the_librarys():
     """The README quotes the one-line error for a missing GPU: it is what the library raises here."""
     import torch
 
-    from model import AlexNet
+    from model import AlexNet, DeviceError
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    quoted = re.search(r"`(ValueError: device 'cuda:0'[^`]*)`", README.replace("\n", " ")).group(1)
-    with pytest.raises(ValueError) as raised:
+    quoted = re.search(r"`(DeviceError: device 'cuda:0'[^`]*)`", README.replace("\n", " ")).group(1)
+    with pytest.raises(DeviceError) as raised:
         AlexNet(width=0.125, devices=("cuda:0", "cuda:1"))
-    assert f"ValueError: {raised.value}" == quoted.replace("2.13.0+cpu", torch.__version__)
+    assert f"DeviceError: {raised.value}" == quoted.replace("2.13.0+cpu", torch.__version__)
 
 
 @pytest.mark.slow

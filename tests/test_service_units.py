@@ -14,11 +14,11 @@ import torch
 from support.service import REPO, ServiceProcess, metric_value, write_checkpoint
 
 from model import load_checkpoint
+from model.devices import DeviceError, parse_devices, resolve_devices
 from service import engine
-from service.engine import DeviceError, resolve_devices
 from service.metrics import Counter, Histogram, Registry
 from service.problems import image_problem
-from service.settings import Settings, SettingsError, parse_devices
+from service.settings import Settings, SettingsError
 
 
 def test_settings_defaults_environment_and_flags():

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from model import CheckpointError, Preprocessor, load_checkpoint
 from model.files import atomic_write
+from model.ten_crop import flatten_crops, mean_over_crops, run_in_chunks
 
 from .data import IMAGE_SIZE, JpegSplit, PreparedDataset, PreparedSplit, TrainingError
 from .loader import BatchLoader
@@ -119,11 +120,9 @@ def _log_probs(net, x: torch.Tensor, max_rows: int, autocast) -> torch.Tensor:
     if x.dim() == 4:
         with autocast():
             return F.log_softmax(net(x).float(), dim=1)
-    n, patches = x.shape[:2]
-    flat = x.flatten(0, 1)
     with autocast():
-        logits = torch.cat([net(part).float() for part in flat.split(max_rows)])
-    probs = logits.softmax(dim=1).view(n, patches, -1).mean(dim=1)
+        logits = run_in_chunks(net, flatten_crops(x), max_rows)
+    probs = mean_over_crops(logits.softmax(dim=1), "ten")
     return probs.clamp_min(1e-30).log()
 
 

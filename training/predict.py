@@ -34,6 +34,7 @@ describe the same files.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import multiprocessing
@@ -51,8 +52,10 @@ import torch
 import torch.nn.functional as F
 
 from model import FEATURE_LAYERS, CPUInferenceNet, ImageError, keep_freed_memory, load_checkpoint
+from model.devices import DeviceError, resolve_devices
 from model.files import atomic_write
 from model.preprocessing import DEFAULT_MAX_PIXELS
+from model.ten_crop import flatten_crops, mean_over_crops, run_in_chunks
 
 from .data import TrainingError
 from .prepare import IMAGE_EXTENSIONS
@@ -463,15 +466,12 @@ def default_workers() -> int:
 
 def _device(spec: str) -> torch.device:
     try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError) as e:
+        devices = resolve_devices(spec)
+    except (DeviceError, ValueError) as e:
         raise TrainingError(f"--device {spec}: {e}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError(f"--device {spec}: torch {torch.__version__} sees no CUDA GPU")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise TrainingError(f"--device {spec}: {torch.cuda.device_count()} CUDA GPU(s) visible")
-    return device
+    if len(devices) != 1:
+        raise TrainingError(f"--device {spec}: predict runs on one device")
+    return devices[0]
 
 
 class Classifier:
@@ -495,18 +495,15 @@ class Classifier:
     def __call__(self, images: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 [n, 3, S, S] → (softmax probabilities [n, classes], features [n, d] or None), on the CPU."""
         x = self.preprocessor.from_uint8(images.to(self.device), self.crops)  # THE shared preprocessing
-        n = len(x)
-        if self.crops == "ten":
-            x = x.flatten(0, 1)
+        rows = flatten_crops(x)
         if self.layer is None:
-            logits, features = torch.cat([self.net(part).float() for part in x.split(max_rows)]), None
+            logits, features = run_in_chunks(self.net, rows, max_rows), None
         else:
-            features = torch.cat([self.net.features(part, self.layer).float() for part in x.split(max_rows)])
+            features = run_in_chunks(functools.partial(self.net.features, layer=self.layer), rows, max_rows)
             logits = self._logits(features)
-        probabilities = logits.softmax(dim=1)
-        if self.crops == "ten":  # the paper's 10-patch prediction: the softmax averaged over the patches
-            probabilities = probabilities.view(n, 10, -1).mean(dim=1)
-            features = None if features is None else features.view(n, 10, -1).mean(dim=1)
+        # The paper's 10-patch prediction: the softmax averaged over the patches.
+        probabilities = mean_over_crops(logits.softmax(dim=1), self.crops)
+        features = None if features is None else mean_over_crops(features, self.crops)
         if features is not None and self.normalize:
             features = F.normalize(features, dim=1)
         return probabilities.cpu(), None if features is None else features.cpu()

@@ -1,18 +1,10 @@
 """Just enough of the protobuf wire format to read Caffe and ONNX model files, without the protobuf library.
 
-A protobuf message is a sequence of fields, each ``tag value`` with ``tag = field_number << 3 | wire_type``:
-
-    wire type 0  varint             ints, enums, bools (7 bits a byte, low group first)
-    wire type 1  8 bytes, LE        fixed64, double
-    wire type 2  varint length + bytes   strings, bytes, nested messages, packed repeated numbers
-    wire type 5  4 bytes, LE        fixed32, float
-
-A repeated number field may arrive packed (one wire type 2 field) or not (one field per element, or
-several packed runs); a parser must accept all of them and concatenate. Nothing here knows a schema:
-the caller asks for field numbers (caffe.py and onnx.py name those of the two schemas we read).
-
-Large payloads (a 37.7M-float fc6 blob) are never copied until asked for: a ``Message`` records where
-each field lies in the one buffer that holds the file, so skipping over a field costs nothing.
+A message is a sequence of ``tag value`` fields, ``tag = field_number << 3 | wire_type``.
+Repeated numbers may arrive packed or not, and a parser must accept both.
+Nothing here knows a schema: caffe.py and onnx.py name the field numbers they ask for.
+A ``Message`` records where each field lies in the file's one buffer, so large blobs are never copied
+until asked for. docs/model-internals.md lists the wire types.
 """
 
 from __future__ import annotations
