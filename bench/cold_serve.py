@@ -92,7 +92,7 @@ def log_tail(tmp: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--ref", default="HEAD", help="commit to clone (default HEAD)")
     parser.add_argument("--baseline", help="another commit, measured the same way after --ref")
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for /readyz (default 900)")

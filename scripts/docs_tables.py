@@ -214,7 +214,7 @@ def read_documents() -> dict[str, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when a table differs")
     args = parser.parse_args()
     committed = read_documents()
