@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from support.training import PHOTOS, prepare_quietly
 
 from model import imagenet_classes, load_image
-from support.training import PHOTOS, prepare_quietly
 from training.__main__ import main
-from training.data import SPLITS, PreparedDataset, TrainingError
+from training.data import SPLITS, PreparedDataset
+from training.errors import TrainingError
 from training.sources import UNEVEN_FROM_MEAN, class_list_sha256
 
 PHOTO_FILES = sorted(PHOTOS.glob("*.JPEG"))

@@ -12,8 +12,8 @@ import torch
 from support.training import REPO, make_source, prepare_quietly, train_cli
 
 from model import AlexNet, load_checkpoint
-from training.data import TrainingError
 from training.devices import Distributed, backend_settings, dropout_seeds, resolve_devices, seed_dropout
+from training.errors import TrainingError
 from training.schedule import PlateauSchedule
 from training.train import Hyperparameters, make_optimizer
 

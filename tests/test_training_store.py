@@ -19,7 +19,8 @@ from support.training import WNIDS, digest, expect_error, make_source, prepare_q
 
 from model import load_image
 from model.files import atomic_write
-from training.data import IMAGE_BYTES, PreparedDataset, TrainingError
+from training.data import IMAGE_BYTES, PreparedDataset
+from training.errors import TrainingError
 from training.loader import BatchLoader, LoaderError
 
 REPO = Path(__file__).resolve().parents[1]

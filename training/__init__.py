@@ -9,7 +9,8 @@ Depends on ``model`` only (network, checkpoint format, the shared preprocessing)
 
 # The functions live in their modules (training.prepare.prepare, training.train.train,
 # training.evaluate.evaluate / run_evaluate); re-exporting them here would hide those modules.
-from .data import PreparedDataset, TrainingError
+from .data import PreparedDataset
+from .errors import TrainingError
 from .train import Hyperparameters, Options
 
 __all__ = ["Hyperparameters", "Options", "PreparedDataset", "TrainingError"]

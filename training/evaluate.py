@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from model import CheckpointError, Preprocessor, load_checkpoint
 from model.files import atomic_write
 
-from .data import IMAGE_SIZE, JpegSplit, PreparedDataset, PreparedSplit, TrainingError
+from .data import IMAGE_SIZE, JpegSplit, PreparedDataset, PreparedSplit
+from .errors import TrainingError
 from .loader import BatchLoader
 from .progress import Progress
 

@@ -49,7 +49,8 @@ from multiprocessing.connection import wait as wait_for
 
 import torch
 
-from .data import IMAGE_BYTES, IMAGE_SIZE, TrainingError
+from .data import IMAGE_BYTES, IMAGE_SIZE
+from .errors import TrainingError
 
 
 class LoaderError(RuntimeError):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from model.files import atomic_path
 
-from .data import TrainingError
+from .errors import TrainingError
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"

@@ -54,7 +54,7 @@ from model import FEATURE_LAYERS, CPUInferenceNet, ImageError, keep_freed_memory
 from model.files import atomic_write
 from model.preprocessing import DEFAULT_MAX_PIXELS
 
-from .data import TrainingError
+from .errors import TrainingError
 from .prepare import IMAGE_EXTENSIONS
 from .progress import Progress
 

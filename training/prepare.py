@@ -58,14 +58,14 @@ from .data import (
     READABLE_VERSIONS,
     SPLITS,
     STORES,
-    DirectoryLock,
-    TrainingError,
     format_version,
     load_stats,
     save_stats,
     stats_from_sums,
     store_files,
 )
+from .directory_lock import DirectoryLock
+from .errors import TrainingError
 from .progress import Progress
 from .sources import IMAGE_EXTENSIONS, Source, is_image_name, scan_source  # noqa: F401 (re-exported)
 

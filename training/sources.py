@@ -43,7 +43,8 @@ from pathlib import Path
 
 from model import ImageClass, imagenet_classes
 
-from .data import SPLITS, TrainingError
+from .data import SPLITS
+from .errors import TrainingError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 WNID = re.compile(r"n\d{8}")

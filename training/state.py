@@ -20,7 +20,7 @@ import torch
 
 from model.files import read_safetensors, write_safetensors
 
-from .data import TrainingError
+from .errors import TrainingError
 from .update_rule import STATE_KEYS
 
 STATE_FORMAT = "alexnet-train-state"

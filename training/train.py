@@ -45,8 +45,8 @@ from model import AlexNet, Checkpoint, Preprocessing, Preprocessor, file_identit
 from model.files import atomic_write, remove_stale_temporaries
 from model.network import BIAS_ONE_LAYERS
 
-from .augment import ALPHA_STD, TrainAugmentation
-from .data import DirectoryLock, PreparedDataset, ShardedBatches, TrainingError, derive_seed, epoch_order
+from .augment import TrainAugmentation
+from .data import PreparedDataset, ShardedBatches, derive_seed, epoch_order
 from .devices import (
     Distributed,
     autocast_for,
@@ -57,59 +57,19 @@ from .devices import (
     seed_dropout,
     select_device,
 )
+from .directory_lock import DirectoryLock
+from .errors import TrainingError
 from .evaluate import evaluate, format_results
 from .feed import DeviceFeed
+from .hyperparameters import Hyperparameters, check, resolve
 from .loader import BatchLoader
 from .plot import write_curves, write_filters
 from .progress import AtMostEvery, Progress, format_duration
 from .schedule import CHANCE_MARGIN, PlateauSchedule
 from .state import read_state, restore_state, save_state
-from .update_rule import UPDATE_RULES, PaperSGD
+from .update_rule import PaperSGD
 
-# 1. Hyper-parameters (they define the run: the paper's values are the defaults) and options (how to run it).
-
-
-@dataclass
-class Hyperparameters:
-    epochs: int = 90
-    batch_size: int = 128  # global: split over the processes of a multi-process run
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    decay_biases: bool = False  # the paper decays w; cuda-convnet and Caffe's bvlc_alexnet leave biases alone
-    patience: int = 5  # counted epochs without a lower val top-1 error before the lr is divided (ours)
-    min_improvement: float = 0.002  # absolute top-1 error that counts as lower (schedule.py)
-    plateau_start: int = 10  # epochs 1..plateau_start never count towards patience (schedule.py)
-    max_lr_drops: int = 3  # the paper divided the lr 3 times
-    lr_drop_factor: float = 0.1
-    width: float = 1.0  # 1 = the paper's net; smaller for tests and experiments
-    dropout: float = 0.5
-    conv1_padding: str = "overhang"
-    lighting_std: float = ALPHA_STD
-    init: str = "width-scaled"  # or "paper" (the same net at width 1: see scale_init_to_width_), or "caffe"
-    update_rule: str = "paper"  # the paper's SGD (lr inside the velocity), or "pytorch" (torch.optim.SGD)
-    seed: int = 0
-    amp: str = "off"  # "bf16" or "fp16": autocast; fp16 adds gradient scaling
-    channels_last: bool = False
-
-
-# Changing these in the middle of a run would make it a different run; --resume refuses.
-FIXED_ON_RESUME = (
-    "batch_size",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "decay_biases",
-    "lr_drop_factor",
-    "width",
-    "dropout",
-    "conv1_padding",
-    "lighting_std",
-    "seed",
-    "amp",
-    "init",
-    "update_rule",
-)
+# 1. Options (how to run; the hyperparameters, what the run is, are in hyperparameters.py).
 
 
 @dataclass
@@ -407,8 +367,8 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
     state_path = out / "state.safetensors"
     state_on_disk = file_identity(state_path)  # to notice another job writing DIR meanwhile
     saved_info, saved_tensors = _saved_state(out, options.resume)
-    hp = resolve_hyperparameters(given, saved_info["hyperparameters"] if saved_info else None)
-    check_hyperparameters(hp)
+    hp = resolve(given, saved_info["hyperparameters"] if saved_info else None)
+    check(hp)
     devices = resolve_devices(options.devices, dist)
 
     # Data.
@@ -533,53 +493,6 @@ def _saved_state(out: Path, resume: bool) -> tuple[dict | None, dict | None]:
     return None, None
 
 
-def resolve_hyperparameters(given: dict, saved: dict | None) -> Hyperparameters:
-    """Defaults ← the saved run's values (when resuming) ← flags given on this command line."""
-    names = {f.name for f in dataclasses.fields(Hyperparameters)}
-    values = dict(saved or {})
-    if saved is not None:
-        changed = [k for k in FIXED_ON_RESUME if k in given and given[k] != saved.get(k)]
-        if changed:
-            detail = ", ".join(f"--{k.replace('_', '-')} {given[k]} (run: {saved.get(k)})" for k in changed)
-            raise TrainingError(f"--resume: cannot change {detail}; start a new run in another --out directory")
-    values.update({k: v for k, v in given.items() if k in names})
-    return Hyperparameters(**{k: v for k, v in values.items() if k in names})
-
-
-def check_hyperparameters(hp: Hyperparameters) -> None:
-    problems = []
-    if hp.epochs < 1:
-        problems.append("--epochs must be at least 1")
-    if hp.batch_size < 1:
-        problems.append("--batch-size must be at least 1")
-    if not hp.lr > 0:
-        problems.append("--lr must be positive")
-    if not 0 <= hp.momentum < 1:
-        problems.append("--momentum must be in [0, 1)")
-    if hp.weight_decay < 0:
-        problems.append("--weight-decay must be at least 0")
-    if hp.patience < 1:
-        problems.append("--patience must be at least 1")
-    if not 0 <= hp.min_improvement < 1:
-        problems.append("--min-improvement must be in [0, 1) (an absolute top-1 error)")
-    if hp.plateau_start < 0:
-        problems.append("--plateau-start must be at least 0")
-    if hp.max_lr_drops < 0:
-        problems.append("--max-lr-drops must be at least 0")
-    if not hp.width > 0:
-        problems.append("--width must be positive")
-    if not 0 <= hp.dropout < 1:
-        problems.append("--dropout must be in [0, 1)")
-    if hp.init not in INITS:
-        problems.append(f"--init must be one of {', '.join(INITS)}")
-    if hp.update_rule not in UPDATE_RULES:
-        problems.append(f"--update-rule must be one of {', '.join(UPDATE_RULES)}")
-    if hp.amp not in ("off", "bf16", "fp16"):
-        problems.append("--amp must be off, bf16 or fp16")
-    if problems:
-        raise TrainingError("; ".join(problems))
-
-
 def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
     """SGD by ``hp.update_rule`` (update_rule.py: the paper's, or torch.optim.SGD) with two parameter
     groups: weights decayed by ``weight_decay``; biases too only with ``decay_biases`` (the paper's update
@@ -596,8 +509,6 @@ def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.O
     return PaperSGD(groups, lr=hp.lr, momentum=hp.momentum)
 
 
-# --init: "paper" is §5 as written; "width-scaled" is the same net at width 1; "caffe" deviates (see below).
-INITS = ("width-scaled", "paper", "caffe")
 CAFFE_BIAS = 0.1  # Caffe's bvlc_alexnet: "initializing non-zero biases to 0.1 instead of 1 ... 1 gave flat loss"
 
 
