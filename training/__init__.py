@@ -11,6 +11,7 @@ Depends on ``model`` only (network, checkpoint format, the shared preprocessing)
 # training.evaluate.evaluate / run_evaluate); re-exporting them here would hide those modules.
 from .data import PreparedDataset
 from .errors import TrainingError
-from .train import Hyperparameters, Options
+from .hyperparameters import Hyperparameters
+from .run import Options
 
 __all__ = ["Hyperparameters", "Options", "PreparedDataset", "TrainingError"]

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_distributed
 
-from model import parse_devices
+from model import AlexNet, parse_devices
 
 from .data import derive_seed
 from .errors import TrainingError
@@ -174,3 +176,37 @@ def check_compiler(device: torch.device) -> None:
         raise TrainingError(
             f"--compile: torch.compile does not work on {device} here ({reason[:300]}); run without --compile"
         ) from None
+
+
+def compile_towers(model: AlexNet) -> None:
+    """torch.compile each tower's stretches between exchanges (``Tower.run``: each runs on one device, so
+    each graph does): it fuses LRN's ~20 elementwise passes, memory-bound on a GPU, into a few kernels.
+
+    Every (tower, stretch) is compiled from a code object of its own. Dynamo keeps its graphs per code
+    object, at most ``recompile_limit`` (8) of them: through one shared ``run``, 2 towers × 4 stretches ×
+    (training, evaluation) overflowed it, and every call past the 8th graph ran uncompiled. Alone, a
+    stretch needs a graph per mode and per batch size, a handful at most.
+    """
+    for number, tower in enumerate(model.towers):
+        tower.run = _CompiledStretches(tower, number)
+
+
+class _CompiledStretches:
+    """A tower's ``run``, compiled separately for each stretch of steps it is called with."""
+
+    def __init__(self, tower, number: int):
+        self.tower, self.number = tower, number
+        self.compiled: dict[tuple, Callable] = {}
+
+    def __call__(self, steps, x: torch.Tensor) -> torch.Tensor:
+        compiled = self.compiled.get(steps)
+        if compiled is None:
+            name = f"tower{self.number}_{steps[0][0].name}_to_{steps[-1][0].name}" if steps else f"tower{self.number}"
+            compiled = self.compiled[steps] = torch.compile(_own_code(type(self.tower).run, name).__get__(self.tower))
+        return compiled(steps, x)
+
+
+def _own_code(function, name: str):
+    """``function`` with a code object of its own (named ``name``), so that dynamo caches its graphs apart."""
+    code = function.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
