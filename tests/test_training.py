@@ -98,7 +98,7 @@ def test_prepare_flat_val_with_ground_truth_and_real_photos(tmp_path):
 
 @pytest.mark.slow
 def test_prepare_resumes_where_it_was_interrupted(tiny, tmp_path, monkeypatch):
-    import training.prepare as prep
+    import training.prepare_split as prep
 
     decode, calls = prep._decode, []
 

@@ -13,8 +13,8 @@ from support.training import make_source, prepare_quietly, train_cli
 
 import training.epoch_end
 import training.run
+from model.progress import AtMostEvery, format_duration
 from training.epoch_end import flat_start_note, summary_line
-from training.progress import AtMostEvery, format_duration
 from training.schedule import PlateauSchedule, at_chance
 
 LN10 = math.log(10)

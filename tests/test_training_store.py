@@ -202,7 +202,7 @@ def test_a_jpeg_store_trains_an_epoch(stores, tmp_path):
 
 
 def test_jpeg_prepare_resumes_where_it_was_interrupted(stores, tmp_path, monkeypatch):
-    import training.prepare as prep
+    import training.prepare_split as prep
 
     decode, calls = prep._decode, []
 

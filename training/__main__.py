@@ -1,12 +1,8 @@
 """Command line: ``python -m training prepare|train|evaluate|predict|plot`` (``--help`` on each for its flags).
 
     python -m training prepare /data/imagenet /data/imagenet-256 --workers 16
-    python -m training prepare /data/imagenet /data/imagenet-jpeg --store jpeg   # 31 GB instead of 252 GB
     python -m training train /data/imagenet-256 --out runs/alexnet            # the paper's recipe
-    torchrun --nproc-per-node 2 -m training train /data/imagenet-256 --out runs/alexnet   # 2 replicas × 2 GPUs
     python -m training train /data/imagenet-256 --out runs/alexnet --resume   # continue after a crash
-    python -m training evaluate runs/alexnet/best.safetensors /data/imagenet-256
-    python -m training plot runs/alexnet                                      # → runs/alexnet/curves.png
     python -m training predict runs/alexnet/best.safetensors photos/ --output photos.jsonl   # a folder's top-5
 
 Exit status: 0 done, 2 bad input (message on stderr, nothing written is damaged), 1 other failures,
@@ -135,7 +131,8 @@ def _evaluate_flags(commands) -> argparse.ArgumentParser:
 
 
 def _predict_flags(commands) -> argparse.ArgumentParser:
-    from .predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, FORMATS
+    from predict.records import FORMATS
+    from predict.run import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K
 
     p = commands.add_parser(
         "predict", help="classify a folder or files with a checkpoint → JSON lines or CSV (resumable; features)"
@@ -174,6 +171,7 @@ OUT_OF_SPACE = {
 def main(argv: list[str] | None = None, hooks=None) -> int:
     """``hooks``: a ``training.train.Hooks`` for tests (instrumenting the training loop)."""
     from model import CheckpointError
+    from predict.errors import PredictError
 
     args = _parser().parse_args(argv)
     commands = {"prepare": _prepare, "train": _train, "predict": _predict, "plot": _plot, "evaluate": _evaluate}
@@ -182,6 +180,9 @@ def main(argv: list[str] | None = None, hooks=None) -> int:
     except TrainingError as e:
         if not getattr(e, "rank_zero_only", False) or os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)  # (said once for an error every process of a run stops on)
+        return 2
+    except PredictError as e:  # predict's bad input: 2, as training's
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:  # a bad checkpoint (predict, plot): 1, as model.export
         print(f"error: {e}", file=sys.stderr)
@@ -262,8 +263,8 @@ def _passive_openmp(argv) -> None:
 
 def _predict(args, argv=None, **_) -> int:
     _passive_openmp(argv)  # the cores go to decoding between forward passes (BENCHMARKS.md, "Predictions …")
-    from .predict import Options as PredictOptions
-    from .predict import run_predict
+    from predict.run import Options as PredictOptions
+    from predict.run import run_predict
 
     if not args.sources and args.files_from is None:
         raise TrainingError("predict needs a SOURCE folder or file, or --files-from LIST")
@@ -272,8 +273,8 @@ def _predict(args, argv=None, **_) -> int:
         run_predict(args.checkpoint, args.sources, PredictOptions(**flags, show_progress=not args.no_progress))
     except KeyboardInterrupt:
         again = "starts afresh (--features)" if args.features else "continues where this one stopped"
-        print(f"\ninterrupted; {args.output} keeps the files done so far: rerunning the same command {again}",
-              file=sys.stderr)  # fmt: skip
+        kept = f"{args.output} keeps the files done so far"
+        print(f"\ninterrupted; {kept}: rerunning the same command {again}", file=sys.stderr)
         return 130
     return 0
 

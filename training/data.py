@@ -1,39 +1,10 @@
 """The prepared dataset on disk, read back memory-mapped, and the order in which training visits it.
 
-Layout that ``prepare`` writes. Two stores (``prepare --store raw|jpeg``) share everything but the images:
-
-    DEST/dataset.json        format, version, store (raw|jpeg) and JPEG quality, classes, image size,
-                             splits, source, source_form (sources.py), val_labels_from, classes_sha256
-                             (sha256 of the wnids, one a line) — written last: its presence means the
-                             directory is complete
-    DEST/train.json          per split: files, labels (class index), skipped files with the reason, tiny
-                             source images (kept; shorter side under prepare.TINY_SIDE)
-    DEST/val.json
-    DEST/stats.safetensors   mean image, RGB covariance and its eigen-decomposition (over train, computed
-                             from the decoded pixels, before any JPEG compression)
-    DEST/skipped.txt         every image that could not be decoded: split, file, reason
-  raw store (format version 1, the default):
-    DEST/<split>.u8          uint8 [N, 3, 256, 256], C order, no header (RGB, the shared preprocessing's
-                             shorter side 256 + centre crop); read with mmap, so random access is a copy
-  jpeg store (format version 2):
-    DEST/<split>.jpg         the same 256×256 images, each re-encoded as one baseline JPEG (4:4:4 chroma,
-                             the quality recorded in dataset.json), concatenated
-    DEST/<split>.offsets     int64 little-endian [N + 1]: record i is bytes offsets[i]:offsets[i+1]
-    DEST/<split>.crc32       uint32 little-endian [N]: zlib.crc32 of each record, checked on every read (a
-                             JPEG decoder does not notice most damage to the entropy-coded data)
-
-Raw: reading a random image is one 196,608-byte copy out of the page cache (or one read from disk), with
-no decoding; a 128-image batch is a single ``index_select``. 252 GB for ImageNet's train split.
-JPEG: about 1/8 of the bytes at the default quality (31 GB for ImageNet's train split: it fits in the page
-cache of a 64 GB machine), at the price of a JPEG decode per image (worker processes, training/loader.py).
-
-The raw store is still written as format version 1: its layout has not changed since version 1, so code
-that predates version 2 keeps reading it, and refuses a JPEG store (version 2) instead of misreading it.
-A version-1 ``dataset.json`` has no "store" key: it is a raw store.
-
-Every file is mapped read-only and shared (``mmap`` ACCESS_READ): nothing is accounted against the
-machine's memory up front (a private writable mapping of 252 GB fails on a machine with less RAM + swap),
-pages are shared with other processes reading the same file, and a read-only volume works.
+Two stores share everything but the images: raw (uint8 arrays, no decoding, 252 GB for ImageNet's train
+split) and jpeg (each image re-encoded, ~1/8 of the bytes, decoded by the loader's worker processes).
+The raw store is still written as format version 1, so older code keeps reading it and refuses a JPEG store.
+Every file is mapped read-only and shared: nothing is charged to the machine's memory up front.
+docs/training-formats.md has the layout of DEST and the reasons.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ import torch.distributed as torch_distributed
 
 from model import Checkpoint, Preprocessor, load_checkpoint
 from model.files import atomic_write
+from model.progress import format_duration
 
 from .evaluate import evaluate, format_results
 from .plot import write_curves, write_filters
-from .progress import format_duration
 from .run import Run, default_workers
 from .schedule import CHANCE_MARGIN
 from .state import save_state
@@ -25,8 +25,12 @@ def end_of_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float
     trained = time.perf_counter()
     loss_sum, train_wrong, train_images, _ = totals
     train_loss = loss_sum / train_images
-    val = _evaluate(run, run.model, Preprocessor(run.preprocessing, run.data.stats.mean_image),
-                    ("center", "ten") if run.options.ten_crop else ("center",))
+    val = _evaluate(
+        run,
+        run.model,
+        Preprocessor(run.preprocessing, run.data.stats.mean_image),
+        ("center", "ten") if run.options.ten_crop else ("center",),
+    )
     lr_used = run.schedule.lr
     dropped = run.schedule.step(val["center"]["top1_error"], epoch + 1, train_loss)
     improved = val["center"]["top1_error"] < run.best["val_top1_error"]
@@ -40,11 +44,7 @@ def end_of_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float
         "val_loss": val["center"]["loss"],
         "val_top1_error": val["center"]["top1_error"],
         "val_top5_error": val["center"]["top5_error"],
-        **(
-            {f"val_ten_crop_{k}": val["ten"][k] for k in ("loss", "top1_error", "top5_error")}
-            if "ten" in val
-            else {}
-        ),
+        **({f"val_ten_crop_{k}": val["ten"][k] for k in ("loss", "top1_error", "top5_error")} if "ten" in val else {}),
         "images_per_second": train_images / train_seconds if train_seconds > 0 else None,
         "seconds": train_seconds,
         "best": improved,
@@ -121,8 +121,11 @@ def final_evaluation(run: Run) -> dict:
             )
             best_checkpoint.save(out / "best.safetensors")
             atomic_write(summary_path, (json.dumps(summary, indent=1) + "\n").encode())
-    run.log(format_results(summary["val"], f"best epoch {summary['best_epoch']} of {summary['epochs']} "
-                                          f"({out / 'best.safetensors'}):"))
+    run.log(
+        format_results(
+            summary["val"], f"best epoch {summary['best_epoch']} of {summary['epochs']} ({out / 'best.safetensors'}):"
+        )
+    )
     run.log(summary_line(summary))
     return summary
 

@@ -20,6 +20,7 @@ import torch.distributed as torch_distributed
 from model import AlexNet, Preprocessing, file_identity
 from model.files import remove_stale_temporaries
 from model.network import BIAS_ONE_LAYERS
+from model.progress import AtMostEvery
 
 from .augment import DeviceFeed, TrainAugmentation
 from .data import PreparedDataset, ShardedBatches, derive_seed
@@ -38,7 +39,6 @@ from .errors import TrainingError
 from .hyperparameters import Hyperparameters, check, resolve
 from .initialise import initial_bias, initialise_
 from .loader import BatchLoader
-from .progress import AtMostEvery
 from .schedule import PlateauSchedule
 from .state import read_state, restore_state
 from .update_rule import make_optimizer
@@ -137,7 +137,9 @@ def start_run(given: dict, options: Options, hooks: Hooks, cleanup: contextlib.E
     if options.compile:
         check_compiler(devices[0])
     cleanup.enter_context(
-        backend_settings(tf32=options.tf32, cudnn_benchmark=options.cudnn_benchmark, deterministic=options.deterministic)
+        backend_settings(
+            tf32=options.tf32, cudnn_benchmark=options.cudnn_benchmark, deterministic=options.deterministic
+        )
     )
     init_distributed(dist, devices, options.dist_timeout)
     if dist.world > 1:

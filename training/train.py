@@ -18,13 +18,14 @@ import torch
 import torch.distributed as torch_distributed
 import torch.nn.functional as F
 
+from model.progress import Progress
+
 from .data import epoch_order
 from .devices import (
     seed_dropout,
 )
 from .epoch_end import end_of_epoch, final_evaluation, state_info
 from .errors import TrainingError
-from .progress import Progress
 from .run import Hooks, Options, Run, start_run
 from .state import save_state
 
@@ -56,8 +57,11 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[list[float], float]:
     first_step = run.start_step if epoch == run.start_epoch else 0
     totals, seconds_before = _epoch_totals(run, first_step)  # kept on the device: no wait per step
     started = time.perf_counter()
-    bar = Progress(batches.steps_per_epoch * hp.batch_size, f"epoch {epoch + 1}/{hp.epochs}",
-                   enabled=run.is_writer and options.show_progress)
+    bar = Progress(
+        batches.steps_per_epoch * hp.batch_size,
+        f"epoch {epoch + 1}/{hp.epochs}",
+        enabled=run.is_writer and options.show_progress,
+    )
     bar.done = first_step * hp.batch_size
     steps = ((step, batches.local_indices(order, step)) for step in range(first_step, batches.steps_per_epoch))
 
@@ -84,8 +88,13 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[list[float], float]:
             summed = _checked_sums(run, totals, epoch, step)
             if run.is_writer:
                 seconds = seconds_before + time.perf_counter() - started
-                save_state(run.state_path, run.model, run.optimizer, run.scaler,
-                           state_info(run, epoch, done, {"totals": summed, "seconds": seconds}))
+                save_state(
+                    run.state_path,
+                    run.model,
+                    run.optimizer,
+                    run.scaler,
+                    state_info(run, epoch, done, {"totals": summed, "seconds": seconds}),
+                )
     run.feed.close()
     bar.close()
     summed = _checked_sums(run, totals, epoch, batches.steps_per_epoch)
