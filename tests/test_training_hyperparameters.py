@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from training.errors import TrainingError
-from training.hyperparameters import FIXED_ON_RESUME, Hyperparameters, add_flags, check, given_flags, resolve
+from training.hyperparameters import (
+    FIXED_ON_RESUME,
+    Hyperparameters,
+    add_flags,
+    check,
+    given_flags,
+    markdown_table,
+    resolve,
+)
 
 
 def test_a_resume_keeps_what_makes_the_run_and_may_change_how_long_and_when_lr_drops():
@@ -45,3 +54,8 @@ def test_only_given_flags_reach_the_run():
     assert given == {"lr": 0.02, "decay_biases": True}
     with pytest.raises(SystemExit):
         parser.parse_args(["--lr-drop-factor", "0.5"])  # declared without a flag
+
+
+def test_the_docs_table_is_the_declarations():
+    docs = Path(__file__).resolve().parents[1] / "docs" / "training-formats.md"
+    assert markdown_table() in docs.read_text()

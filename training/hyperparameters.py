@@ -157,3 +157,24 @@ def _out_of_bounds(f: dataclasses.Field, value) -> str | None:
 
 # Changing these in the middle of a run would make it a different run; --resume refuses.
 FIXED_ON_RESUME = tuple(f.name for f in FIELDS if f.metadata["kept"])
+
+
+def markdown_table() -> str:
+    """The declarations as a Markdown table, for docs/training-formats.md (a test keeps the two equal)."""
+    rows = ["| flag | default | bounds | on --resume |", "|---|---|---|---|"]
+    for f in FIELDS:
+        meta = f.metadata
+        flag = f"`{flag_of(f.name)}`" if meta["flag"] else f"({f.name}, no flag)"
+        rows.append(f"| {flag} | {f.default} | {_bounds(meta)} | {'kept' if meta['kept'] else 'may change'} |")
+    return "\n".join(rows) + "\n"
+
+
+def _bounds(meta) -> str:
+    if meta["choices"] is not None:
+        return ", ".join(meta["choices"])
+    if meta["positive"]:
+        return "> 0"
+    low, high = meta["at_least"], meta["below"]
+    if low is not None and high is not None:
+        return f"[{low}, {high})"
+    return f"≥ {low}" if low is not None else ""
