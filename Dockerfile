@@ -117,11 +117,12 @@ RUN mkdir -p /weights; \
     esac
 
 # ---------------------------------------------------------------------------------------------------------
-# The training job: CUDA torch (GPUs reach it through the NVIDIA container toolkit), model/ and training/.
+# The training job: CUDA torch (GPUs reach it through the NVIDIA container toolkit), model/, training/ and predict/.
 FROM runtime-base AS train
 COPY --from=train-venv /opt/venv /opt/venv
 COPY model/ /app/model/
 COPY training/ /app/training/
+COPY predict/ /app/predict/
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "training"]
 CMD ["--help"]

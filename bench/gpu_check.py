@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import copy
+import dataclasses
 import io
 import os
 import signal
@@ -55,14 +55,17 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from model import AlexNet, AlexNetConfig, Checkpoint, GroupedAlexNet, Preprocessing, Preprocessor  # noqa: E402
+from training.augment import DeviceFeed, TrainAugmentation  # noqa: E402
 from training.data import PreparedDataset  # noqa: E402
 from training.devices import autocast_for, backend_settings, seed_dropout  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
-from training.feed import DeviceFeed  # noqa: E402
+from training.hyperparameters import Hyperparameters  # noqa: E402
 from training.loader import BatchLoader, LoadedBatch  # noqa: E402
 from training.prepare import prepare  # noqa: E402
+from training.run import default_workers  # noqa: E402
 from training.state import read_state, restore_state, save_state  # noqa: E402
-from training.train import Hooks, Hyperparameters, Options, default_workers, make_optimizer, train  # noqa: E402
+from training.train import Hooks, Options, train  # noqa: E402
+from training.update_rule import make_optimizer  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 # The thresholds (issue 23): one GPU training both towers at bf16 (+ compile) reaches half the two-GPU goal
@@ -315,11 +318,11 @@ def check_steps(args, table: Table) -> None:
         optimizer = make_optimizer(net, hp)
         scaler = torch.amp.GradScaler(devices[0].type) if amp == "fp16" else None
         autocast = autocast_for(amp, devices[0])
-        feed = DeviceFeed(stats, 224, 0.1, devices)
+        feed = DeviceFeed(TrainAugmentation(stats, 224, 0.1), devices)
         generator = torch.Generator().manual_seed(2)
         images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, generator=generator)
         labels = torch.randint(0, 1000, (batch,), generator=generator)
-        params = feed.augment[feed.devices[0]].draw(batch, 0, 0, 0)  # the same crops every step: a fixed batch
+        params = feed.augmentation.draw(batch, 0, 0, 0)  # the same crops every step: a fixed batch
         pin = devices[0].type == "cuda"
         x, y = feed(LoadedBatch(0, images.pin_memory() if pin else images, labels.pin_memory() if pin else labels), params)
         x = [t.clone() for t in x] if isinstance(x, list) else x.clone()
@@ -577,9 +580,10 @@ def top5_rows(loaded, images, crops: str) -> torch.Tensor:
 def check_service(args, table: Table, root: Path) -> None:
     import httpx
     from serve_load import load, multipart
+    from service_process import start_service
+
     from service import engine, memory
     from service.settings import Settings
-    from service_process import start_service
 
     gpu = args.device != "cpu"
     device = torch.device("cuda:0" if gpu else "cpu")

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from itertools import cycle
 from pathlib import Path
 
@@ -61,17 +62,17 @@ def load_version(version: str):
     """training.prepare as it is now ("current"), or as it was at a git revision."""
     if version == "current":
         import training.prepare
+        import training.prepare_split
 
-        return training.prepare
-    code = subprocess.run(["git", "show", f"{version}:training/prepare.py"], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout  # fmt: skip
-    path = Path(tempfile.mkdtemp()) / "prepare_shipped.py"
-    path.write_text(code)
-    spec = importlib.util.spec_from_file_location("training._prepare_shipped", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+        split = training.prepare_split
+        return types.SimpleNamespace(prepare=training.prepare.prepare, _decode_task=split._decode_task, _decode=split._decode)
+    # The whole package as it was, under another name: its modules have moved since.
+    folder = Path(tempfile.mkdtemp())
+    archive = subprocess.run(["git", "archive", version, "training"], cwd=REPO, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    (folder / "training").rename(folder / "training_shipped")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("training_shipped.prepare")
 
 
 def worker_rate(module, paths: list[Path]) -> float:

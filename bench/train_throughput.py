@@ -60,7 +60,8 @@ from model import AlexNet
 from training.augment import TrainAugmentation
 from training.data import PreparedDataset
 from training.loader import BatchLoader
-from training.prepare import DEFAULT_QUALITY, JPEG_SUBSAMPLING, prepare
+from training.prepare import prepare
+from training.store import DEFAULT_QUALITY, JPEG_SUBSAMPLING
 
 IMAGENET_TRAIN = 1_281_167
 

@@ -32,7 +32,7 @@ from support.training import make_source, prepare_quietly, train_cli, tree_diges
 
 from model import load_checkpoint
 from model.files import atomic_write
-from training.train import read_state
+from training.state import read_state
 
 # Hostile checkpoints while serving ---------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ from support.training import (
 import model
 from model import AlexNet, Checkpoint, Preprocessing, imagenet_classes, load_checkpoint, load_image
 from training.__main__ import main
-from training.data import IMAGE_BYTES, PreparedDataset, TrainingError
+from training.data import IMAGE_BYTES, PreparedDataset
+from training.errors import TrainingError
 from training.prepare import prepare
 
 
@@ -97,7 +98,7 @@ def test_prepare_flat_val_with_ground_truth_and_real_photos(tmp_path):
 
 @pytest.mark.slow
 def test_prepare_resumes_where_it_was_interrupted(tiny, tmp_path, monkeypatch):
-    import training.prepare as prep
+    import training.prepare_split as prep
 
     decode, calls = prep._decode, []
 
@@ -418,7 +419,7 @@ def test_precision_memory_format_and_crop_variants_train(tiny, tmp_path, flags):
 
 @pytest.mark.slow
 def test_a_directory_in_use_by_another_job_is_refused(tiny, tmp_path, capsys):
-    from training.data import DirectoryLock
+    from training.directory_lock import DirectoryLock
 
     dest, run = tmp_path / "prepared", tmp_path / "run"
     held = [DirectoryLock(dest, "`prepare`"), DirectoryLock(run, "training run")]  # as another process would

@@ -5,7 +5,8 @@ import torch
 
 from model import Preprocessing, Preprocessor
 from training.augment import AugmentParams, TrainAugmentation, _crop_gather, _crop_loop
-from training.data import ColorStats, ShardedBatches, TrainingError, epoch_order, stats_from_sums
+from training.data import ColorStats, ShardedBatches, epoch_order, stats_from_sums
+from training.errors import TrainingError
 
 
 def make_stats(seed=0) -> ColorStats:

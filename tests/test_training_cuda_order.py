@@ -9,7 +9,7 @@ import torch
 from support.training import make_source, prepare_quietly
 
 import training.loader as loader_module
-import training.train as train_module
+import training.run as run_module
 from training.data import PreparedDataset
 from training.evaluate import HandBack
 from training.loader import BatchLoader
@@ -74,7 +74,7 @@ def test_a_single_process_run_on_cuda_n_selects_its_gpu_before_the_loader(tmp_pa
         calls.append(("loader", pin_memory))
         raise Stop  # the rest of the set-up needs a real GPU
 
-    monkeypatch.setattr(train_module, "BatchLoader", loader)
+    monkeypatch.setattr(run_module, "BatchLoader", loader)
     with pytest.raises(Stop):
         train(
             {"width": 0.0625, "batch_size": 2},

@@ -25,7 +25,7 @@ from support.training import REPO, TINY_RUN, make_source, one_thread, prepare_qu
 
 from model import AlexNet
 from training.data import derive_seed
-from training.train import scale_init_to_width_
+from training.initialise import scale_init_to_width_
 
 ARGS = ("--dropout", "0", "--seed", "1", "--lr", "0.005", "--devices", "cpu")
 

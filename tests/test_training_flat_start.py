@@ -11,10 +11,11 @@ import re
 import pytest
 from support.training import make_source, prepare_quietly, train_cli
 
-import training.train
-from training.progress import AtMostEvery, format_duration
+import training.epoch_end
+import training.run
+from model.progress import AtMostEvery, format_duration
+from training.epoch_end import flat_start_note, summary_line
 from training.schedule import PlateauSchedule, at_chance
-from training.train import flat_start_note, summary_line
 
 LN10 = math.log(10)
 
@@ -106,15 +107,15 @@ def prepared(tmp_path_factory):
 def test_a_runs_lines_and_pictures(prepared, tmp_path, capsys, monkeypatch, interval, drawn_after):
     """curves.png: only after the last epoch when the run is shorter than the interval; after every epoch at 0.
     Each epoch line carries the chance note exactly while no epoch's loss has left ln 3; the summary is true."""
-    monkeypatch.setattr(training.train, "PICTURES_EVERY_SECONDS", interval)
+    monkeypatch.setattr(training.run, "PICTURES_EVERY_SECONDS", interval)
     drawn = []
-    real_write_curves = training.train.write_curves
+    real_write_curves = training.epoch_end.write_curves
 
     def counted_write_curves(out, history):
         drawn.append(len(history))
         return real_write_curves(out, history)
 
-    monkeypatch.setattr(training.train, "write_curves", counted_write_curves)
+    monkeypatch.setattr(training.epoch_end, "write_curves", counted_write_curves)
     run = tmp_path / "run"
     assert train_cli(prepared, run, "--epochs", "3") == 0
     assert drawn == drawn_after and (run / "curves.png").exists() and (run / "filters.png").exists()

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from support.training import PHOTOS, prepare_quietly
 
 from model import imagenet_classes, load_image
-from support.training import PHOTOS, prepare_quietly
 from training.__main__ import main
-from training.data import SPLITS, PreparedDataset, TrainingError
-from training.sources import UNEVEN_FROM_MEAN, class_list_sha256
+from training.data import SPLITS, PreparedDataset
+from training.errors import TrainingError
+from training.sources import class_list_sha256
+from training.val_labels import UNEVEN_FROM_MEAN
 
 PHOTO_FILES = sorted(PHOTOS.glob("*.JPEG"))
 WNIDS = sorted(p.name.split("_")[0] for p in PHOTO_FILES)  # ten classes, one photo each
@@ -153,7 +155,7 @@ def test_image_net_org_tars_and_devkit_with_a_permuted_meta_mat(copy, tmp_path):
 
 @pytest.mark.slow
 def test_forked_workers_read_the_tars_in_place_with_slots_reused(copy, tmp_path, monkeypatch):
-    import training.prepare as prep
+    import training.prepare_split as prep
 
     src = tmp_path / "imagenet"
     write_tar(src / "ILSVRC2012_img_train.tar", [(f"{w}.tar", tar_bytes(copy.train[w])) for w in WNIDS])
@@ -164,7 +166,7 @@ def test_forked_workers_read_the_tars_in_place_with_slots_reused(copy, tmp_path,
     monkeypatch.setattr(prep, "WINDOW", 1)  # two shared slots: each is reused many times
     monkeypatch.setattr(prep, "TASK_IMAGES", 2)
 
-    class SlowWriter(prep._Appender):  # writes lag behind: a slot reused too early would be overwritten
+    class SlowWriter(prep.Appender):  # writes lag behind: a slot reused too early would be overwritten
         def append(self, pieces):
             super().append([("sleep", None)] + pieces)
 
@@ -173,7 +175,7 @@ def test_forked_workers_read_the_tars_in_place_with_slots_reused(copy, tmp_path,
             self.outs = {"sleep": type("Nap", (), {"write": lambda _, __: time.sleep(0.02)})(), **dict(enumerate(real))}
             super()._run()
 
-    monkeypatch.setattr(prep, "_Appender", SlowWriter)
+    monkeypatch.setattr(prep, "Appender", SlowWriter)
     forked = tmp_path / "forked"
     prepare_quietly(src, forked, chunk=1000, workers=2)  # no progress record (it waits for the writer)
     check_every_label(forked, copy)
@@ -253,7 +255,7 @@ def test_hugging_face_tar_gz_shards(copy, tmp_path):
 
 
 def test_hugging_face_resumes_mid_stream(copy, tmp_path, monkeypatch):
-    import training.prepare as prep
+    import training.prepare_split as prep
 
     src = tmp_path / "hf"
     train = [(f"{Path(n).stem}_{w}.JPEG", d) for w in WNIDS for n, d in copy.train[w]]
@@ -359,7 +361,8 @@ def test_a_val_labelling_that_does_not_match_the_data_is_refused(copy, tmp_path)
 
 
 def test_uneven_val_counts_are_refused(copy, tmp_path):
-    from training.sources import SplitListing, check_val_labels
+    from training.listing import SplitListing
+    from training.val_labels import check_val_labels
 
     per_class = UNEVEN_FROM_MEAN
     even = SplitListing(wnids=[w for w in WNIDS for _ in range(per_class)])

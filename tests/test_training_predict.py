@@ -17,7 +17,7 @@ import pytest
 import torch
 from support.service import write_checkpoint
 
-import training.predict
+import predict.run as predict_run
 from model import load_checkpoint
 from training.__main__ import main
 
@@ -178,7 +178,7 @@ def test_ctrl_c_exits_130_and_the_rerun_continues(tmp_path, capsys, checkpoint, 
     folder = photos_folder(tmp_path, corrupt=False)
     full, out = tmp_path / "full.jsonl", tmp_path / "out.jsonl"
     assert run(capsys, checkpoint, folder, "--output", full, "--workers", 0, "--batch-size", 3)[0] == 0
-    classify, calls = training.predict._classify, []
+    classify, calls = predict_run._classify, []
 
     def interrupted(*args):
         calls.append(1)
@@ -186,11 +186,11 @@ def test_ctrl_c_exits_130_and_the_rerun_continues(tmp_path, capsys, checkpoint, 
             raise KeyboardInterrupt
         return classify(*args)
 
-    monkeypatch.setattr(training.predict, "_classify", interrupted)
+    monkeypatch.setattr(predict_run, "_classify", interrupted)
     code, _, err = run(capsys, checkpoint, folder, "--output", out, "--workers", 2, "--batch-size", 3)
     assert code == 130 and "rerunning the same command continues where this one stopped" in err
     assert len(records(out)) == 3
-    monkeypatch.setattr(training.predict, "_classify", classify)
+    monkeypatch.setattr(predict_run, "_classify", classify)
     assert run(capsys, checkpoint, folder, "--output", out, "--workers", 2, "--batch-size", 3)[0] == 0
     assert_same_records(out, full)
 

@@ -12,10 +12,11 @@ import torch
 from support.training import REPO, make_source, prepare_quietly, train_cli
 
 from model import AlexNet, load_checkpoint
-from training.data import TrainingError
 from training.devices import Distributed, backend_settings, dropout_seeds, resolve_devices, seed_dropout
+from training.errors import TrainingError
+from training.hyperparameters import Hyperparameters
 from training.schedule import PlateauSchedule
-from training.train import Hyperparameters, make_optimizer
+from training.update_rule import make_optimizer
 
 
 @pytest.fixture(scope="module")

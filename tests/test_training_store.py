@@ -19,7 +19,8 @@ from support.training import WNIDS, digest, expect_error, make_source, prepare_q
 
 from model import load_image
 from model.files import atomic_write
-from training.data import IMAGE_BYTES, PreparedDataset, TrainingError
+from training.data import IMAGE_BYTES, PreparedDataset
+from training.errors import TrainingError
 from training.loader import BatchLoader, LoaderError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +202,7 @@ def test_a_jpeg_store_trains_an_epoch(stores, tmp_path):
 
 
 def test_jpeg_prepare_resumes_where_it_was_interrupted(stores, tmp_path, monkeypatch):
-    import training.prepare as prep
+    import training.prepare_split as prep
 
     decode, calls = prep._decode, []
 

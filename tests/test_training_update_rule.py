@@ -11,8 +11,9 @@ from support.training import expect_error, make_source, prepare_quietly, train_c
 
 from model import AlexNet, load_checkpoint
 from model.files import read_safetensors, write_safetensors
-from training.train import Hyperparameters, initialise_, make_optimizer
-from training.update_rule import PaperSGD
+from training.hyperparameters import Hyperparameters
+from training.initialise import initialise_
+from training.update_rule import PaperSGD, make_optimizer
 
 MOMENTUM, DECAY = 0.9, 0.0005
 LRS = [0.01, 0.01, 0.01, 0.001, 0.001, 0.001, 0.001]  # a ÷10 drop after step 3

@@ -9,7 +9,9 @@ Depends on ``model`` only (network, checkpoint format, the shared preprocessing)
 
 # The functions live in their modules (training.prepare.prepare, training.train.train,
 # training.evaluate.evaluate / run_evaluate); re-exporting them here would hide those modules.
-from .data import PreparedDataset, TrainingError
-from .train import Hyperparameters, Options
+from .data import PreparedDataset
+from .errors import TrainingError
+from .hyperparameters import Hyperparameters
+from .run import Options
 
 __all__ = ["Hyperparameters", "Options", "PreparedDataset", "TrainingError"]

@@ -22,10 +22,11 @@ import errno
 import os
 import sys
 
-from .data import TrainingError
-from .train import Hyperparameters, Options
+from .errors import TrainingError
+from .hyperparameters import add_flags as add_hyperparameter_flags
+from .hyperparameters import given_flags
+from .train import Options
 
-DEFAULTS = Hyperparameters()
 # --help shows this module's text as written (plain text: no markup), the examples as an epilogue.
 DESCRIPTION, EXAMPLES = __doc__.split("\n\n", 1)
 
@@ -89,78 +90,9 @@ def _train_flags(commands) -> argparse.ArgumentParser:
     t = commands.add_parser("train", help="train the network (the paper's recipe by default)")
     t.add_argument("data", help="a folder written by the prepare command")
     t.add_argument("--out", required=True, help="run folder: state, checkpoints, metrics")
-    _recipe_flags(t)
+    add_hyperparameter_flags(t)  # what a run is (a resume keeps them; training/hyperparameters.py)
     _how_to_run_flags(t)
     return t
-
-
-def _recipe_flags(t: argparse.ArgumentParser) -> None:
-    """The hyperparameters: what a run is (a resume keeps them; see training.train.Hyperparameters)."""
-    h = argparse.SUPPRESS  # only flags given on the command line override a resumed run's values
-    t.add_argument("--epochs", type=int, default=h, help=f"(default {DEFAULTS.epochs})")
-    t.add_argument("--batch-size", type=int, default=h, help=f"global batch size (default {DEFAULTS.batch_size})")
-    t.add_argument("--lr", type=float, default=h, help=f"initial learning rate (default {DEFAULTS.lr})")
-    t.add_argument("--momentum", type=float, default=h, help=f"(default {DEFAULTS.momentum})")
-    t.add_argument("--weight-decay", type=float, default=h, help=f"(default {DEFAULTS.weight_decay})")
-    t.add_argument(
-        "--patience",
-        type=int,
-        default=h,
-        help=f"epochs without a better val top-1 error before lr ÷ 10 (default {DEFAULTS.patience})",
-    )
-    t.add_argument(
-        "--min-improvement",
-        type=float,
-        default=h,
-        help="a val top-1 error lower by at least this much (absolute) counts as an improvement "
-        f"(default {DEFAULTS.min_improvement}: 0.2 percentage points)",
-    )
-    t.add_argument(
-        "--plateau-start",
-        type=int,
-        default=h,
-        help="epochs 1..N never count towards --patience, so lr cannot drop before learning starts "
-        f"(default {DEFAULTS.plateau_start})",
-    )
-    t.add_argument("--max-lr-drops", type=int, default=h, help=f"(default {DEFAULTS.max_lr_drops})")
-    t.add_argument("--width", type=float, default=h, help="scale every layer's width (default 1: the paper's net)")
-    t.add_argument(
-        "--decay-biases",
-        action="store_true",
-        default=h,
-        help="weight decay on biases too (default: weights only, as cuda-convnet and Caffe's bvlc_alexnet)",
-    )
-    t.add_argument("--dropout", type=float, default=h, help=f"(default {DEFAULTS.dropout})")
-    t.add_argument(
-        "--conv1-padding",
-        choices=("overhang", "symmetric", "none"),
-        default=h,
-        help="overhang (cuda-convnet, 224 crops; default), symmetric (224), none (227 crops)",
-    )
-    t.add_argument(
-        "--lighting-std", type=float, default=h, help=f"σ of the PCA lighting α (default {DEFAULTS.lighting_std})"
-    )
-    t.add_argument(
-        "--init",
-        choices=("width-scaled", "paper", "caffe"),
-        default=h,
-        help="paper: N(0, 0.01²) weights, biases 1/0 as in §5; width-scaled (default): the same, with the "
-        "std of conv2…fc8 ×1/√width so that a narrow net starts like the full one (identical at width 1); "
-        "caffe: width-scaled, but the biases the paper sets to 1 start at 0.1 — a deviation from the paper, "
-        "as Caffe's bvlc_alexnet, where 1 'gave flat loss'",
-    )
-    t.add_argument(
-        "--update-rule",
-        choices=("paper", "pytorch"),
-        default=h,
-        help="paper (default): v ← momentum·v − decay·lr·w − lr·∇L, w ← w + v, so after an lr drop the step "
-        "shrinks over ~20-40 steps; pytorch: torch.optim.SGD, lr outside the momentum, the step shrinks at once",
-    )
-    t.add_argument("--seed", type=int, default=h, help=f"(default {DEFAULTS.seed})")
-    t.add_argument(
-        "--amp", choices=("off", "bf16", "fp16"), default=h, help="mixed precision (default off, as the paper)"
-    )
-    t.add_argument("--channels-last", action="store_true", default=h, help="channels-last memory format")
 
 
 def _how_to_run_flags(t: argparse.ArgumentParser) -> None:
@@ -221,7 +153,8 @@ def _evaluate_flags(commands) -> argparse.ArgumentParser:
 
 
 def _predict_flags(commands) -> argparse.ArgumentParser:
-    from .predict import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, FORMATS
+    from predict.records import FORMATS
+    from predict.run import DEFAULT_BATCH_SIZE, DEFAULT_TOP_K
 
     p = commands.add_parser(
         "predict", help="classify a folder or files with a checkpoint → JSON lines or CSV (resumable; features)"
@@ -260,6 +193,7 @@ OUT_OF_SPACE = {
 def main(argv: list[str] | None = None, hooks=None) -> int:
     """``hooks``: a ``training.train.Hooks`` for tests (instrumenting the training loop)."""
     from model import CheckpointError
+    from predict.errors import PredictError
 
     args = _parser().parse_args(argv)
     commands = {"prepare": _prepare, "train": _train, "predict": _predict, "plot": _plot, "evaluate": _evaluate}
@@ -268,6 +202,9 @@ def main(argv: list[str] | None = None, hooks=None) -> int:
     except TrainingError as e:
         if not getattr(e, "rank_zero_only", False) or os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)  # (said once for an error every process of a run stops on)
+        return 2
+    except PredictError as e:  # predict's bad input: 2, as training's
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:  # a bad checkpoint (predict, plot): 1, as model.export
         print(f"error: {e}", file=sys.stderr)
@@ -312,7 +249,7 @@ def _prepare(args, argv=None, **_) -> int:
 def _train(args, hooks=None, **_) -> int:
     from .train import train
 
-    given = {k: v for k, v in vars(args).items() if k in Hyperparameters.__dataclass_fields__}
+    given = given_flags(args)
     options = Options(
         data=args.data,
         out=args.out,
@@ -348,8 +285,8 @@ def _passive_openmp(argv) -> None:
 
 def _predict(args, argv=None, **_) -> int:
     _passive_openmp(argv)  # the cores go to decoding between forward passes (BENCHMARKS.md, "Predictions …")
-    from .predict import Options as PredictOptions
-    from .predict import run_predict
+    from predict.run import Options as PredictOptions
+    from predict.run import run_predict
 
     if not args.sources and args.files_from is None:
         raise TrainingError("predict needs a SOURCE folder or file, or --files-from LIST")
@@ -358,8 +295,8 @@ def _predict(args, argv=None, **_) -> int:
         run_predict(args.checkpoint, args.sources, PredictOptions(**flags, show_progress=not args.no_progress))
     except KeyboardInterrupt:
         again = "starts afresh (--features)" if args.features else "continues where this one stopped"
-        print(f"\ninterrupted; {args.output} keeps the files done so far: rerunning the same command {again}",
-              file=sys.stderr)  # fmt: skip
+        kept = f"{args.output} keeps the files done so far"
+        print(f"\ninterrupted; {kept}: rerunning the same command {again}", file=sys.stderr)
         return 130
     return 0
 

@@ -1,39 +1,10 @@
 """The prepared dataset on disk, read back memory-mapped, and the order in which training visits it.
 
-Layout that ``prepare`` writes. Two stores (``prepare --store raw|jpeg``) share everything but the images:
-
-    DEST/dataset.json        format, version, store (raw|jpeg) and JPEG quality, classes, image size,
-                             splits, source, source_form (sources.py), val_labels_from, classes_sha256
-                             (sha256 of the wnids, one a line) — written last: its presence means the
-                             directory is complete
-    DEST/train.json          per split: files, labels (class index), skipped files with the reason, tiny
-                             source images (kept; shorter side under prepare.TINY_SIDE)
-    DEST/val.json
-    DEST/stats.safetensors   mean image, RGB covariance and its eigen-decomposition (over train, computed
-                             from the decoded pixels, before any JPEG compression)
-    DEST/skipped.txt         every image that could not be decoded: split, file, reason
-  raw store (format version 1, the default):
-    DEST/<split>.u8          uint8 [N, 3, 256, 256], C order, no header (RGB, the shared preprocessing's
-                             shorter side 256 + centre crop); read with mmap, so random access is a copy
-  jpeg store (format version 2):
-    DEST/<split>.jpg         the same 256×256 images, each re-encoded as one baseline JPEG (4:4:4 chroma,
-                             the quality recorded in dataset.json), concatenated
-    DEST/<split>.offsets     int64 little-endian [N + 1]: record i is bytes offsets[i]:offsets[i+1]
-    DEST/<split>.crc32       uint32 little-endian [N]: zlib.crc32 of each record, checked on every read (a
-                             JPEG decoder does not notice most damage to the entropy-coded data)
-
-Raw: reading a random image is one 196,608-byte copy out of the page cache (or one read from disk), with
-no decoding; a 128-image batch is a single ``index_select``. 252 GB for ImageNet's train split.
-JPEG: about 1/8 of the bytes at the default quality (31 GB for ImageNet's train split: it fits in the page
-cache of a 64 GB machine), at the price of a JPEG decode per image (worker processes, training/loader.py).
-
-The raw store is still written as format version 1: its layout has not changed since version 1, so code
-that predates version 2 keeps reading it, and refuses a JPEG store (version 2) instead of misreading it.
-A version-1 ``dataset.json`` has no "store" key: it is a raw store.
-
-Every file is mapped read-only and shared (``mmap`` ACCESS_READ): nothing is accounted against the
-machine's memory up front (a private writable mapping of 252 GB fails on a machine with less RAM + swap),
-pages are shared with other processes reading the same file, and a read-only volume works.
+Two stores share everything but the images: raw (uint8 arrays, no decoding, 252 GB for ImageNet's train
+split) and jpeg (each image re-encoded, ~1/8 of the bytes, decoded by the loader's worker processes).
+The raw store is still written as format version 1, so older code keeps reading it and refuses a JPEG store.
+Every file is mapped read-only and shared: nothing is charged to the machine's memory up front.
+docs/training-formats.md has the layout of DEST and the reasons.
 """
 
 from __future__ import annotations
@@ -42,7 +13,6 @@ import ctypes
 import hashlib
 import json
 import mmap
-import os
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -52,6 +22,8 @@ import torch
 
 from model import ImageClass
 from model.files import read_safetensors, write_safetensors
+
+from .errors import TrainingError
 
 FORMAT_NAME = "alexnet-prepared"
 FORMAT_VERSION = 2  # the newest: adds the JPEG store
@@ -73,10 +45,6 @@ def store_files(store: str, split: str) -> tuple[str, ...]:
     if store == "raw":
         return (f"{split}.u8",)
     return (f"{split}.jpg", f"{split}.offsets", f"{split}.crc32")
-
-
-class TrainingError(Exception):
-    """A problem with the user's input or files, with a message that says what to do. Exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -371,66 +339,6 @@ class PreparedDataset:
         if self._stats is None:
             self._stats = load_stats(self.root / "stats.safetensors")
         return self._stats
-
-
-class DirectoryLock:
-    """An exclusive lock on a directory for as long as this object lives (flock on DIR/.lock): two jobs
-    writing the same files would ruin each other's work. Released by ``release()``, which also removes
-    DIR/.lock, or when the process exits (a killed job leaves the empty file behind; the next job takes it
-    over). Where flock does not exist (Windows), nothing is locked.
-
-    Removing the file is safe against a job that opened it just before: the holder unlinks it *before*
-    unlocking, and a job that then gets its flock checks that DIR/.lock is still the file it locked (same
-    inode); if not (it locked a deleted file, and a third job may hold the new one), it starts over.
-    """
-
-    def __init__(self, directory: Path, what: str):
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = path = directory / ".lock"
-        try:
-            import fcntl
-        except ImportError:
-            self._file, self._locked = open(path, "a"), False
-            return
-        while True:
-            file = open(path, "a")
-            try:
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                file.close()
-                raise TrainingError(f"{directory} is in use by another {what} (it holds a lock on {path})") from None
-            if self._names(path, file):
-                self._file, self._locked = file, True
-                return
-            file.close()  # the holder removed it between our open and our flock: lock the current one
-
-    def release(self) -> None:
-        """Unlock and remove DIR/.lock (removed first, while still locked: see the class's comment)."""
-        file, self._file = self._file, None
-        if file is None:
-            return  # released already
-        try:
-            if self._locked and self._names(self.path, file):
-                os.unlink(self.path)
-        except OSError:
-            pass  # the lock matters, not the empty file: a read-only or vanished directory keeps it
-        finally:
-            file.close()  # closing the descriptor releases the flock
-        if not self._locked:
-            try:  # no flock (Windows): the file can only be removed once closed
-                os.unlink(self.path)
-            except OSError:
-                pass
-
-    @staticmethod
-    def _names(path: Path, file) -> bool:
-        """Whether ``path`` still names the file open as ``file`` (same device and inode)."""
-        try:
-            named = os.stat(path)
-        except FileNotFoundError:
-            return False
-        held = os.fstat(file.fileno())
-        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 # The order of the data: every rank computes the same permutation and takes its own part of each batch.

@@ -16,7 +16,8 @@ import torch.distributed as torch_distributed
 
 from model import parse_devices
 
-from .data import TrainingError, derive_seed
+from .data import derive_seed
+from .errors import TrainingError
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 
 from model import CheckpointError, Preprocessor, load_checkpoint
 from model.files import atomic_write
+from model.progress import Progress
 from model.ten_crop import flatten_crops, mean_over_crops, run_in_chunks
 
-from .data import IMAGE_SIZE, JpegSplit, PreparedDataset, PreparedSplit, TrainingError
+from .data import IMAGE_SIZE, JpegSplit, PreparedDataset, PreparedSplit
+from .errors import TrainingError
 from .loader import BatchLoader
-from .progress import Progress
 
 CROPS = ("center", "ten")
 
@@ -177,18 +178,7 @@ def run_evaluate(
     dataset = PreparedDataset(data)
     images = dataset.split(split)
     label_map = label_map_for(dataset.classes, checkpoint.classes, str(checkpoint_path))
-    preprocessor = checkpoint.preprocessor()
-    if preprocessor.config.resize != IMAGE_SIZE:
-        raise TrainingError(
-            f"{checkpoint_path} expects images resized to {preprocessor.config.resize} px; "
-            f"the prepared data is {IMAGE_SIZE} px"
-        )
-    try:
-        device = torch.device(device or default_device())
-        net = checkpoint.build_grouped(device)
-    except (RuntimeError, ValueError) as e:
-        raise TrainingError(f"cannot use device {device}: {e}") from None
-
+    preprocessor, net, device = _on_device(checkpoint, checkpoint_path, device)
     results = evaluate(
         net,
         preprocessor,
@@ -220,6 +210,22 @@ def run_evaluate(
     print(dataset.provenance(), file=sys.stderr)
     print(f"written to {output}", file=sys.stderr)
     return report
+
+
+def _on_device(checkpoint, checkpoint_path, device: str | None):
+    """The checkpoint's preprocessing and its net on ``device``, or a TrainingError saying why not."""
+    preprocessor = checkpoint.preprocessor()
+    if preprocessor.config.resize != IMAGE_SIZE:
+        raise TrainingError(
+            f"{checkpoint_path} expects images resized to {preprocessor.config.resize} px; "
+            f"the prepared data is {IMAGE_SIZE} px"
+        )
+    try:
+        device = torch.device(device or default_device())
+        net = checkpoint.build_grouped(device)
+    except (RuntimeError, ValueError) as e:
+        raise TrainingError(f"cannot use device {device}: {e}") from None
+    return preprocessor, net, device
 
 
 def format_results(results: dict[str, dict], title: str) -> str:

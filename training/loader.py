@@ -1,35 +1,10 @@
 """Batches of prepared images, loaded ahead into reusable buffer slots: ``BatchLoader``.
 
-    with BatchLoader(split, workers=4, batch_size=128, pin_memory=True) as loader:
-        for batch in loader.batches((step, indices) for step, indices in ...):
-            images = batch.images.to(device, non_blocking=True)   # uint8 [n, 3, 256, 256]
-            ...                                                   # once the copy has completed:
-            batch.release()                                       # the slot may be refilled
-
-The loader owns ``slots`` buffers of ``batch_size`` images (and labels). ``batches`` fills free slots in
-the order of the items, up to ``slots`` batches ahead, and yields them in that order; a slot is refilled
-only after its batch was released (after the host→device copy completed, or after CPU augmentation
-read it). Batches may be shorter than ``batch_size`` (the last one of an evaluation).
-
-How a slot is filled depends on the store (training/data.py):
-
-- raw: one ``torch.index_select(..., out=slot)`` out of the memory-mapped file, in ``workers`` threads
-  (the copy releases the GIL). With ``pin_memory`` the slots are allocated pinned.
-- jpeg: ``workers`` processes, forked when the loader is created, decode straight into slots of one
-  shared-memory buffer (an anonymous shared mapping made before the fork). The main process sends
-  (slot, indices) to an idle worker and waits for its completion message; Pillow's per-image Python
-  work would hold the GIL in threads. With ``pin_memory`` that shared buffer is page-locked once in place
-  (``cudaHostRegister``), so the batch is copied to the GPU from where it was decoded; should
-  registering fail, each batch is copied into a pinned buffer first (said once on stderr; the
-  loader's ``host_path`` says which way was taken). The workers are forked before anything is pinned.
-  A damaged record raises the split's TrainingError (record index, source file, what to do) in the
-  consumer; a worker that dies
-  (killed, out of memory) raises LoaderError instead of hanging. Workers ignore SIGINT (Ctrl-C is the
-  consumer's: ``close`` ends them) and exit by themselves within a second when their parent is gone.
-  Each process of a multi-process (DDP) run creates its own loader and workers: count the cores.
-
-``workers=0`` loads in the calling thread (tests, debugging). ``close()`` (or leaving ``with``) ends the
-workers; a loader is also closed when it is garbage-collected.
+A slot is refilled only once its batch was released (its host→device copy, or the CPU augmentation, is done).
+Raw store: an ``index_select`` out of the mapped file, in threads. JPEG store: forked worker processes
+decode straight into slots of one shared buffer; Pillow's Python work would hold the GIL in threads.
+A dead worker raises LoaderError instead of hanging; ``workers=0`` loads in the calling thread.
+docs/training-formats.md describes the pinning, the worker protocol and the errors.
 """
 
 from __future__ import annotations
@@ -49,7 +24,8 @@ from multiprocessing.connection import wait as wait_for
 
 import torch
 
-from .data import IMAGE_BYTES, IMAGE_SIZE, TrainingError
+from .data import IMAGE_BYTES, IMAGE_SIZE
+from .errors import TrainingError
 
 
 class LoaderError(RuntimeError):

@@ -1,17 +1,9 @@
-"""``python -m training plot RUN_DIR | CHECKPOINT``: a run's training curves (RUN_DIR/metrics.jsonl) and its
-conv1 kernels, or the kernels of any checkpoint, as PNGs.
+"""``python -m training plot RUN_DIR | CHECKPOINT``: a run's training curves and conv1 kernels, as PNGs.
 
-Three panels over epochs: loss (train, validation), top-1 error (train, validation centre crop and
-10 patches) and top-5 error (validation centre crop and 10 patches); a dotted line marks each division
-of the learning rate, and a star the best epoch. The training job redraws RUN_DIR/curves.png after
-every epoch.
-
-``filters.png``: the 96 conv1 kernels of the run's last checkpoint as the paper's Fig. 3 draws them,
-tower 0's 48 above tower 1's (``model.visualize.filters_image``; Pillow only). The training job redraws
-it after every epoch too; ``plot CHECKPOINT.safetensors`` draws any checkpoint's.
-
-matplotlib is an optional dependency (``pip install -e '.[train]'``): without it ``plot`` says so and
-exits 2, and training goes on without the picture.
+curves.png: loss, top-1 and top-5 error over epochs, with the learning-rate drops and the best epoch marked.
+filters.png: the 96 conv1 kernels as the paper's Fig. 3 draws them, tower 0's above tower 1's.
+The training job redraws both after an epoch. matplotlib is optional (``pip install -e '.[train]'``).
+Without it ``plot`` says so and exits 2, and training goes on without the picture.
 """
 
 from __future__ import annotations
@@ -22,7 +14,7 @@ from pathlib import Path
 
 from model.files import atomic_path
 
-from .data import TrainingError
+from .errors import TrainingError
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"

@@ -1,15 +1,10 @@
 """The learning-rate schedule: ÷ 10 whenever the validation error stopped improving (paper §5).
 
-The paper says no more than that. Two guards turn it into a rule that survives real runs:
-  * an improvement counts only when the centre-crop top-1 error falls by at least ``min_improvement``
-    (absolute: 0.002 = 0.2 percentage points, about the epoch-to-epoch noise of ImageNet's 50,000
-    validation images), so a gain inside the noise does not reset the count;
-  * epochs up to ``start_epoch`` never count as epochs without improvement. With the paper's init the
-    error can sit at chance for several epochs before anything is learned; counting them would divide the
-    learning rate before learning starts (seen: a 10-class run dropped to 0.001 at epoch 7, still at 90 %);
-  * nor does any epoch before the training loss first leaves chance, ln(classes), by ``CHANCE_MARGIN``.
-    How long the flat start lasts is a number of steps (~370 on Imagenette at width 0.5), not of epochs:
-    on a small dataset it outlasts any ``start_epoch`` (a 300-image run sat at ln 100 for 29 epochs).
+Two guards make that a rule that survives real runs.
+An improvement counts only when the top-1 error falls by at least ``min_improvement`` (about ImageNet's noise).
+Epochs up to ``start_epoch``, and every epoch before the training loss first leaves chance, never count.
+With the paper's init the loss can sit at chance for a while: counting those epochs would drop the rate early.
+The flat start lasts a number of steps, not epochs: on a small dataset it outlasts any ``start_epoch``.
 """
 
 from __future__ import annotations

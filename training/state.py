@@ -1,14 +1,9 @@
-"""The resume state: one safetensors file, tensors (weights, momentum) plus a JSON header (everything
-else: position, schedule, metrics, hyper-parameters, the gradient scaler). Nothing is pickled.
+"""The resume state: one safetensors file, tensors (weights, momentum) plus a JSON header. Nothing is pickled.
 
-Version 2: the optimizer has two parameter groups (weights, then biases: biases are not decayed), so a
-version-1 state (one group) cannot be continued by this code.
-
-Version 3: the hyper-parameters name the update rule (``update_rule``: "paper", the default since, keeps a
-``velocity`` per parameter; "pytorch", torch.optim.SGD, a ``momentum_buffer``). A version-2 state was
-trained with torch.optim.SGD: it is read as ``update_rule`` "pytorch" and continues exactly with that rule.
-It is not converted to the paper's: v = −lr·b holds only while the learning rate stays constant, and
-changing the rule in the middle of a run would make it another run (--update-rule is fixed on --resume).
+The header holds everything else: the position, schedule, metrics, hyperparameters and gradient scaler.
+Version 2 has two parameter groups (weights, then undecayed biases): a version-1 state cannot be continued.
+Version 3 names the update rule. A version-2 state was trained with torch.optim.SGD and continues with it.
+docs/training-formats.md says why it is not converted to the paper's rule.
 """
 
 from __future__ import annotations
@@ -20,7 +15,7 @@ import torch
 
 from model.files import read_safetensors, write_safetensors
 
-from .data import TrainingError
+from .errors import TrainingError
 from .update_rule import STATE_KEYS
 
 STATE_FORMAT = "alexnet-train-state"

@@ -11,7 +11,12 @@ over ~1/(1 − momentum) steps (about 20–40 steps to settle at momentum 0.9).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .hyperparameters import Hyperparameters
 
 # The two rules ``--update-rule`` chooses between, and the name of each one's per-parameter state.
 UPDATE_RULES = ("paper", "pytorch")
@@ -57,3 +62,19 @@ class PaperSGD(torch.optim.Optimizer):
                 torch._foreach_add_(velocities, grads, alpha=-lr)
                 torch._foreach_add_(weights, velocities)
         return loss
+
+
+def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    """SGD by ``hp.update_rule`` (update_rule.py: the paper's, or torch.optim.SGD) with two parameter
+    groups: weights decayed by ``weight_decay``; biases too only with ``decay_biases`` (the paper's update
+    rule decays w; cuda-convnet's ``wc`` and Caffe's ``decay_mult: 0`` leave biases undecayed, and so do
+    we by default)."""
+    weights = [p for name, p in model.named_parameters() if not name.endswith("bias")]
+    biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+    groups = [
+        {"params": weights, "weight_decay": hp.weight_decay},
+        {"params": biases, "weight_decay": hp.weight_decay if hp.decay_biases else 0.0},
+    ]
+    if hp.update_rule == "pytorch":
+        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+    return PaperSGD(groups, lr=hp.lr, momentum=hp.momentum)

@@ -1,5 +1,5 @@
 """What a new user trips over: `prepare` and `train` leave no `.lock` behind, and removing it on release is
-safe against jobs that opened it at the same moment (training/data.py DirectoryLock)."""
+safe against jobs that opened it at the same moment (training/directory_lock.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import time
 import pytest
 from support.training import make_source, prepare_quietly, train_cli
 
-from training import data as data_module
-from training.data import DirectoryLock, TrainingError
+from training import directory_lock as lock_module
+from training.directory_lock import DirectoryLock
+from training.errors import TrainingError
 
 fcntl = pytest.importorskip("fcntl", reason="DirectoryLock locks only where flock exists")
 
@@ -54,7 +55,7 @@ def test_a_job_that_opened_the_file_as_the_holder_removed_it_locks_the_new_one(t
             others["c"] = DirectoryLock(directory, "job")
         return file
 
-    monkeypatch.setattr(data_module, "open", open_then_interleave, raising=False)
+    monkeypatch.setattr(lock_module, "open", open_then_interleave, raising=False)
     with pytest.raises(TrainingError, match="in use by another job"):
         DirectoryLock(directory, "job")  # B
     monkeypatch.undo()
@@ -78,7 +79,7 @@ def test_a_job_that_locked_a_removed_file_starts_over(tmp_path, monkeypatch):
             a.release()
         return file
 
-    monkeypatch.setattr(data_module, "open", open_then_release, raising=False)
+    monkeypatch.setattr(lock_module, "open", open_then_release, raising=False)
     b = DirectoryLock(directory, "job")
     monkeypatch.undo()
     assert len(opens) == 2  # it opened .lock again

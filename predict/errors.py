@@ -1,0 +1,5 @@
+"""The error ``predict`` stops on when the user's input or files are wrong."""
+
+
+class PredictError(Exception):
+    """A problem with the user's input or files, with a message that says what to do. Exit status 2."""
