@@ -145,7 +145,7 @@ ROUTE_EXAMPLES = (
     "/v2, /v2/health/live, /v2/health/ready, /v2/models/{model_name}, /v2/models/{model_name}/ready, "
     "/v2/models/{model_name}/infer, /v2/models/{model_name}/versions/{model_version}, "
     "/v2/models/{model_name}/versions/{model_version}/ready, /v2/models/{model_name}/versions/{model_version}/infer, "
-    "/v2/{path:path}"
+    "/v2/models/{model_name}/config, /v2/models/{model_name}/versions/{model_version}/config, /v2/{path:path}"
 )
 
 
