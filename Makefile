@@ -35,8 +35,10 @@ test-fast: install-dev
 
 # --host and --port only when HOST or PORT is given (`make serve PORT=8080`), so that ALEXNET_HOST and
 # ALEXNET_PORT work as they do for `python -m service`; neither given: the service's defaults.
+# Logs as plain lines for a terminal, unless ALEXNET_LOG_FORMAT says otherwise (the container keeps JSON).
 serve: install
-	$(PY) -m service $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+	ALEXNET_LOG_FORMAT=$(or $(ALEXNET_LOG_FORMAT),text) \
+		$(PY) -m service $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 clean:
 	rm -rf $(VENV) .pytest_cache
