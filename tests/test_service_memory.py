@@ -243,9 +243,9 @@ def _png(mode: str, side: int) -> bytes:
 
 
 def test_an_image_that_can_never_fit_the_decode_budget_is_413(tmp_path, photos, live_service):
-    flags = ["--device", "cpu", "--checkpoint", str(tmp_path / "none.safetensors"), "--reload-interval-s", "0"]
+    flags = ["--device", "cpu", "--reload-interval-s", "0"]  # no checkpoint in cwd: the untrained net
     flags += ["--decode-memory-bytes", str(64 * MIB)]
-    service = live_service(*flags, device=None)
+    service = live_service(*flags, device=None, cwd=tmp_path)
     big = _png("RGBA", 3000)  # 9 Mpx RGBA: ~110 MiB to decode
     response = httpx.post(service.url + "/classify", files={"file": ("big.png", big, "image/png")}, timeout=60)
     assert response.status_code == 413, response.text
@@ -258,9 +258,9 @@ def test_a_body_with_no_room_is_503_on_a_connection_that_stays_usable(tmp_path, 
     """One client sends a large body slowly (its Content-Length held against the budget); a second body that
     does not fit beside it is refused with 503 memory-busy + Retry-After, and the same connection then
     classifies a photo once the first request is done."""
-    flags = ["--device", "cpu", "--checkpoint", str(tmp_path / "none.safetensors"), "--reload-interval-s", "0"]
+    flags = ["--device", "cpu", "--reload-interval-s", "0"]  # no checkpoint in cwd: the untrained net
     flags += ["--body-memory-bytes", str(8 * MIB), "--max-body-bytes", str(6 * MIB)]
-    service = live_service(*flags, device=None)
+    service = live_service(*flags, device=None, cwd=tmp_path)
     slow_size = 5 * MIB
     release = threading.Event()
 
@@ -360,8 +360,8 @@ def test_the_kubernetes_pod_starts_within_its_memory_limit(tmp_path):
     env = {k: v for k, v in env.items() if k not in ("ALEXNET_HOST", "ALEXNET_PORT", "ALEXNET_CHECKPOINT")}
     env.setdefault("ALEXNET_DEVICE", "cpu")
     with memory_cgroup.MemoryCgroup(limit) as group:
-        flags = ["--checkpoint", str(tmp_path / "none.safetensors")]
-        with ServiceProcess(tmp_path / "log", *flags, env=env, preexec_fn=group.enter) as service:
+        # No checkpoint in cwd: the untrained net (an explicitly given path with no file is exit 3)
+        with ServiceProcess(tmp_path / "log", env=env, preexec_fn=group.enter, cwd=tmp_path) as service:
             assert httpx.get(service.url + "/readyz").status_code == 200
         assert '"event": "memory_bound"' in service.log() and "fits the limit" in service.log()
 
@@ -394,9 +394,9 @@ def test_the_hostile_load_stays_inside_a_3_gib_cgroup(tmp_path):
 def test_an_inference_protocol_json_body_too_large_to_parse_within_the_budget_is_413(tmp_path, live_service):
     """FP32 data as JSON numbers take up to 10× their text once parsed: counted before parsing, so a JSON body
     whose parse could never fit the body budget is refused (and the binary extension suggested)."""
-    flags = ["--device", "cpu", "--checkpoint", str(tmp_path / "none.safetensors"), "--reload-interval-s", "0"]
+    flags = ["--device", "cpu", "--reload-interval-s", "0"]  # no checkpoint in cwd: the untrained net
     flags += ["--body-memory-bytes", str(16 * MIB), "--max-body-bytes", str(8 * MIB)]
-    service = live_service(*flags, device=None)
+    service = live_service(*flags, device=None, cwd=tmp_path)
     numbers = ",".join(["1.5"] * (3 * 224 * 224 * 4))  # 4 images: 2.4 MB of JSON, ~20 MB parsed
     body = '{"inputs":[{"name":"input","datatype":"FP32","shape":[4,3,224,224],"data":[%s]}]}' % numbers
     response = httpx.post(
