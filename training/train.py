@@ -21,9 +21,7 @@ import torch.nn.functional as F
 from model.progress import Progress
 
 from .data import epoch_order
-from .devices import (
-    seed_dropout,
-)
+from .devices import seed_dropout
 from .epoch_end import end_of_epoch, final_evaluation, state_info
 from .errors import TrainingError
 from .run import Hooks, Options, Run, start_run
