@@ -1,7 +1,7 @@
 """The hostile memory load: the service in a memory cgroup, clients posting the largest bodies and the largest
 decodes the settings allow, all at once.
 
-    .venv/bin/python bench/memory_load.py                      # 3 GiB cgroup (compose's ALEXNET_API_MEMORY), 30 s
+    .venv/bin/python bench/memory_load.py                      # 4 GiB cgroup (compose's ALEXNET_API_MEMORY), 30 s
     .venv/bin/python bench/memory_load.py --memory-limit 0     # no limit: how much the load would take
     .venv/bin/python bench/memory_load.py --duration 120 -- --queue-size 32   # flags after -- go to the service
 
@@ -37,7 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from memory_cgroup import MemoryCgroup  # noqa: E402
-from service_process import start_service  # noqa: E402
+from service_process import fresh_checkpoint, start_service  # noqa: E402
 
 GIB = 1024**3
 MIB = 1024**2
@@ -56,13 +56,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    p.add_argument("--memory-limit", default="3g", help="the cgroup's limit (default 3g; 0: no cgroup)")
+    p.add_argument("--memory-limit", default="4g", help="the cgroup's limit (default 4g, compose's; 0: no cgroup)")
     p.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
     p.add_argument("--large-decode-clients", type=int, default=16, help="of them, posting large decodes (16)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
     p.add_argument("--body-mib", type=float, default=28.0, help="size of the noise JPEG (default 28 MiB)")
     p.add_argument("--side", type=int, default=7900, help="side of the large-decode images (default 7900)")
-    p.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: none, the untrained full net)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: a fresh full-size net, written to a file as users' checkpoints are)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--service-log", type=Path, help="keep the service's log (JSON lines) here")
     p.add_argument("service_flags", nargs="*", help="flags for python -m service (after --)")
@@ -188,7 +188,7 @@ async def load(url: str, bodies: list[tuple[bytes, str]], large: list[tuple[byte
 def start(args, group: MemoryCgroup | None, log_path: Path) -> tuple[subprocess.Popen, str]:
     """The service in ``group``, every setting at its default but the device (hot reload on, as in compose;
     the flags after ``--`` last, so they win)."""
-    checkpoint = args.checkpoint or Path(tempfile.gettempdir()) / "alexnet-memory-load-none.safetensors"
+    checkpoint = args.checkpoint or fresh_checkpoint(log_path.parent / "fresh.safetensors")
     flags = ["--reload-interval-s", "2", "--log-level", "info", *args.service_flags]
     return start_service(checkpoint, flags, log_path, preexec_fn=group.enter if group else None)
 

@@ -20,6 +20,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fresh_checkpoint(path: Path) -> Path:
+    """The paper's full-size net, freshly initialised, written to ``path``: what a benchmark serves when it is
+    given no checkpoint (speed and memory do not depend on the weights; a file is loaded as users' are)."""
+    from model import AlexNetConfig, Checkpoint, GroupedAlexNet
+
+    Checkpoint.from_model(GroupedAlexNet(AlexNetConfig()), provenance={"trained": False}).save(path)
+    return path
+
+
 def start_service(checkpoint: Path, flags: list[str], log_path: Path, preexec_fn=None) -> tuple[subprocess.Popen, str]:
     """The service on the CPU with ``checkpoint``, no hot-reload polling, warning-level logs (an access-log
     line per request would cost CPU the benchmarks measure), and any extra ``flags``. ALEXNET_* variables

@@ -52,10 +52,9 @@ sys.path.insert(0, str(REPO / "tests" / "corpus"))
 
 import make_corpus  # noqa: E402
 
-from model import AlexNetConfig, Checkpoint, GroupedAlexNet  # noqa: E402
 from memory_cgroup import MemoryCgroup, own_group_peak  # noqa: E402  (bench/ is on sys.path as a script)
 from memory_load import parse_size  # noqa: E402
-from service_process import start_service  # noqa: E402
+from service_process import fresh_checkpoint, start_service  # noqa: E402
 
 PHOTOS = REPO / "tests" / "fixtures" / "images"
 LEFT_OUT = {"large-decoded.webp"}
@@ -243,10 +242,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that `finally` stops the service
     good, bad = requests()
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            checkpoint = Path(tmp) / "fresh.safetensors"
-            Checkpoint.from_model(GroupedAlexNet(AlexNetConfig()), provenance={"trained": False}).save(checkpoint)
+        checkpoint = args.checkpoint or fresh_checkpoint(Path(tmp) / "fresh.safetensors")
         log_path = Path(tmp) / "service.log"
         flags = [f"--{flag.replace('_', '-')}={getattr(args, flag)}" for flag in ("queue_size", "threads", "decode_workers")
                  if getattr(args, flag) is not None]

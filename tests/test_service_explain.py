@@ -299,7 +299,7 @@ def full_size_server(tmp_path_factory, module_live_service):
         "--threads", "1",
         "--decode-workers", "1",
         "--reload-interval-s", "0",
-        checkpoint=directory / "absent.safetensors",
+        cwd=directory,  # no checkpoint there: the untrained full-size net
     )  # fmt: skip
 
 

@@ -34,7 +34,7 @@ def request_body(one: bool = False) -> dict:
         "description": f"one or more images ({IMAGE_FORMATS})",
     }
     if one:
-        files = {"type": "string", "format": "binary", "description": f"exactly one image ({IMAGE_FORMATS})"}
+        files = {"type": "string", "format": "binary", "description": f"exactly one image ({IMAGE_FORMATS}); a second file part: 413 too-many-files"}
     form = {"type": "object", "required": ["file"], "properties": {"file": files}, "additionalProperties": False}
     return {
         "required": True,
