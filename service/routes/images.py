@@ -34,7 +34,8 @@ def request_body(one: bool = False) -> dict:
         "description": f"one or more images ({IMAGE_FORMATS})",
     }
     if one:
-        files = {"type": "string", "format": "binary", "description": f"exactly one image ({IMAGE_FORMATS}); a second file part: 413 too-many-files"}
+        one_file = f"exactly one image ({IMAGE_FORMATS}); a second file part: 413 too-many-files"
+        files = {"type": "string", "format": "binary", "description": one_file}
     form = {"type": "object", "required": ["file"], "properties": {"file": files}, "additionalProperties": False}
     return {
         "required": True,
