@@ -30,7 +30,7 @@ from ..schemas import (
     ProtocolError,
     ServerMetadata,
 )
-from ..state import ServiceState
+from ..service_state import ServiceState
 from ..uploads import read_body
 from .dependencies import ReadyModel, State
 from .images import admitted
