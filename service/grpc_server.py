@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from google.protobuf import json_format
 
-from . import inference_protocol as protocol
+from . import protocol_wire as protocol
 from . import protocol_serving as serving
 from .batcher import InferenceFailed, QueueFull
 from .grpc_generated import grpc_service_pb2 as pb

@@ -12,7 +12,7 @@ import torch
 
 import model as model_package
 
-from . import inference_protocol as protocol
+from . import protocol_wire as protocol
 from .engine import LoadedModel, Task
 from .problems import ProblemError
 from .schemas import InferenceRequest
@@ -73,7 +73,7 @@ def model_metadata(loaded: LoadedModel) -> dict:
 
 
 def model_config(state: ServiceState, loaded: LoadedModel) -> dict:
-    """Triton's model configuration of ``loaded`` as this service serves it (inference_protocol.model_config)."""
+    """Triton's model configuration of ``loaded`` as this service serves it (protocol_wire.model_config)."""
     return protocol.model_config(
         crop=loaded.preprocessor.config.crop,
         classes=len(loaded.classes),
