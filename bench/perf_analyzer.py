@@ -45,7 +45,7 @@ from serve_load import FALLBACK_IMAGES, ModelOnly, mean_of  # noqa: E402  (bench
 from service_process import free_port, start_service  # noqa: E402
 
 from model import AlexNetConfig, Checkpoint, GroupedAlexNet  # noqa: E402
-from service.inference_protocol import pack_bytes  # noqa: E402
+from service.protocol_wire import pack_bytes  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 TRITONCLIENT = "tritonclient==2.48.0"

@@ -1,5 +1,5 @@
 """The FastAPI application: its routes, its error handlers, and its lifespan, which starts and stops the
-service's state (state.py: the model, the batcher, the decode and explain threads, the reload watcher)."""
+service's state (service_state.py: the model, the batcher, the decode and explain threads, the reload watcher)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .routes import ROUTERS
 from .routes.dependencies import known_query_parameters
 from .settings import Settings
 from .startup import QuietStartupFailure, exit_status
-from .state import ServiceState
+from .service_state import ServiceState
 
 log = logging.getLogger("service")
 

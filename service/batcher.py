@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from .admission import Admission
 from .engine import LoadedModel, Task
 from .metrics import ServiceMetrics
 
@@ -68,11 +68,10 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000
         self.queue_size = queue_size
         self.metrics = metrics
-        self.admitted = 0  # requests between admission() and their answer
+        self.places = Admission(queue_size, rejected=metrics.rejected, refused=QueueFull, seconds_per_request=0.0)
         self._recent_peak = 0  # most requests admitted at once since the last batch was gathered
         self.waiting_rows = 0  # network inputs in the queue
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self._seconds_per_request = 0.0  # running estimate, for Retry-After
         # One thread owns every forward pass: torch's intra-op pool is sized once, and passes never overlap.
         self._thread = ThreadPoolExecutor(1, "inference", initializer=torch.set_num_threads, initargs=(threads,))
         self._worker: asyncio.Task | None = None
@@ -85,6 +84,11 @@ class Batcher:
     def running(self) -> bool:
         """False if the worker died (a bug): /readyz then says so, instead of queueing requests forever."""
         return self._worker is not None and not self._worker.done()
+
+    @property
+    def admitted(self) -> int:
+        """Requests between admission() and their answer."""
+        return self.places.under_way
 
     async def close(self) -> None:
         if self._worker is not None:
@@ -99,17 +103,11 @@ class Batcher:
 
     @contextlib.contextmanager
     def admission(self):
-        """Hold a place for one request from before its body is read until it is answered."""
-        if self.admitted >= self.queue_size:
-            self.metrics.rejected.inc()
-            estimate = self._seconds_per_request * self.admitted
-            raise QueueFull(retry_after=max(1, math.ceil(estimate)))
-        self.admitted += 1
-        self._recent_peak = max(self._recent_peak, self.admitted)
-        try:
+        """Hold a place for one request from before its body is read until it is answered, so that at most
+        ``queue_size`` requests (and their bodies) are in at once; none free: QueueFull."""
+        with self.places.hold():
+            self._recent_peak = max(self._recent_peak, self.admitted)
             yield
-        finally:
-            self.admitted -= 1
 
     async def infer(self, model: LoadedModel, images: list[torch.Tensor], task: Task) -> torch.Tensor:
         """What ``task`` asks for n uint8 images [3, S, S] (softmax probabilities [n, classes], or features
@@ -184,7 +182,7 @@ class Batcher:
         self.metrics.forward_seconds.observe(seconds)
         self.metrics.batch_rows.observe(sum(job.rows for job in jobs))
         self.metrics.batch_requests.observe(len(jobs))
-        self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * seconds / len(jobs)
+        self.places.observe(seconds / len(jobs))
         for job, output in zip(jobs, outputs):
             if not job.future.done():
                 job.future.set_result(output)

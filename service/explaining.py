@@ -8,13 +8,13 @@ threads than places, so nothing ever waits in the pool's queue.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .admission import Admission
 from .engine import Explanation, LoadedModel
 from .metrics import ServiceMetrics
 from .problems import ProblemError
@@ -23,8 +23,13 @@ from .problems import ProblemError
 class Explainers:
     def __init__(self, concurrency: int, metrics: ServiceMetrics):
         self.concurrency, self.metrics = concurrency, metrics
-        self.under_way = 0  # /explain requests between admission() and their answer
-        self._seconds_per_explanation = 1.0  # running estimate, for Retry-After
+        self.places = Admission(
+            concurrency,
+            rejected=metrics.explain_rejected,
+            refused=functools.partial(_busy, concurrency),
+            seconds_per_request=1.0,
+            served_at_once=concurrency,
+        )
         self._threads: ThreadPoolExecutor | None = None
 
     def start(self, torch_threads: int) -> None:
@@ -36,25 +41,15 @@ class Explainers:
         if self._threads is not None:
             self._threads.shutdown(wait=True)
 
-    @contextlib.contextmanager
+    @property
+    def under_way(self) -> int:
+        """/explain requests between admission() and their answer."""
+        return self.places.under_way
+
     def admission(self):
         """Hold one of the ``concurrency`` places from before the body is read until the answer; none free:
         503 with Retry-After (never a queue)."""
-        limit = self.concurrency
-        if self.under_way >= limit:
-            self.metrics.explain_rejected.inc()
-            retry_after = max(1, math.ceil(self._seconds_per_explanation * self.under_way / limit))
-            raise ProblemError(
-                503,
-                "explain-busy",
-                f"{limit} explanation(s) already under way (ALEXNET_EXPLAIN_CONCURRENCY); retry later",
-                {"Retry-After": str(retry_after)},
-            )
-        self.under_way += 1
-        try:
-            yield
-        finally:
-            self.under_way -= 1
+        return self.places.hold()
 
     async def explain(
         self, model: LoadedModel, image: torch.Tensor, class_index: int | None, *, as_png: bool
@@ -65,10 +60,19 @@ class Explainers:
         explanation, png = await loop.run_in_executor(self._threads, _explain, model, image, class_index, as_png)
         seconds = time.perf_counter() - started
         self.metrics.explain_seconds.observe(seconds)
-        self._seconds_per_explanation = 0.8 * self._seconds_per_explanation + 0.2 * seconds
+        self.places.observe(seconds)
         return explanation, png
 
 
 def _explain(model: LoadedModel, image: torch.Tensor, class_index: int | None, as_png: bool):
     explanation = model.explain(image, class_index)
     return explanation, explanation.png() if as_png else None
+
+
+def _busy(limit: int, retry_after: int) -> ProblemError:
+    return ProblemError(
+        503,
+        "explain-busy",
+        f"{limit} explanation(s) already under way (ALEXNET_EXPLAIN_CONCURRENCY); retry later",
+        {"Retry-After": str(retry_after)},
+    )

@@ -23,14 +23,14 @@ from collections.abc import Awaitable, Callable
 import grpc
 from google.protobuf import json_format
 
-from . import inference_protocol as protocol
+from . import protocol_wire as protocol
 from . import protocol_serving as serving
 from .batcher import InferenceFailed, QueueFull
 from .grpc_generated import grpc_service_pb2 as pb
 from .grpc_generated import model_config_pb2
 from .problems import ProblemError
 from .schemas import InferenceRequest
-from .state import ServiceState
+from .service_state import ServiceState
 
 log = logging.getLogger("service")
 
@@ -83,7 +83,7 @@ class InferenceService:
         state = self.state
         model = serving.ready_model(state, request.model_name, request.model_version)
         try:
-            with state.admission(), state.body_reservation() as reservation:
+            with state.batcher.admission(), state.body_reservation() as reservation:
                 size = request.ByteSize()
                 # the message, and the copies cut from it (the BYTES elements, or the FP32 tensor)
                 await serving.hold(reservation, 2 * size, f"twice its {size:,}-byte message")

@@ -155,7 +155,15 @@ class ServiceMetrics:
     def __init__(
         self, queue_depth: Callable[[], dict], model_info: Callable[[], dict], memory: Callable[[], dict] = dict
     ):
-        self.registry = r = Registry()
+        self.registry = Registry()
+        self._add_http_metrics()
+        self._add_image_metrics()
+        self._add_batch_metrics()
+        self._add_gauges(queue_depth, model_info, memory)
+
+    def _add_http_metrics(self) -> None:
+        """Every HTTP request, by method, route and status, and its latency."""
+        r = self.registry
         self.requests = r.add(
             Counter(
                 "alexnet_http_requests_total",
@@ -174,6 +182,10 @@ class ServiceMetrics:
                 ("method", "route"),
             )
         )
+
+    def _add_image_metrics(self) -> None:
+        """Images classified, embedded and explained; Grad-CAM's time and refusals."""
+        r = self.registry
         self.images = r.add(Counter("alexnet_images_classified_total", "images classified", ("crops",)))
         self.images_embedded = r.add(
             Counter("alexnet_images_embedded_total", "images embedded (/embed), by layer", ("layer",))
@@ -194,6 +206,10 @@ class ServiceMetrics:
                 "/explain requests refused with 503: ALEXNET_EXPLAIN_CONCURRENCY already under way",
             )
         )
+
+    def _add_batch_metrics(self) -> None:
+        """The batcher's batches, forward passes and refusals; the body budget's refusals; reloads."""
+        r = self.registry
         self.batch_rows = r.add(
             Histogram("alexnet_batch_size", "network inputs (images × crops) per forward pass", BATCH_BUCKETS)
         )
@@ -211,6 +227,10 @@ class ServiceMetrics:
             Counter("alexnet_memory_busy_total", "requests refused with 503: no room for their body in the body budget")
         )
         self.reloads = r.add(Counter("alexnet_model_reloads_total", "checkpoint reloads by result", ("result",)))
+
+    def _add_gauges(self, queue_depth: Callable[[], dict], model_info: Callable[[], dict], memory: Callable[[], dict]):
+        """Gauges read live state through the callables given, when /metrics is rendered."""
+        r = self.registry
         r.add(
             Gauge(
                 "alexnet_memory_bytes",

@@ -3,7 +3,7 @@
 against the body budget, and the classification itself (decoding, the batcher, the metrics).
 
 Errors are ``ProblemError``s; each transport turns them into its own form ({"error": …} bodies, gRPC status
-codes). Each transport takes the request's place in the batcher's queue (``ServiceState.admission``) itself,
+codes). Each transport takes the request's place in the batcher's queue (``Batcher.admission``) itself,
 before it holds the request's memory, because only it knows what to do with a refused request."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch
 
 import model as model_package
 
-from . import inference_protocol as protocol
+from . import protocol_wire as protocol
 from .engine import LoadedModel, Task
 from .problems import ProblemError
 from .schemas import InferenceRequest
-from .state import ServiceState
+from .service_state import ServiceState
 from .uploads import Upload
 
 
@@ -73,7 +73,7 @@ def model_metadata(loaded: LoadedModel) -> dict:
 
 
 def model_config(state: ServiceState, loaded: LoadedModel) -> dict:
-    """Triton's model configuration of ``loaded`` as this service serves it (inference_protocol.model_config)."""
+    """Triton's model configuration of ``loaded`` as this service serves it (protocol_wire.model_config)."""
     return protocol.model_config(
         crop=loaded.preprocessor.config.crop,
         classes=len(loaded.classes),
@@ -109,11 +109,11 @@ async def classify(
         request, parts, crop=model.preprocessor.config.crop, max_elements=state.settings.max_files
     )
     if inputs.images is not None:
-        images = await state.decode(model, [Upload(None, data) for data in inputs.images])
+        images = await state.decoder.decode(model, [Upload(None, data) for data in inputs.images])
         task = Task.probabilities("center")
     else:
         images, task = list(inputs.tensor.unbind(0)), Task.probabilities_of_inputs()
-    probabilities = await state.infer(model, images, task)
+    probabilities = await state.batcher.infer(model, images, task)
     if not bool(probabilities.isfinite().all()):  # NaN or infinite values in an FP32 input
         raise ProblemError(422, None, "the input gives non-finite probabilities: is every value a finite number?")
     state.metrics.images.inc("center", amount=len(inputs))

@@ -34,7 +34,6 @@ async def watch_checkpoint(
 ) -> None:
     """Poll forever (until cancelled). ``loaded`` is the fingerprint of the file being served, if any."""
     seen, candidate, missing_reported = loaded, None, False
-    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(interval)
         current = fingerprint(path)
@@ -52,36 +51,49 @@ async def watch_checkpoint(
             candidate = current  # changed since the last poll: wait until it holds still
             continue
         seen, candidate = current, None
-        log.info("checkpoint %s changed; loading it in the background", path)
-        try:
-            model = await loop.run_in_executor(None, load, path)
-        except Exception as e:  # CheckpointError, or anything else a hostile file provokes
-            log.error(
-                "rejected the new checkpoint %s, still serving the previous model: %s",
-                path,
-                e,
-                extra={"fields": {"event": "reload_failed", "error": str(e)}},
-            )
-            on_result("failed")
-            continue
-        switch(model)
-        on_result("ok")
-        identity = model.identity
-        log.info(
-            "now serving %s (sha256 %s, trained=%s, epoch %s, val top-1 error %s, top-5 %s)",
+        await _reload(path, load, switch, on_result)
+
+
+async def _reload(
+    path: Path,
+    load: Callable[[Path], engine.LoadedModel],
+    switch: Callable[[engine.LoadedModel], None],
+    on_result: Callable[[str], None],
+) -> None:
+    """Load the changed file in a worker thread and switch to it; a file that fails to load is logged."""
+    log.info("checkpoint %s changed; loading it in the background", path)
+    try:
+        model = await asyncio.get_running_loop().run_in_executor(None, load, path)
+    except Exception as e:  # CheckpointError, or anything else a hostile file provokes
+        log.error(
+            "rejected the new checkpoint %s, still serving the previous model: %s",
             path,
-            identity.sha256,
-            identity.trained,
-            identity.epoch,
-            identity.val_top1_error,
-            identity.val_top5_error,
-            extra={
-                "fields": {
-                    "event": "reloaded",
-                    "sha256": identity.sha256,
-                    "trained": identity.trained,
-                    "val_top1_error": identity.val_top1_error,
-                    "val_top5_error": identity.val_top5_error,
-                }
-            },
+            e,
+            extra={"fields": {"event": "reload_failed", "error": str(e)}},
         )
+        on_result("failed")
+        return
+    switch(model)
+    on_result("ok")
+    _log_reloaded(path, model.identity)
+
+
+def _log_reloaded(path: Path, identity) -> None:
+    log.info(
+        "now serving %s (sha256 %s, trained=%s, epoch %s, val top-1 error %s, top-5 %s)",
+        path,
+        identity.sha256,
+        identity.trained,
+        identity.epoch,
+        identity.val_top1_error,
+        identity.val_top5_error,
+        extra={
+            "fields": {
+                "event": "reloaded",
+                "sha256": identity.sha256,
+                "trained": identity.trained,
+                "val_top1_error": identity.val_top1_error,
+                "val_top5_error": identity.val_top5_error,
+            }
+        },
+    )

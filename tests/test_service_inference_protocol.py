@@ -23,7 +23,7 @@ import tritonclient.http as triton
 from support.service import REPO, Direct, metric_value, png_header_only, write_checkpoint
 from tritonclient.utils import InferenceServerException
 
-from service import inference_protocol as protocol
+from service import protocol_wire as protocol
 from service.engine import Task
 from service.problems import ProblemError
 from service.schemas import InferenceRequest

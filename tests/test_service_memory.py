@@ -443,7 +443,7 @@ def test_the_cuda_runtime_is_started_before_the_models_load_is_measured(tmp_path
     """On a GPU, CUDA's and cuDNN's start-up (hundreds of MiB) must not be counted as the model's load: a
     reload and /explain's net are counted as costing that load again. Recorded on the CPU."""
     from service import engine
-    from service.state import ServiceState
+    from service.service_state import ServiceState
 
     calls = []
 

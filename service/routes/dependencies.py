@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from ..engine import LoadedModel
 from ..problems import ProblemError
-from ..state import ServiceState
+from ..service_state import ServiceState
 
 
 async def service_state(request: Request) -> ServiceState:

@@ -53,7 +53,7 @@ async def explain(
 ) -> Response:
     clock = Clock()
     class_index = _class_index(model, params)
-    with state.explain_admission():
+    with state.explainers.admission():
         try:
             _, (image,) = await receive(request, state, model, clock, max_files=1)
         except ProblemError as e:
@@ -62,7 +62,7 @@ async def explain(
             raise
         clock.compute_started = time.perf_counter()
         try:
-            explanation, png = await state.explain(model, image, class_index, as_png=params.format == "png")
+            explanation, png = await state.explainers.explain(model, image, class_index, as_png=params.format == "png")
         except WeightsUnavailable as e:
             retry = max(1, round(2 * state.settings.reload_interval_s))
             raise ProblemError(503, "model-changing", str(e), {"Retry-After": str(retry)}) from None

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from ..problems import ProblemError
 from ..schemas import Health, Problem, Ready
-from ..state import NOT_LOADED
+from ..service_state import NOT_LOADED
 from .dependencies import State
 
 router = APIRouter(tags=["health"])

@@ -16,7 +16,7 @@ from ..batcher import InferenceFailed, QueueFull
 from ..engine import LoadedModel, Task
 from ..problems import ProblemError
 from ..schemas import Problem, Timing
-from ..state import ServiceState
+from ..service_state import ServiceState
 from ..uploads import Upload, discard_body, read_uploads
 
 IMAGE_FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF"
@@ -93,7 +93,7 @@ async def admitted(request: Request, state: ServiceState):
     queue_size bodies are held at once): none free, 503 queue-full with Retry-After (the body drained, so
     the connection stays usable); a forward pass that failed inside, 503 inference-failed."""
     try:
-        with state.admission():
+        with state.batcher.admission():
             yield
     except QueueFull as e:
         await discard(request, state)
@@ -119,7 +119,7 @@ async def receive(
             reservation=reservation,
         )
         clock.decode_started = time.perf_counter()
-        images = await state.decode(model, uploads)
+        images = await state.decoder.decode(model, uploads)
     return uploads, images
 
 
@@ -130,6 +130,6 @@ async def batched(
     async with admitted(request, state):
         uploads, images = await receive(request, state, model, clock)
         clock.compute_started = time.perf_counter()
-        outputs = await state.infer(model, images, task)
+        outputs = await state.batcher.infer(model, images, task)
         clock.done = time.perf_counter()
     return uploads, outputs

@@ -4,7 +4,7 @@ model metadata, and inference through the same limits, decoding, queue and batch
 Every failure under /v2 answers the protocol's ``{"error": "…"}`` (application/json) with the status
 /classify gives the same cause, not problem+json: the routes' own class converts the errors raised in them,
 and a last route answers the paths under /v2 that no route has (404, or 405 with Allow for a wrong method).
-The body framing and the tensors are ``service.inference_protocol``'s business."""
+The body framing and the tensors are ``service.protocol_wire``'s business."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from .. import inference_protocol as protocol
+from .. import protocol_wire as protocol
 from .. import protocol_serving as serving
 from ..problems import ProblemError
 from ..schemas import (
@@ -30,7 +30,7 @@ from ..schemas import (
     ProtocolError,
     ServerMetadata,
 )
-from ..state import ServiceState
+from ..service_state import ServiceState
 from ..uploads import read_body
 from .dependencies import ReadyModel, State
 from .images import admitted

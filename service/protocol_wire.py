@@ -1,4 +1,4 @@
-"""The Open Inference Protocol (KServe v2, as Triton speaks it over HTTP/REST) for this one model: what a
+"""The Open Inference Protocol's wire format (KServe v2, as Triton speaks it over HTTP/REST) for this model: what a
 request body holds, and the body of the answer.
 
 A body is a JSON object, optionally followed by binary tensor data (Triton's binary tensor data extension):

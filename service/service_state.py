@@ -1,17 +1,15 @@
-"""What the service holds while it runs (the model being served, the batcher, the decode and explain
-threads, the budgets, the reload watcher), its start and stop, and the one interface the endpoints use.
+"""What the service holds while it runs: the model being served, the batcher, the decode and explain
+threads, the budgets and the reload watcher; its start and stop.
 
-Every endpoint that computes goes decode → batch → predict → encode, through these methods of
-``ServiceState`` and nothing else of it:
+Endpoints use its parts directly, in the order decode → batch → predict → encode:
 
-    not_ready(), ready_model()   the one readiness check; the model a request uses throughout
-    body_reservation()           the request's share of the body budget, while its body is held
-    admission()                  a place in the batcher's queue (/classify, /embed, /v2 infer)
-    decode(model, uploads)       the images, decoded in the decode threads under the decode budget (decoding.py)
-    infer(model, images, task)   the task's outputs, computed in some batch (batcher.py, engine.LoadedModel.run)
-    explain_admission(), explain(...)   Grad-CAM in threads of its own (explaining.py)
+    not_ready(), ready_model()      the one readiness check; the model a request uses throughout
+    body_reservation()              the request's share of the body budget, while its body is held
+    decoder.decode(model, uploads)  the images, decoded in the decode threads (decoding.py)
+    batcher.admission(), batcher.infer(model, images, task)   a place in the queue; the outputs (batcher.py)
+    explainers.admission(), explainers.explain(...)            Grad-CAM in threads of its own (explaining.py)
 
-Encoding the answer is each route's own business (routes/); routes get this state, and the ready model, as
+Encoding the answer is each route's business (routes/). Routes get this state, and the ready model, as
 typed dependencies (routes/dependencies.py).
 """
 
@@ -24,20 +22,17 @@ import gc
 import logging
 import os
 
-import torch
-
 import model as model_package
 
 from . import engine, memory, reload
 from .batcher import Batcher
 from .decoding import Decoder
-from .engine import Explanation, LoadedModel, Task
+from .engine import LoadedModel
 from .explaining import Explainers
 from .memory import ByteBudget, Reservation
 from .metrics import ServiceMetrics
 from .problems import ProblemError
 from .settings import Settings
-from .uploads import Upload
 
 log = logging.getLogger("service")
 
@@ -70,13 +65,35 @@ class ServiceState:
         self.memory_limit: int | None = None  # the cgroup's, found at start-up
 
     async def start(self) -> None:
+        """Load the model, then start the batcher, the decode and explain threads and the reload watcher."""
         s = self.settings
-        loop = asyncio.get_running_loop()
         devices = model_package.resolve_devices(s.device)
         if engine.runs_cpu_inference_net(devices):
             # Set once for the process, before the model is loaded: loading, warming up and every forward
             # pass then run with the allocator that CPUInferenceNet's throughput assumes (model/malloc.py).
             model_package.keep_freed_memory()
+        loaded, load_cost = await self._load(devices)
+        _log_serving(self.model, s.checkpoint if loaded else None, devices)
+        self.batcher = Batcher(
+            max_batch=s.max_batch,
+            max_wait_ms=s.max_wait_ms,
+            queue_size=s.queue_size,
+            threads=s.thread_count,
+            metrics=self.metrics,
+        )
+        self.batcher.start()
+        loop = asyncio.get_running_loop()
+        self.worst_case = await loop.run_in_executor(None, self._check_memory, self.model, load_cost)
+        self.decoder.start(s.decode_worker_count)
+        self.explainers.start(s.thread_count)
+        if s.reload_interval_s > 0:
+            self._watcher = loop.create_task(self._watch(loaded, devices), name="checkpoint-watcher")
+        self.ready = True
+
+    async def _load(self, devices) -> tuple[reload.Fingerprint | None, memory.ModelLoadCost]:
+        """Load the checkpoint (or, when none was asked for and the default one is missing, an untrained
+        net) into ``self.model``: the file's fingerprint (None: untrained), and what loading it cost."""
+        s, loop = self.settings, asyncio.get_running_loop()
         path = s.checkpoint
         await loop.run_in_executor(None, engine.start_runtime, devices)  # counted once, not in the load's cost
         with memory.MeasureLoad() as load_cost:
@@ -87,49 +104,18 @@ class ServiceState:
             else:
                 loaded = reload.fingerprint(path)
                 self.model = await loop.run_in_executor(None, engine.load, path, devices)
-        identity = self.model.identity
-        log.info(
-            "serving %s on %s (trained=%s, epoch %s, val top-1 error %s, top-5 %s)",
-            path if loaded else "an untrained net",
-            ",".join(map(str, devices)),
-            identity.trained,
-            identity.epoch,
-            identity.val_top1_error,
-            identity.val_top5_error,
-            extra={
-                "fields": {
-                    "sha256": identity.sha256,
-                    "devices": [str(d) for d in devices],
-                    "trained": identity.trained,
-                    "val_top1_error": identity.val_top1_error,
-                    "val_top5_error": identity.val_top5_error,
-                }
-            },
+        return loaded, load_cost.result
+
+    def _watch(self, loaded: reload.Fingerprint | None, devices):
+        """The reload watcher's coroutine: polls the checkpoint file, and switches to a new one that loads."""
+        return reload.watch_checkpoint(
+            self.settings.checkpoint,
+            self.settings.reload_interval_s,
+            loaded,
+            load=functools.partial(engine.load, devices=devices),
+            switch=self._switch,
+            on_result=lambda result: self.metrics.reloads.inc(result),
         )
-        self.batcher = Batcher(
-            max_batch=s.max_batch,
-            max_wait_ms=s.max_wait_ms,
-            queue_size=s.queue_size,
-            threads=s.thread_count,
-            metrics=self.metrics,
-        )
-        self.batcher.start()
-        self.worst_case = await loop.run_in_executor(None, self._check_memory, self.model, load_cost.result)
-        self.decoder.start(s.decode_worker_count)
-        self.explainers.start(s.thread_count)
-        if s.reload_interval_s > 0:
-            self._watcher = loop.create_task(
-                reload.watch_checkpoint(
-                    path,
-                    s.reload_interval_s,
-                    loaded,
-                    load=functools.partial(engine.load, devices=devices),
-                    switch=self._switch,
-                    on_result=lambda result: self.metrics.reloads.inc(result),
-                ),
-                name="checkpoint-watcher",
-            )
-        self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
@@ -167,7 +153,7 @@ class ServiceState:
             log.log(level, "%s", message, extra={"fields": fields})
         return worst
 
-    # The endpoints' interface -----------------------------------------------------------------------------
+    # What the endpoints ask of the state itself ------------------------------------------------------------
 
     def not_ready(self) -> str | None:
         """Why requests cannot be served now (NOT_LOADED, WORKER_STOPPED), or None when they can: the one
@@ -195,30 +181,6 @@ class ServiceState:
             raise
         finally:
             reservation.release()
-
-    def admission(self):
-        """A place in the batcher's queue from before the body is read until the answer, so that at most
-        ``queue_size`` requests (and their bodies) are in at once; none free: batcher.QueueFull."""
-        return self.batcher.admission()
-
-    async def decode(self, model: LoadedModel, uploads: list[Upload]) -> list[torch.Tensor]:
-        """Every upload decoded for ``model`` → uint8 [3, S, S] each (decoding.Decoder.decode)."""
-        return await self.decoder.decode(model, uploads)
-
-    async def infer(self, model: LoadedModel, images: list[torch.Tensor], task: Task) -> torch.Tensor:
-        """What ``task`` asks of ``model`` for these images, computed in some batch; batcher.InferenceFailed
-        when the forward pass failed or the service is shutting down."""
-        return await self.batcher.infer(model, images, task)
-
-    def explain_admission(self):
-        """One of the ``explain_concurrency`` places, or 503 explain-busy (explaining.Explainers.admission)."""
-        return self.explainers.admission()
-
-    async def explain(
-        self, model: LoadedModel, image: torch.Tensor, class_index: int | None, *, as_png: bool
-    ) -> tuple[Explanation, bytes | None]:
-        """Grad-CAM of one decoded image, and the PNG of its overlay if asked for (explaining.Explainers)."""
-        return await self.explainers.explain(model, image, class_index, as_png=as_png)
 
     # --------------------------------------------------------------------------------------------------------
 
@@ -255,6 +217,28 @@ class ServiceState:
         errors = tuple("" if e is None else repr(e) for e in (identity.val_top1_error, identity.val_top5_error))
         return {(identity.checkpoint or "", identity.sha256 or "", str(identity.trained).lower(), *errors): 1}
 
+
+def _log_serving(model: LoadedModel, path, devices) -> None:
+    """One line at start-up: what is served (``path``; None: an untrained net), where, and how good it is."""
+    identity = model.identity
+    log.info(
+        "serving %s on %s (trained=%s, epoch %s, val top-1 error %s, top-5 %s)",
+        path if path is not None else "an untrained net",
+        ",".join(map(str, devices)),
+        identity.trained,
+        identity.epoch,
+        identity.val_top1_error,
+        identity.val_top5_error,
+        extra={
+            "fields": {
+                "sha256": identity.sha256,
+                "devices": [str(d) for d in devices],
+                "trained": identity.trained,
+                "val_top1_error": identity.val_top1_error,
+                "val_top5_error": identity.val_top5_error,
+            }
+        },
+    )
 
 
 def _missing(path) -> bool:
