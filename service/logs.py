@@ -159,3 +159,18 @@ class ObserveRequests:
                     }
                 },
             )
+
+
+def identity_summary(identity) -> tuple[str, dict]:
+    """What a log line says of the served weights (a schemas.ModelIdentity): in words, and as JSON fields."""
+    text = (
+        f"trained={identity.trained}, epoch {identity.epoch}, val top-1 error {identity.val_top1_error}, "
+        f"top-5 {identity.val_top5_error}"
+    )
+    fields = {
+        "sha256": identity.sha256,
+        "trained": identity.trained,
+        "val_top1_error": identity.val_top1_error,
+        "val_top5_error": identity.val_top5_error,
+    }
+    return text, fields

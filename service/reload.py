@@ -17,6 +17,7 @@ from pathlib import Path
 from model.files import FileIdentity, file_identity
 
 from . import engine
+from .logs import identity_summary
 
 log = logging.getLogger("service")
 
@@ -79,21 +80,7 @@ async def _reload(
 
 
 def _log_reloaded(path: Path, identity) -> None:
+    text, fields = identity_summary(identity)
     log.info(
-        "now serving %s (sha256 %s, trained=%s, epoch %s, val top-1 error %s, top-5 %s)",
-        path,
-        identity.sha256,
-        identity.trained,
-        identity.epoch,
-        identity.val_top1_error,
-        identity.val_top5_error,
-        extra={
-            "fields": {
-                "event": "reloaded",
-                "sha256": identity.sha256,
-                "trained": identity.trained,
-                "val_top1_error": identity.val_top1_error,
-                "val_top5_error": identity.val_top5_error,
-            }
-        },
+        "now serving %s (sha256 %s, %s)", path, identity.sha256, text, extra={"fields": {"event": "reloaded", **fields}}
     )

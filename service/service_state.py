@@ -29,6 +29,7 @@ from .batcher import Batcher
 from .decoding import Decoder
 from .engine import LoadedModel
 from .explaining import Explainers
+from .logs import identity_summary
 from .memory import ByteBudget, Reservation
 from .metrics import ServiceMetrics
 from .problems import ProblemError
@@ -220,25 +221,10 @@ class ServiceState:
 
 def _log_serving(model: LoadedModel, path, devices) -> None:
     """One line at start-up: what is served (``path``; None: an untrained net), where, and how good it is."""
-    identity = model.identity
-    log.info(
-        "serving %s on %s (trained=%s, epoch %s, val top-1 error %s, top-5 %s)",
-        path if path is not None else "an untrained net",
-        ",".join(map(str, devices)),
-        identity.trained,
-        identity.epoch,
-        identity.val_top1_error,
-        identity.val_top5_error,
-        extra={
-            "fields": {
-                "sha256": identity.sha256,
-                "devices": [str(d) for d in devices],
-                "trained": identity.trained,
-                "val_top1_error": identity.val_top1_error,
-                "val_top5_error": identity.val_top5_error,
-            }
-        },
-    )
+    text, fields = identity_summary(model.identity)
+    where = path if path is not None else "an untrained net"
+    devices = [str(d) for d in devices]
+    log.info("serving %s on %s (%s)", where, ",".join(devices), text, extra={"fields": {**fields, "devices": devices}})
 
 
 def _missing(path) -> bool:

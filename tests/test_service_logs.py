@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import subprocess
-import sys
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from support.service import REPO
+from support.service import run_service_command
 
 from service.logs import JsonFormatter, ObserveRequests, TextFormatter, configure
 from service.metrics import ServiceMetrics
@@ -118,13 +116,6 @@ def test_configure_sets_the_format_for_every_logger(log_format, formatter):
 
 
 def test_a_bad_log_format_flag_exits_2_in_one_line():
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "--log-format", "xml"],
-        check=False,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_service_command("--log-format", "xml")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "--log-format" in done.stderr, done.stderr

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 import torch
-from support.service import REPO, ServiceProcess, metric_value, write_checkpoint
+from support.service import ServiceProcess, metric_value, run_service_command, write_checkpoint
 
 from model import load_checkpoint
 from model.devices import DeviceError, parse_devices, resolve_devices
@@ -79,14 +77,7 @@ def test_device_specifications():
 
 @pytest.mark.slow
 def test_bad_settings_exit_2_before_serving():
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "--max-files", "none"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_service_command("--max-files", "none")
     assert result.returncode == 2 and "--max-files" in result.stderr
 
 

@@ -142,6 +142,12 @@ class LiveServices:
             assert code == 0, service.log()
 
 
+def run_service_command(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m service ARGS`` to its end (for the ways it refuses to start), its output as text."""
+    command = [sys.executable, "-m", "service", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def write_checkpoint(path: Path, *, seed: int, width: float = 0.125, mean_image: bool = False, **provenance):
     """A small 1000-class net with He-initialised weights, so that its outputs depend clearly on the image
     (the paper's N(0, 0.01²) init gives a nearly flat softmax whose top-k order is fragile)."""
