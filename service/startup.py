@@ -50,7 +50,10 @@ def exit_status(error: BaseException) -> int:
 def listen_socket(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port``, for uvicorn to listen on (as uvicorn binds one itself)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY on the connections it accepts only when the listening
+    # socket says TCP. Without it every answer sent in two writes waited for the client's delayed ACK
+    # (~40 ms more per request at one client; BENCHMARKS.md, "Service").
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart right after a stop may bind
         sock.bind((host, port))

@@ -96,3 +96,32 @@ def test_invalid_settings_exit_2_in_one_line(tmp_path):
     code, log = failed_start(tmp_path, "--max-files", "none")
     assert code == 2, log
     assert_one_line(log, "--max-files")
+
+
+def test_connections_on_the_bound_port_send_without_delay():
+    """The port bound before the model loads (startup.listen_socket) gives uvicorn's connections
+    TCP_NODELAY, as a port uvicorn binds itself does: without it an answer written in two parts waits
+    for the client's delayed ACK, ~40 ms a request."""
+    import asyncio
+
+    from service.startup import listen_socket
+
+    async def accepted_nodelay() -> int:
+        accepted = asyncio.get_running_loop().create_future()
+
+        class Record(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        with listen_socket("127.0.0.1", 0) as sock:
+            server = await asyncio.get_running_loop().create_server(Record, sock=sock)
+            port = sock.getsockname()[1]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                return await asyncio.wait_for(accepted, 10)
+            finally:
+                writer.close()
+                server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
