@@ -1,14 +1,11 @@
 """The one preprocessing path, shared by serving, evaluation and dataset preparation.
 
     bytes ──decode_image──▶ RGB image ──to_square_uint8──▶ uint8 [3, 256, 256]      (load_image: both steps)
-    uint8 [N, 3, 256, 256] ──Preprocessor.normalize──▶ float, the checkpoint's normalisation
-                           ──Preprocessor.from_uint8──▶ normalised centre crop or the paper's 10 crops
+    uint8 [N, 3, 256, 256] ──Preprocessor.from_uint8──▶ normalised centre crop or the paper's 10 crops
 
-The paper (§2): "rescaled the image such that the shorter side was of length 256, and then cropped out the
-central 256×256 patch", and subtracted the mean image. Training's `prepare` stores the uint8 256×256
-images; the service calls ``Preprocessor.from_bytes``; evaluation calls ``Preprocessor.from_uint8`` on
-the prepared images. Both end in ``from_uint8``, so train and serve cannot drift apart.
-"""
+The paper (§2): the shorter side rescaled to 256, the central 256×256 patch cropped, the mean image
+subtracted. ``prepare`` stores the uint8 256×256 images and evaluation calls ``from_uint8`` on them; the
+service calls ``from_bytes``, which ends in ``from_uint8`` too, so train and serve cannot drift apart."""
 
 from __future__ import annotations
 

@@ -1,23 +1,11 @@
 """Dynamic batching: concurrent requests share one forward pass.
 
-    request ─admission()─▶ read body ─▶ decode (thread pool) ─infer()─▶ asyncio queue ─▶ worker task
-                 │                                                   gathers ≤ max_batch rows, waiting
-                 └ 503 + Retry-After when queue_size requests       ≤ max_wait_ms for more ─▶ inference thread
-                   are already admitted
-
-The forward pass runs in one dedicated thread (torch's own intra-op threads parallelise it), so the event
-loop keeps accepting and the decode threads keep decoding while the network runs. While a forward pass is
-in flight new requests pile up in the queue, so batches grow with the load by themselves. Left alone,
-though, a closed loop of N clients settles into two groups of N/2 taking turns (one group's requests
-come back while the other's forward pass runs); so a batch holding fewer requests than were in the
-service at once during the last cycle waits up to ``max_wait_ms`` for the others to join. A lone client
-never waits.
-
-Each request says what it wants computed (``engine.Task``: probabilities over one or ten crops for
-/classify, a hidden layer's features for /embed). Requests of every kind wait in the same queue, in arrival
-order, and share batches: no kind can starve another, and embeddings batch with each other as
-classifications do.
-"""
+A request takes a place (``admission``: 503 + Retry-After when ``queue_size`` are in), then ``infer`` puts
+its decoded images on one asyncio queue. A worker task gathers up to ``max_batch`` rows and hands them to
+the one inference thread, so the event loop and the decode threads keep going while the network runs.
+A batch smaller than the last cycle's peak waits up to ``max_wait_ms`` for the rest, since N clients in a
+closed loop otherwise settle into two groups taking turns; a lone client never waits. Requests of every
+kind (``engine.Task``) share the queue in arrival order, so none starves another (docs/serving.md)."""
 
 from __future__ import annotations
 

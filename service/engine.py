@@ -1,14 +1,10 @@
 """A checkpoint made ready to serve: the network on its device(s), its preprocessing, classes and identity.
 
-A ``LoadedModel`` is immutable once built. Hot reload builds a new one and swaps the reference, so a
-request that started on one model finishes on it: its preprocessing, weights and reported identity agree.
-What belongs to one model is cached on it, and goes with it when a reload replaces it: the picture of its
-conv1 kernels (``filters_png``) and the two-tower net Grad-CAM runs (``Explainer``, built on first use).
-
-What a forward pass computes is chosen per request (``Task``): softmax probabilities (/classify, one or ten
-crops) or the activations of a hidden layer (/embed: fc6 or fc7). Requests of every kind share a batch;
-``LoadedModel.run`` runs one pass per layer the batch's requests stop at.
-"""
+A ``LoadedModel`` is immutable once built. Hot reload builds a new one and swaps the reference, so a request
+that started on one model finishes on it, and what is cached on a model (its conv1 picture, the net
+Grad-CAM runs) goes with it. What a forward pass computes is chosen per request (``Task``): probabilities
+over one or ten crops (/classify) or a hidden layer's activations (/embed). Requests of every kind share a
+batch; ``LoadedModel.run`` runs one pass per layer the batch's requests stop at."""
 
 from __future__ import annotations
 

@@ -1,19 +1,12 @@
-"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` (KServe v2 as Triton serves it) on
-its own port (ALEXNET_GRPC_PORT, 8001 as Triton's), in the HTTP server's process and event loop.
+"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` (KServe v2 as Triton serves
+it) on its own port (ALEXNET_GRPC_PORT, 8001 as Triton's), in the HTTP server's process and event loop.
 
-It serves ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig and ModelInfer; any
-other method of the service answers UNIMPLEMENTED. A ModelInfer request goes the way a /v2 HTTP request goes
-(protocol_serving.py): a place in the batcher's queue, its memory held against the body budget, the same input
-checks, decoding and batches. A message larger than ALEXNET_MAX_BODY_BYTES is refused by gRPC itself, and
-more than ALEXNET_QUEUE_SIZE calls at once are refused (RESOURCE_EXHAUSTED) before their messages are held.
-
-Inputs travel in ``raw_input_contents`` (as tritonclient and perf_analyzer send them: BYTES elements each with
-its 4-byte length, FP32 little-endian), or in ``contents`` (``bytes_contents``, ``fp32_contents``). Outputs
-always travel in ``raw_output_contents``, as Triton answers over gRPC.
-
-Errors carry the HTTP answer's message, with a status code for its HTTP status (``STATUS_CODES``); a
-Retry-After becomes the trailing metadata ``retry-after``.
-"""
+ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig and ModelInfer are served;
+any other method answers UNIMPLEMENTED. ModelInfer goes the way a /v2 HTTP request goes
+(protocol_serving.py): a place in the queue, its memory against the body budget, the same checks, decoding
+and batches. Inputs come in ``raw_input_contents`` or ``contents``; outputs go in ``raw_output_contents``.
+Errors carry the HTTP answer's message with a status code for its status (``STATUS_CODES``), and a
+Retry-After becomes the trailing metadata ``retry-after`` (docs/protocol.md)."""
 
 from __future__ import annotations
 

@@ -1,16 +1,10 @@
 """Logs: one JSON object per line (the default; uvicorn's own messages included) or, for a person at a
 terminal, one plain line (``ALEXNET_LOG_FORMAT=text``); and the access log.
 
-An access line looks like
-    {"time": "...", "level": "info", "logger": "service.access", "message": "POST /classify 200",
-     "method": "POST", "path": "/classify", "route": "/classify", "status": 200, "duration_ms": 41.2,
-     "client": "127.0.0.1", "query": "top_k=3"}
-or, as text,
-    2026-01-02 10:11:12.345 INFO  service.access  POST /classify 200  duration_ms=41.2 client=127.0.0.1 query=top_k=3
-
-Probes and scrapes (PROBE_ROUTES) that succeed are logged at debug: under Kubernetes they come every few
-seconds, and a line each would bury the requests that matter. A failing probe stays at info.
-"""
+An access line says the method, path, route, status, duration, client and query (docs/serving.md, "Logs",
+shows one in each format). Probes and scrapes (PROBE_ROUTES) that succeed are logged at debug: under
+Kubernetes they come every few seconds, and a line each would bury the requests that matter. A failing
+probe stays at info."""
 
 from __future__ import annotations
 

@@ -1,23 +1,11 @@
 """The service's memory bound: budgets for what requests hold, and the start-up check against the cgroup.
 
-Where a request's memory goes (measured with bench/memory_load.py; BENCHMARKS.md, "Memory under load"):
-its body, held once, in the chunks it arrived in; the decode, which for a large image is many times the
-file (a 2 MB PNG of 62 Mpx holds ~800 MB while it becomes RGB); and the decoded 256×256 images until the
-answer. Each has a bound:
-
-- bodies: ``body_memory_bytes`` for all bodies at once. A request reserves its Content-Length before its
-  body is read (a chunked one reserves each chunk as it comes), waiting up to ``BODY_ROOM_WAIT_S`` for room
-  without reading; none → 503 + Retry-After.
-- decodes: ``decode_memory_bytes`` for all decodes at once. Each image's peak is bounded from its header
-  (``Preprocessor.decode_peak_bytes``) before a pixel is decoded; decodes wait in order for room; an image
-  that needs more than the whole budget → 413.
-- decoded images: ``queue_size`` × ``max_files`` of them at most.
-
-``worst_case`` adds these to what the process holds once ready (the model, the runtime, a full batch's
-activations), what a hot reload and /explain's own net add (both measured from the first model's load; on a
-GPU the CUDA runtime is started before that load, so its cost counts once, in the ready size), and
-allocator slack; at start-up it is compared with the memory limit of the process's cgroup.
-"""
+Each thing a request holds has a bound: bodies (``body_memory_bytes`` for all of them, reserved before they
+are read), decodes (``decode_memory_bytes``, each image's peak bounded from its header before a pixel is
+decoded; too big alone → 413) and decoded images (``queue_size`` × ``max_files``). ``worst_case`` adds
+them to what the process holds once ready, to what a hot reload and /explain's net add, and to allocator
+slack; at start-up it is compared with the cgroup's memory limit. docs/serving.md, "Memory", says how
+each was measured and what to lower when it does not fit."""
 
 from __future__ import annotations
 

@@ -1,17 +1,11 @@
 """Prometheus metrics in the text exposition format (version 0.0.4), written by hand: three metric kinds
 are a few dozen lines, not worth a dependency.
 
-The ``route`` label of ``alexnet_http_requests_total`` and ``alexnet_http_request_duration_seconds`` is
-the path template of the route that answered, exactly as declared — ``/classify``, ``/embed``,
-``/explain``, ``/model``, ``/model/filters.png``, ``/healthz``, ``/readyz``, ``/metrics``, ``/``, ``/docs``,
-``/static/{name}``, ``/openapi.json`` — whatever
-its status (a 405 for a wrong method, a 404 for an unknown ``/static/`` file, a 4xx from /classify), and
-``unmatched`` only for a request whose path no route matches: a 404, or the 307 that redirects a path
-with a trailing slash (``/model/``) to the route without it. So the series stay bounded whatever paths
-clients send (``service.logs.route_template``). The ``method`` label is one of ``HTTP_METHODS``, or
-``OTHER`` for any other token: the server accepts any token as a method, and each made-up one would
-otherwise add a series per route and status, never removed (``method_label``).
-"""
+Every label has a bounded set of values, whatever clients send. ``route`` is the path template of the
+route that answered (``ROUTE_EXAMPLES``), whatever its status, and ``unmatched`` for a path no route
+matches (``service.logs.route_template``). ``method`` is one of ``HTTP_METHODS``, or ``OTHER`` for any
+other token (``method_label``): the server accepts any token as a method, and each made-up one would
+otherwise add series that are never removed."""
 
 from __future__ import annotations
 

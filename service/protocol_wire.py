@@ -1,24 +1,12 @@
-"""The Open Inference Protocol's wire format (KServe v2, as Triton speaks it over HTTP/REST) for this model: what a
-request body holds, and the body of the answer.
+"""The Open Inference Protocol's wire format (KServe v2, as Triton speaks it over HTTP/REST) for this model:
+what a request body holds, and the body of the answer.
 
-A body is a JSON object, optionally followed by binary tensor data (Triton's binary tensor data extension):
-the request header ``Inference-Header-Content-Length`` says where the JSON ends, and each input with a
-``binary_data_size`` parameter takes that many of the following bytes, in input order. Binary data is
-little-endian and row-major; a BYTES element is a 4-byte little-endian length, then its bytes.
-
-The model takes exactly one of two inputs:
-
-- ``image``: BYTES, shape [N] or [N, 1], each element an encoded image (JPEG, PNG, …), decoded and
-  preprocessed exactly as /classify does it. In JSON, a BYTES element is a string whose UTF-8 bytes are the
-  element (as in Triton: no base64), so an encoded image, which is not UTF-8, can only travel as binary data.
-- ``input``: FP32, shape [N, 3, crop, crop], network inputs already preprocessed (``input_description``).
-
-and gives ``probabilities`` (FP32 [N, classes], softmax), or with ``"classification": k`` (Triton's
-classification extension) BYTES [N, min(k, classes)] strings ``"score:index:label"``, most probable first.
-
-Errors are ``ProblemError``s with /classify's statuses for the same causes; the router turns them into the
-protocol's ``{"error": …}`` bodies.
-"""
+A body is JSON, optionally followed by binary tensor data (Inference-Header-Content-Length says where the
+JSON ends). The model takes one of two inputs: ``image`` (BYTES, encoded images, preprocessed as /classify
+does) or ``input`` (FP32 [N, 3, crop, crop], already preprocessed); it gives ``probabilities`` (FP32
+[N, classes]) or, with ``"classification": k``, the top k as ``"score:index:label"`` strings.
+docs/api.md and docs/protocol.md specify both. Errors are ``ProblemError``s with /classify's statuses for the same
+causes; the router turns them into the protocol's ``{"error": …}`` bodies."""
 
 from __future__ import annotations
 

@@ -1,17 +1,11 @@
 """What the service holds while it runs: the model being served, the batcher, the decode and explain
 threads, the budgets and the reload watcher; its start and stop.
 
-Endpoints use its parts directly, in the order decode → batch → predict → encode:
-
-    not_ready(), ready_model()      the one readiness check; the model a request uses throughout
-    body_reservation()              the request's share of the body budget, while its body is held
-    decoder.decode(model, uploads)  the images, decoded in the decode threads (decoding.py)
-    batcher.admission(), batcher.infer(model, images, task)   a place in the queue; the outputs (batcher.py)
-    explainers.admission(), explainers.explain(...)            Grad-CAM in threads of its own (explaining.py)
-
-Encoding the answer is each route's business (routes/). Routes get this state, and the ready model, as
-typed dependencies (routes/dependencies.py).
-"""
+Endpoints use its parts directly, in the order decode → batch → predict → encode: ``not_ready()`` and
+``ready_model()`` (the one readiness check), ``body_reservation()`` (a body's share of the budget),
+``decoder.decode`` (decoding.py), ``batcher.admission`` and ``batcher.infer`` (batcher.py), and
+``explainers`` for Grad-CAM (explaining.py). Encoding the answer is each route's business (routes/); routes
+get this state and the ready model as typed dependencies (routes/dependencies.py)."""
 
 from __future__ import annotations
 

@@ -1,19 +1,12 @@
 """How a start-up that fails ends the process: one line saying why, and an exit status per cause.
 
-The statuses (``python -m service``; docs/http.md lists them for users):
-    0  a clean shutdown (SIGTERM or Ctrl-C)
-    1  any other start-up failure
-    2  invalid settings, or settings whose worst case does not fit the cgroup's memory limit
-    3  an unusable checkpoint: corrupt, unreadable, or a path given explicitly (--checkpoint,
-       ALEXNET_CHECKPOINT) where there is no file; only the default path falls back to an untrained net
-    4  the port cannot be listened on (in use, or not allowed)
-    5  the device asked for is not available (no CUDA, or no such GPU)
-
-The port is bound first (``listen_socket``), before the model is loaded: a port in use is found in
-milliseconds, not after the load and the warm-up. The rest fail inside the application's lifespan, which
-logs one line; ``QuietStartupFailure`` keeps uvicorn from logging the traceback after it, and
-``quiet_uvicorn_startup_failure`` from saying again that the start-up failed.
-"""
+Statuses (docs/http.md lists them for users): 0 a clean shutdown; 1 any other start-up failure; 2 invalid
+settings, or a worst case that does not fit the memory limit; 3 an unusable checkpoint, or an explicitly
+given path with no file (only the default path falls back to an untrained net); 4 the port cannot be
+listened on; 5 the device is not available.
+The port is bound first (``listen_socket``), so a port in use is found before the model loads. The rest
+fail in the application's lifespan, which logs one line; ``QuietStartupFailure`` and
+``quiet_uvicorn_startup_failure`` keep uvicorn from adding its traceback and a second message."""
 
 from __future__ import annotations
 

@@ -1,16 +1,10 @@
 """What routes are given (FastAPI dependencies), typed: the service's state, and the model a request uses.
 
-    async def endpoint(state: State, model: ReadyModel): …
-
-``ReadyModel`` is the readiness check every endpoint that needs the model shares (ServiceState.not_ready,
-the one /readyz reports): 503 not-ready with Retry-After before the model is loaded, while shutting down,
-or once the batching worker has stopped. Dependencies are solved before the query is validated, so a
-service that is not ready answers 503 whatever the parameters' values. They are coroutines: FastAPI runs
-plain functions in a thread, one hop per request for nothing.
-
-``known_query_parameters`` runs first on every route (the app declares it): a query parameter the route
-does not declare (``?topk=3`` for ``top_k``) answers 422, ready or not, instead of being ignored.
-"""
+``ReadyModel`` is the readiness check every endpoint that needs the model shares (the one /readyz reports):
+503 not-ready with Retry-After before the model is loaded, while shutting down, or once the batching worker
+has stopped, whatever the parameters' values. The dependencies are coroutines: FastAPI runs plain functions
+in a thread, one hop per request for nothing. ``known_query_parameters`` runs first on every route: a query
+parameter the route does not declare (``?topk=3``) answers 422 instead of being ignored."""
 
 from __future__ import annotations
 
