@@ -3,7 +3,7 @@ a disk that fills up during prepare and train.
 
 (Covered elsewhere, not repeated here: a truncated checkpoint swapped in while serving and a clean hot
 reload, tests/test_service_reload.py; SIGTERM letting requests in flight finish with exit status 0,
-tests/test_service_units.py; resuming after SIGKILL between steps equals uninterrupted training,
+tests/test_service_startup.py; resuming after SIGKILL between steps equals uninterrupted training,
 tests/test_training_resume.py.)
 """
 

@@ -16,6 +16,8 @@ import httpx
 import pytest
 from support.service import assert_problem, metric_value, write_checkpoint
 
+from service.metrics import Counter, Histogram, Registry
+
 REQUESTS = "alexnet_http_requests_total"
 
 
@@ -206,3 +208,26 @@ def test_a_half_closed_client_is_recorded_as_gone(server, photo):
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     access = [line for line in lines if line.get("logger") == "service.access" and line.get("status") == 499]
     assert access and access[-1]["path"] == "/classify" and "undelivered_status" in access[-1]
+
+
+def test_prometheus_text_format():
+    registry = Registry()
+    counter = registry.add(Counter("things_total", "things", ("kind",)))
+    histogram = registry.add(Histogram("size", "sizes", (1, 4)))
+    counter.inc('a "quoted"\nname')
+    counter.inc("b", amount=2)
+    for value in (0.5, 1, 3, 9):
+        histogram.observe(value)
+    assert registry.render().splitlines() == [
+        "# HELP things_total things",
+        "# TYPE things_total counter",
+        'things_total{kind="a \\"quoted\\"\\nname"} 1',
+        'things_total{kind="b"} 2',
+        "# HELP size sizes",
+        "# TYPE size histogram",
+        'size_bucket{le="1"} 2',
+        'size_bucket{le="4"} 3',
+        'size_bucket{le="+Inf"} 4',
+        "size_sum 13.5",
+        "size_count 4",
+    ]

@@ -5,10 +5,14 @@ only for the default checkpoint path."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import threading
+import time
 
+import httpx
 import pytest
-from support.service import ServiceProcess, write_checkpoint
+from support.service import ServiceProcess, metric_value, write_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -125,3 +129,56 @@ def test_connections_on_the_bound_port_send_without_delay():
                 server.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_is_a_startup_error(tmp_path):
+    """Never a half-working server: a clear error naming the file and a non-zero exit."""
+    good = write_checkpoint(tmp_path / "good.safetensors", seed=3, width=0.0625)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(good.read_bytes()[:-1000])  # truncated: a crash mid-copy
+    service = ServiceProcess(tmp_path / "log", "--checkpoint", str(corrupt), "--device", "cpu")
+    try:
+        code = service.process.wait(timeout=120)
+    finally:
+        service.stop()
+    log = service.log()
+    assert code == 3, log  # an unusable checkpoint (service/startup.py)
+    assert "cannot start the service" in log and str(corrupt) in log and "truncated" in log
+
+
+@pytest.mark.slow
+def test_sigterm_lets_requests_in_flight_finish(tmp_path, photos):
+    """Graceful shutdown: admitted requests are answered, then the process exits 0."""
+    service = ServiceProcess(
+        tmp_path / "log", "--threads", "1", "--device", "cpu", cwd=tmp_path
+    )  # no checkpoint at the default path: the full-size untrained net, slow enough on CPU to be caught mid-work
+    try:
+        service.wait_ready()
+        data, statuses = photos[0].read_bytes(), []
+
+        def post():
+            try:
+                response = httpx.post(
+                    service.url + "/classify", params={"crops": "ten"}, files={"file": ("a.jpg", data)}, timeout=120
+                )
+                statuses.append(response.status_code)
+            except httpx.HTTPError as e:
+                statuses.append(repr(e))
+
+        clients = [threading.Thread(target=post) for _ in range(4)]
+        for client in clients:
+            client.start()
+        deadline, admitted = time.monotonic() + 30, 0
+        while admitted < 4 and time.monotonic() < deadline:  # all four admitted (their forward passes take s)
+            admitted = metric_value(httpx.get(service.url + "/metrics").text, "alexnet_queue_depth", kind="admitted")
+            time.sleep(0.02)
+        service.process.send_signal(signal.SIGTERM)
+        code = service.process.wait(60)
+        for client in clients:
+            client.join()
+    finally:
+        service.stop()
+    assert admitted == 4, "the requests should have been in flight when SIGTERM arrived"
+    assert statuses == [200] * 4, service.log()
+    assert code == 0, service.log()
