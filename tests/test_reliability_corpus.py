@@ -80,7 +80,8 @@ def assert_no_steady_growth(samples: list[dict]) -> None:
     """A leak raises memory on every pass; the allocator does not.
 
     Each decode thread may get its own malloc arena the first time it runs, which raises memory by one step
-    on some pass and never again. So one or two passes may step up, but the typical pass must not grow.
+    on some pass and never again. So a few passes may step up (on a loaded machine the steps spread over
+    more passes), but the typical pass must not grow.
     """
     for key in ("VmHWM", "VmRSS"):
         growth = sorted(later[key] - earlier[key] for earlier, later in zip(samples, samples[1:]))
@@ -103,7 +104,8 @@ def test_every_corpus_entry_is_answered_and_memory_stays_bounded(corpus, server)
             assert client.get("/readyz").status_code == 200, f"not ready after {entry['name']}"
         assert not wrong, json.dumps(wrong, indent=1)
 
-        # Then the whole corpus six times more, 8 requests at a time, with the same answers each time.
+        # Then the whole corpus twelve times more, 8 requests at a time, with the same answers each time.
+        # Twelve: on a loaded 2-core machine the allocator's one-time steps fell on three passes of six.
         async def concurrent_pass():
             limit = asyncio.Semaphore(8)
             async with httpx.AsyncClient(base_url=server.url, timeout=120) as aclient:
@@ -115,7 +117,7 @@ def test_every_corpus_entry_is_answered_and_memory_stays_bounded(corpus, server)
                 return await asyncio.gather(*(send(entry, data) for entry, data in payloads))
 
         rss = []
-        for _ in range(6):
+        for _ in range(12):
             answers = asyncio.run(concurrent_pass())
             wrong = {e["name"]: p for e, r in answers if (p := check_answer(e, r))}
             assert not wrong, json.dumps(wrong, indent=1)
