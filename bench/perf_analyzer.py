@@ -42,9 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from serve_load import FALLBACK_IMAGES, ModelOnly, mean_of  # noqa: E402  (bench/ is on sys.path)
-from service_process import free_port, start_service  # noqa: E402
+from service_process import free_port, fresh_checkpoint, start_service  # noqa: E402
 
-from model import AlexNetConfig, Checkpoint, GroupedAlexNet  # noqa: E402
 from service.protocol_wire import pack_bytes  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
@@ -151,10 +150,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            checkpoint = tmp / "fresh.safetensors"
-            Checkpoint.from_model(GroupedAlexNet(AlexNetConfig()), provenance={"trained": False}).save(checkpoint)
+        checkpoint = args.checkpoint or fresh_checkpoint(tmp / "fresh.safetensors")
         data = tmp / "photos.json"
         input_data(photos, data)
         print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} torch threads", flush=True)

@@ -37,11 +37,16 @@ class AnswerHead:
                 scope["method"] = "HEAD"
 
 
+def with_head(methods: list[str]) -> list[str]:
+    """The methods a path answers, HEAD included wherever GET is."""
+    if "GET" in methods and "HEAD" not in methods:
+        methods = [*methods[: methods.index("GET") + 1], "HEAD", *methods[methods.index("GET") + 1 :]]
+    return methods
+
+
 def _allow_head(header: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
     name, value = header
     if name.lower() != b"allow":
         return header
-    methods = [m.strip() for m in value.split(b",")]
-    if b"GET" in methods and b"HEAD" not in methods:
-        methods.insert(methods.index(b"GET") + 1, b"HEAD")
-    return name, b", ".join(methods)
+    methods = with_head([m.strip() for m in value.decode("latin-1").split(",")])
+    return name, ", ".join(methods).encode("latin-1")

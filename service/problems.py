@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model import CorruptImage, ImageError, ImageTooLarge, UnsupportedImage
 
+from .head import with_head
 from .schemas import Problem
 
 log = logging.getLogger("service")
@@ -77,10 +78,7 @@ def image_problem(error: ImageError, source: str) -> ProblemError:
 def method_hint(method: str, path: str, allow: str) -> tuple[str, str]:
     """A 405's detail, naming the methods the path answers (``GET /classify`` → use POST), and its Allow
     header with the methods in a stable order."""
-    methods = {m.strip().upper() for m in allow.split(",") if m.strip()}
-    if "GET" in methods:
-        methods.add("HEAD")  # answered wherever GET is (service/head.py)
-    methods = sorted(methods)
+    methods = sorted(with_head(sorted({m.strip().upper() for m in allow.split(",") if m.strip()})))
     detail = f"{method} is not served at {path}: use {' or '.join(methods)} (every operation is listed at /docs)"
     return detail, ", ".join(methods)
 
